@@ -1,0 +1,34 @@
+"""Errors a request can cause. Each names the field or part at fault and maps to CONTRACT.md's error JSON."""
+
+
+class RequestError(ValueError):
+    """Bad input: the client's fault, answered with `status` and never with a 5xx."""
+
+    status = 400
+    kind = "BadRequest"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+    def to_json(self) -> dict:
+        return {"code": self.status, "type": self.kind, "message": str(self), "field": self.field}
+
+
+class ParamError(RequestError):
+    """An invalid request parameter; the message says what was sent and what is allowed."""
+
+    kind = "InvalidParameter"
+
+
+class ImageError(RequestError):
+    """An image part that cannot be used: empty, not an image, corrupt, or of an unusable shape."""
+
+    kind = "InvalidImage"
+
+
+class TooLargeError(RequestError):
+    """An image or request over the configured limits."""
+
+    status = 413
+    kind = "TooLarge"

@@ -1,0 +1,89 @@
+"""The seed's objective (CONTRACT.md, "The seed's loss"), per image of a batch.
+
+content = content_weight * mean((F_target - F_content)^2) on the content layer
+style   = style_weight * sum_l w_l * mean((G_target - G_style)^2) / (d*h*w),  G = F F^T unnormalised
+tv      = tv_weight * (mean of squared differences between neighbouring pixels)   (not in the seed; off by default)
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, C), F F^T with F of shape (C, H*W), unnormalised, always computed in float32.
+
+    Under bf16 autocast the activations are bf16, but a Gram sums H*W products: in bf16 its 8-bit mantissa
+    would lose most of the style signal, so autocast is switched off and the product taken in fp32.
+    """
+    b, c, h, w = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        flat = features.reshape(b, c, h * w).float()
+        return flat @ flat.transpose(1, 2)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B,): mean squared difference of vertically plus horizontally neighbouring pixels."""
+    dy = (images[:, :, 1:, :] - images[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
+    dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
+    return dy + dx
+
+
+@dataclass(frozen=True)
+class Losses:
+    """Weighted loss terms, each of shape (B,): what is reported, and `total` is what is minimised."""
+
+    content: torch.Tensor
+    style: torch.Tensor
+    tv: torch.Tensor
+
+    def terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.content, self.style, self.tv
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.content + self.style + self.tv
+
+    def as_floats(self, item: int = 0) -> dict[str, float]:
+        terms = torch.stack([self.content[item], self.style[item], self.tv[item], self.total[item]]).tolist()
+        return dict(zip(("content", "style", "tv", "total"), terms))
+
+
+class StyleObjective(nn.Module):
+    """The loss of a batch of target images against fixed targets, held as buffers.
+
+    content_target: (B, C, h, w) activations of the content images on `content_layer`.
+    style_targets:  {layer: (B, C, C)} Gram matrices the targets' Grams should match (already blended,
+                    and scaled to the target's number of positions; see targets.py).
+    style_factor:   multiplies the style term; 1 at the output size (see targets.py for coarse scales).
+    """
+
+    def __init__(self, content_target, style_targets, *, content_layer, style_layers, content_weight,
+                 style_weight, tv_weight, style_factor: float = 1.0):
+        super().__init__()
+        self.content_layer = content_layer
+        self.style_layer_weights = dict(style_layers)
+        self.register_buffer("content_target", content_target)
+        for layer, gram in style_targets.items():
+            self.register_buffer(f"gram_{layer}", gram)
+        self.content_weight = content_weight
+        self.style_weight = style_weight * style_factor
+        self.tv_weight = tv_weight
+
+    @property
+    def layers(self) -> set[str]:
+        """The layers the extractor must return for this objective."""
+        return {self.content_layer, *self.style_layer_weights}
+
+    def forward(self, features: dict[str, torch.Tensor], images: torch.Tensor) -> Losses:
+        content = (features[self.content_layer].float() - self.content_target).pow(2).mean(dim=(1, 2, 3))
+        style = torch.zeros_like(content)
+        for layer, weight in self.style_layer_weights.items():
+            if weight == 0:
+                continue
+            _, d, h, w = features[layer].shape
+            difference = gram_matrix(features[layer]) - getattr(self, f"gram_{layer}")
+            style = style + weight * difference.pow(2).mean(dim=(1, 2)) / (d * h * w)
+        tv = total_variation(images) if self.tv_weight else torch.zeros_like(content)
+        return Losses(self.content_weight * content, self.style_weight * style, self.tv_weight * tv)

@@ -1,0 +1,277 @@
+"""Request parameters: two frozen dataclasses with their defaults and bounds, and the one parser that REST,
+gRPC and the local client all use, so that defaults and error messages are the same everywhere.
+
+The defaults written here are the engine's own; a server may override defaults and lower the upper bounds
+(`model-config.yaml`, `handler:` section), never widen them.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ParamError
+from .layers import LAYER_INDEX, LAYER_NAMES
+
+
+# --- how each kind of value is read and checked ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Number:
+    """An int or float in [lo, hi] (or (lo, hi] when `lo_open`); numeric strings from form fields are accepted."""
+
+    lo: float
+    hi: float
+    integer: bool = False
+    lo_open: bool = False
+    optional: bool = False  # null / None means "not set" (the engine then picks a value)
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> Any:
+        hi = self.hi if hi is None else hi
+        if value is None and self.optional:
+            return None
+        number = _to_number(value)
+        if number is not None and self.integer and number != int(number):
+            number = None
+        low_ok = number is not None and (number > self.lo if self.lo_open else number >= self.lo)
+        if number is None or not low_ok or number > hi:
+            raise ParamError(name, f"{name} must be {self.allowed(hi)}; got {value!r}")
+        return int(number) if self.integer else float(number)
+
+    def allowed(self, hi: float | None = None) -> str:
+        show = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
+        kind = "an integer" if self.integer else "a number"
+        low = f"greater than {show(self.lo)}" if self.lo_open else f"at least {show(self.lo)}"
+        high = show(self.hi if hi is None else hi)
+        return f"{kind} {low} and at most {high}" + (" or null" if self.optional else "")
+
+
+def _to_number(value: Any) -> float | None:
+    """A finite int or float from a number or a numeric string; None for anything else (bools included)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few strings; `aliases` maps other accepted values (such as booleans) onto them."""
+
+    options: tuple[str, ...]
+    aliases: tuple[tuple[Any, str], ...] = ()
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> str:
+        for alias, option in self.aliases:
+            if value is alias or (isinstance(value, str) and value.lower() == str(alias).lower()):
+                return option
+        if isinstance(value, str) and value.lower() in self.options:
+            return value.lower()
+        raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+
+    def allowed(self, hi: float | None = None) -> str:
+        extra = [json.dumps(alias) for alias, _ in self.aliases]
+        return "one of " + ", ".join([*(f'"{o}"' for o in self.options), *extra])
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A boolean; "true"/"false"/"1"/"0" strings from form fields are accepted."""
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+
+    def allowed(self, hi: float | None = None) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A VGG19 layer name up to the deepest layer the server's extractor holds."""
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> str:
+        if isinstance(value, str) and value in LAYER_INDEX:
+            return value
+        raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+
+    def allowed(self, hi: float | None = None) -> str:
+        return f"a VGG19 layer name such as relu4_2 (one of {', '.join(LAYER_NAMES)})"
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """A non-empty object {layer name: weight}, weights finite and >= 0 with at least one > 0."""
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> tuple[tuple[str, float], ...]:
+        value = _json_if_string(name, value, self.allowed())
+        if isinstance(value, tuple):  # the parsed form, (("relu1_1", 1.0), ...), read back
+            value = dict(value)
+        if not isinstance(value, Mapping) or not value:
+            raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+        parsed = []
+        for layer, weight in value.items():
+            Layer().parse(f"{name}.{layer}", layer)
+            parsed.append((layer, _WEIGHT.parse(f"{name}.{layer}", weight)))
+        if not any(weight > 0 for _, weight in parsed):
+            raise ParamError(name, f"{name} must give at least one layer a weight above 0; got {value!r}")
+        return tuple(sorted(parsed, key=lambda item: LAYER_INDEX[item[0]]))
+
+    def allowed(self, hi: float | None = None) -> str:
+        return 'an object of VGG19 layer names to weights >= 0, e.g. {"relu1_1": 1.0, "relu2_1": 0.75}'
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A non-empty list of weights >= 0 with a positive sum, or null (equal weights)."""
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> tuple[float, ...] | None:
+        value = _json_if_string(name, value, self.allowed())
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+        weights = tuple(_WEIGHT.parse(f"{name}[{i}]", w) for i, w in enumerate(value))
+        if sum(weights) <= 0:
+            raise ParamError(name, f"{name} must have a positive sum; got {value!r}")
+        return weights
+
+    def allowed(self, hi: float | None = None) -> str:
+        return "a list with one weight >= 0 per style image (positive sum), or null for equal weights"
+
+
+_WEIGHT = Number(0.0, 1e12)
+
+
+def _json_if_string(name: str, value: Any, allowed: str) -> Any:
+    """Form fields carry objects and lists as JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ParamError(name, f"{name} is not valid JSON ({error.msg} at position {error.pos}); "
+                               f"it must be {allowed}") from None
+
+
+def _param(default, check, doc: str = ""):
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# --- the parameters ------------------------------------------------------------------------------------------
+
+# The seed's style layers and their weights (CONTRACT.md): early layers weigh more, giving finer texture.
+SEED_STYLE_LAYERS = (("relu1_1", 1.0), ("relu2_1", 0.75), ("relu3_1", 0.2), ("relu4_1", 0.2), ("relu5_1", 0.2))
+
+
+@dataclass(frozen=True)
+class StyleParams:
+    """What the optimisation does. Defaults are the seed's objective with our faster optimiser and schedule."""
+
+    size: int = _param(256, Number(32, 4096, integer=True), "longer side of the output, px")
+    # Total optimiser iterations over all scales; early stopping usually ends well before.
+    steps: int = _param(200, Number(1, 10000, integer=True), "optimiser iterations over all scales")
+    # L-BFGS reaches a given loss in far fewer evaluations than Adam on this smooth, well-scaled problem
+    # (benchmarks/): one VGG forward+backward per iteration, so iterations are what cost time.
+    optimizer: str = _param("lbfgs", Choice(("lbfgs", "adam")), "lbfgs or adam")
+    # null: the optimiser's default, 1.0 for L-BFGS (its curvature estimate sets the step) and 0.02 for Adam
+    # (pixels in [0,1]; the seed's 0.003 was in ImageNet-normalised units, about 0.0007 here, and slow).
+    lr: float | None = _param(None, Number(0.0, 100.0, lo_open=True, optional=True), "step size")
+    content_weight: float = _param(1.0, Number(0.0, 1e12), "alpha: weight of the content term")
+    style_weight: float = _param(1e6, Number(0.0, 1e12), "beta: weight of the style term")
+    tv_weight: float = _param(0.0, Number(0.0, 1e12), "weight of the total-variation smoothness term")
+    # The seed's notebook reads conv4_2 after torchvision's in-place ReLU has overwritten it: relu4_2.
+    content_layer: str = _param("relu4_2", Layer(), "layer whose activations the content term compares")
+    style_layers: tuple[tuple[str, float], ...] = _param(SEED_STYLE_LAYERS, LayerWeights(), "layer -> weight")
+    style_blend: tuple[float, ...] | None = _param(None, Weights(), "one weight per style image")
+    # Style image's longer side relative to `size`: smaller gives coarser, larger finer brush strokes.
+    style_scale: float = _param(1.0, Number(0.05, 4.0), "style image size relative to the output")
+    init: str = _param("content", Choice(("content", "noise", "style")), "starting image")
+    seed: int = _param(0, Number(0, 2**31 - 1, integer=True), "seed of the noise initialisation")
+    preserve_color: str = _param(
+        "none",
+        Choice(("none", "luminance", "histogram"), aliases=((True, "luminance"), (False, "none"))),
+        "keep the content's colours",
+    )
+    # Gatys et al. found average pooling gives slightly smoother results; the seed (and CONTRACT.md) use max.
+    pooling: str = _param("max", Choice(("max", "avg")), "VGG pooling")
+    # Coarse-to-fine: optimise first at min_scale (longer side, px), then double up to `size`.
+    # min_scale >= size turns it off.
+    min_scale: int = _param(128, Number(16, 4096, integer=True), "longer side of the coarsest scale, px")
+    # Stop a scale when the best total loss improved by less than this fraction over the last window.
+    early_stop_tol: float = _param(1e-3, Number(0.0, 1.0), "relative improvement that counts as progress")
+    early_stop_window: int = _param(20, Number(1, 10000, integer=True), "iterations the tolerance spans")
+    # Wall-clock budget of the optimisation; when it runs out the best image so far is returned.
+    max_seconds: float | None = _param(None, Number(0.0, 86400.0, lo_open=True, optional=True), "time budget, s")
+    # auto: bfloat16 activations where the hardware runs them natively (see precision.py), else float32.
+    precision: str = _param("auto", Choice(("auto", "fp32", "bf16")), "activation precision")
+
+
+@dataclass(frozen=True)
+class OutputParams:
+    """How the result is returned; the engine never sees these."""
+
+    format: str = _param("png", Choice(("png", "jpeg", "webp")), "image format")
+    quality: int = _param(92, Number(1, 100, integer=True), "jpeg/webp quality")
+    response: str = _param("image", Choice(("image", "json")), "image bytes or a JSON object")
+    stream: bool = _param(False, Flag(), "stream progress as JSON lines")
+    preview: bool = _param(False, Flag(), "add small preview images to streamed progress")
+
+
+PARAM_CLASSES = (StyleParams, OutputParams)
+PARAM_FIELDS = {f.name: f for cls in PARAM_CLASSES for f in fields(cls)}
+
+
+def parse_params(
+    raw: Mapping[str, Any] | None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    maxima: Mapping[str, float] | None = None,
+) -> tuple[StyleParams, OutputParams]:
+    """Validate a request's parameters. `defaults` and `maxima` come from the server's configuration."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamError("params", f"params must be a JSON object; got {type(raw).__name__}")
+    maxima = maxima or {}
+    unknown = sorted(set(raw) - set(PARAM_FIELDS))
+    if unknown:
+        raise ParamError(unknown[0], f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAM_FIELDS)}")
+    values = {**(defaults or {}), **raw}
+    parsed = [cls(**{f.name: _check(f, values, maxima) for f in fields(cls)}) for cls in PARAM_CLASSES]
+    return parsed[0], parsed[1]
+
+
+def _check(spec, values: Mapping[str, Any], maxima: Mapping[str, float]) -> Any:
+    if spec.name not in values:
+        return spec.default
+    return spec.metadata["check"].parse(spec.name, values[spec.name], maxima.get(spec.name))
+
+
+def validate_server_config(defaults: Mapping[str, Any], maxima: Mapping[str, float]) -> None:
+    """Check a server's configured defaults and maxima: maxima may only narrow the built-in bounds."""
+    for name, value in maxima.items():
+        check = PARAM_FIELDS[name].metadata["check"] if name in PARAM_FIELDS else None
+        if not isinstance(check, Number):
+            raise ParamError(name, f"maximum for {name!r}: only numeric parameters have maxima")
+        check.parse(f"maximum of {name}", value)
+    parse_params(defaults, maxima=maxima)
+
+
+def describe_params() -> list[dict[str, str]]:
+    """Name, default, allowed values and meaning of every parameter (for README and error messages)."""
+    return [
+        {"name": f.name, "default": json.dumps(dict(f.default) if f.name == "style_layers" else f.default),
+         "allowed": f.metadata["check"].allowed(),
+         "doc": f.metadata["doc"]}
+        for f in PARAM_FIELDS.values()
+    ]
+

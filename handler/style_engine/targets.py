@@ -1,0 +1,115 @@
+"""What a request's optimisation aims at, computed once per request and scale, never per step."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .color import match_colors
+from .layers import deepest, poolings_before
+from .losses import StyleObjective, gram_matrix
+from .errors import ImageError, ParamError
+from .params import StyleParams
+from .resize import fit_longer_side, resize
+from .vgg import VGGFeatures
+
+
+@dataclass(frozen=True)
+class StyleJob:
+    """One request: RGB images (3, H, W) in [0, 1] at their own resolution, and its parameters."""
+
+    content: torch.Tensor
+    styles: tuple[torch.Tensor, ...]
+    params: StyleParams
+
+
+def output_size(job: StyleJob) -> tuple[int, int]:
+    return fit_longer_side(*job.content.shape[-2:], job.params.size)
+
+
+def style_size(style: torch.Tensor, scale_size: tuple[int, int], style_scale: float) -> tuple[int, int]:
+    """A style image keeps its aspect ratio; its longer side is style_scale times the output's at this scale."""
+    return fit_longer_side(*style.shape[-2:], max(1, round(max(scale_size) * style_scale)))
+
+
+def smallest_side(params: StyleParams) -> int:
+    """Shorter side an image needs for its activation on the deepest used layer to be at least 1x1."""
+    return 2 ** poolings_before(deepest([params.content_layer, *dict(params.style_layers)]))
+
+
+def check_job(job: StyleJob, extractor: VGGFeatures) -> None:
+    """Raise a RequestError for a request this extractor cannot serve, before any heavy work."""
+    params = job.params
+    if extractor.check_layers([params.content_layer]):
+        raise ParamError("content_layer", f"content_layer {params.content_layer!r} is deeper than this "
+                                          f"model's deepest layer {extractor.deepest_layer}")
+    too_deep = extractor.check_layers(dict(params.style_layers))
+    if too_deep:
+        raise ParamError("style_layers", f"style_layers: {too_deep!r} is deeper than this model's deepest "
+                                         f"layer {extractor.deepest_layer}")
+    if params.style_blend is not None and len(params.style_blend) != len(job.styles):
+        raise ParamError("style_blend", f"style_blend must have one weight per style image: "
+                                        f"{len(job.styles)} image(s), {len(params.style_blend)} weight(s)")
+    needed, out = smallest_side(params), output_size(job)
+    if min(out) < needed:
+        raise ImageError("content", f"content image of {job.content.shape[-1]}x{job.content.shape[-2]} px "
+                                    f"gives a {out[1]}x{out[0]} px output at size {params.size}; "
+                                    f"both sides must be at least {needed} px")
+    for i, style in enumerate(job.styles):
+        if min(style_size(style, out, params.style_scale)) < needed:
+            part = "style" if i == 0 else f"style_{i + 1}"
+            raise ImageError(part, f"{part} image of {style.shape[-1]}x{style.shape[-2]} px is too narrow at "
+                                   f"style_scale {params.style_scale:g}: both sides must reach {needed} px")
+
+
+def style_grams(extractor: VGGFeatures, style: torch.Tensor, size: tuple[int, int], params: StyleParams,
+                bf16: bool) -> dict[str, tuple[torch.Tensor, int]]:
+    """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of a style image resized to `size`."""
+    image = resize(style, size).unsqueeze(0)
+    with torch.no_grad(), torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        features = extractor(image, dict(params.style_layers), params.pooling)
+    return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
+
+
+def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
+                    output: tuple[int, int], bf16: bool) -> StyleObjective:
+    """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W)."""
+    params = jobs[0].params
+    contents = torch.stack([resize(job.content, size) for job in jobs])
+    with torch.no_grad(), torch.autocast(contents.device.type, dtype=torch.bfloat16, enabled=bf16):
+        content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer]
+    per_job = [_blended_grams(extractor, job, content, size, bf16) for job, content in zip(jobs, contents)]
+    style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
+    return StyleObjective(
+        content_target.float(), style_targets, content_layer=params.content_layer,
+        style_layers=params.style_layers, content_weight=params.content_weight,
+        style_weight=params.style_weight, tv_weight=params.tv_weight,
+        # The seed's style term grows with the number of pixels (unnormalised Grams over d*h*w) while the
+        # content term does not: at a coarse scale, scale it up so that the balance is the output's.
+        style_factor=(output[0] * output[1]) / (size[0] * size[1]),
+    )
+
+
+def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16) -> dict[str, torch.Tensor]:
+    """The job's style targets for a target image of `size`: the style images' Grams blended by style_blend.
+
+    An unnormalised Gram sums over positions, so a style image with more or fewer positions than the target
+    has its Gram scaled by (target positions / style positions): a factor of exactly 1 when the sizes match,
+    as in the seed, which resizes the style image to the content's shape.
+    """
+    params = job.params
+    blend = params.style_blend or (1.0,) * len(job.styles)
+    blended: dict[str, torch.Tensor] = {}
+    for style, weight in zip(job.styles, blend):
+        if params.preserve_color == "histogram":
+            style = match_colors(style, content)
+        grams = style_grams(extractor, style, style_size(style, size, params.style_scale), params, bf16)
+        for layer, (gram, positions) in grams.items():
+            term = gram * ((weight / sum(blend)) * (_positions(layer, size) / positions))
+            blended[layer] = term if layer not in blended else blended[layer] + term
+    return blended
+
+
+def _positions(layer: str, size: tuple[int, int]) -> int:
+    """h*w of a layer's activation for an image of `size`: each pooling halves, rounding down."""
+    halvings = poolings_before(layer)
+    return (size[0] >> halvings) * (size[1] >> halvings)

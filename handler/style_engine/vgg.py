@@ -1,0 +1,127 @@
+"""The frozen VGG19 feature extractor and the three ways to get its weights (CONTRACT.md, "Weights")."""
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import CONV_CHANNELS, LAYER_INDEX, LAYER_NAMES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(ValueError):
+    """The requested VGG19 weights cannot be had or are not VGG19 weights."""
+
+
+def load_features_state_dict(weights: str, deepest_layer: str = "relu5_1") -> dict[str, torch.Tensor]:
+    """VGG19 `features` weights up to `deepest_layer`, keyed "0.weight", "0.bias", ... as in `vgg19().features`.
+
+    `weights` is "imagenet" (torch hub cache, else a download), "random" (vgg19(weights=None) built right
+    after torch.manual_seed(0)) or the path of a saved state dict (whole `vgg19` or `features` only).
+    """
+    if weights == "imagenet":
+        state = _imagenet_state_dict()
+    elif weights == "random":
+        state = _random_state_dict()
+    elif os.path.isfile(weights):
+        state = _file_state_dict(weights)
+    else:
+        raise WeightsError(f"weights must be 'imagenet', 'random' or the path of a VGG19 state dict; "
+                           f"no file at {weights!r}")
+    return _checked_features(state, deepest_layer, source=weights)
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    from torchvision.models import VGG19_Weights
+
+    try:  # torchvision caches it under $TORCH_HOME/hub/checkpoints and loads it with weights_only=True
+        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except OSError as error:  # URLError and socket errors are OSErrors
+        url = VGG19_Weights.IMAGENET1K_V1.url
+        raise WeightsError(
+            f"could not download the VGG19 ImageNet weights ({error}). Download {url} where there is network "
+            f"and pass its path (--weights PATH or WEIGHTS=PATH), or put it in {torch.hub.get_dir()}/checkpoints/"
+        ) from error
+
+
+def _random_state_dict() -> dict[str, torch.Tensor]:
+    from torchvision.models import vgg19
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        return vgg19(weights=None).state_dict()
+
+
+def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-type errors all mean "not a state dict we accept"
+        raise WeightsError(f"{path} is not a PyTorch state dict loadable with weights_only=True: {error}") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a VGG19 state dict")
+    return state
+
+
+def _checked_features(state: dict, deepest_layer: str, source: str) -> dict[str, torch.Tensor]:
+    """The `features.*` entries (or bare entries of a features-only dict) up to `deepest_layer`, shape-checked."""
+    prefix = "features." if any(key.startswith("features.") for key in state) else ""
+    kept = {}
+    for index, (in_channels, out_channels) in CONV_CHANNELS.items():
+        if index > LAYER_INDEX[deepest_layer]:
+            break
+        for name, shape in (("weight", (out_channels, in_channels, 3, 3)), ("bias", (out_channels,))):
+            tensor = state.get(f"{prefix}{index}.{name}")
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                found = "missing" if tensor is None else f"shape {tuple(getattr(tensor, 'shape', ()))}"
+                raise WeightsError(f"{source} is not a VGG19 state dict: {prefix}{index}.{name} "
+                                   f"({LAYER_NAMES[index]}) should have shape {shape}, {found}")
+            kept[f"{index}.{name}"] = tensor.detach().float().contiguous()
+    return kept
+
+
+class VGGFeatures(nn.Module):
+    """torchvision's VGG19 `features` up to `deepest_layer`, frozen, with ImageNet normalisation inside.
+
+    Call it with images in [0, 1] and the names of the layers wanted; it runs no layer past the deepest of
+    them and returns {name: activation}. The ReLUs are not in-place, so `convX_Y` is the real conv output.
+    """
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], deepest_layer: str = "relu5_1"):
+        super().__init__()
+        self.deepest_layer = deepest_layer
+        layers = []
+        for index, name in enumerate(LAYER_NAMES[: LAYER_INDEX[deepest_layer] + 1]):
+            if name.startswith("conv"):
+                layers.append(nn.Conv2d(*CONV_CHANNELS[index], kernel_size=3, padding=1))
+            elif name.startswith("relu"):
+                layers.append(nn.ReLU(inplace=False))
+            else:
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.layers = nn.Sequential(*layers)  # same indices as vgg19().features, so state dicts load as is
+        self.layers.load_state_dict(state_dict)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, layers: Iterable[str], pooling: str = "max") -> dict[str, torch.Tensor]:
+        """images: (B, 3, H, W) in [0, 1] -> {layer: (B, C, h, w)} for each requested layer."""
+        wanted = set(layers)
+        last = max(LAYER_INDEX[name] for name in wanted)
+        x = (images - self.mean) / self.std
+        out = {}
+        for index, module in enumerate(self.layers[: last + 1]):
+            if isinstance(module, nn.MaxPool2d) and pooling == "avg":
+                x = F.avg_pool2d(x, kernel_size=2, stride=2)
+            else:
+                x = module(x)
+            if LAYER_NAMES[index] in wanted:
+                out[LAYER_NAMES[index]] = x
+        return out
+
+    def check_layers(self, layers: Iterable[str]) -> str | None:
+        """The first layer this extractor cannot produce (deeper than the one it was cut at), or None."""
+        return next((name for name in layers if LAYER_INDEX[name] > LAYER_INDEX[self.deepest_layer]), None)
