@@ -1,0 +1,44 @@
+"""Shared fixtures: the random-weight extractor (CONTRACT.md `--weights random`) and small sample images."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from style_engine import VGGFeatures, load_features_state_dict
+from style_engine.codec import load_image_file
+from style_engine.resize import fit_longer_side, resize
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(scope="session")
+def random_state_dict():
+    return load_features_state_dict("random")
+
+
+@pytest.fixture(scope="session")
+def extractor(random_state_dict):
+    return VGGFeatures(random_state_dict)
+
+
+def sample(name: str, longer: int | None = None) -> torch.Tensor:
+    """A sample image as (3, H, W) in [0, 1], optionally resized so its longer side is `longer`."""
+    image = load_image_file(str(SAMPLES / name))  # name may also be an absolute path
+    return image if longer is None else resize(image, fit_longer_side(*image.shape[-2:], longer))
+
+
+@pytest.fixture(scope="session")
+def content():
+    return sample("tubingen.jpg", 96)
+
+
+@pytest.fixture(scope="session")
+def style():
+    return sample("starry_night.jpg", 96)
+
+
+@pytest.fixture(scope="session")
+def style2():
+    return sample("woman-with-hat-matisse.jpg", 96)

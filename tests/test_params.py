@@ -1,0 +1,85 @@
+"""The one parameter parser: defaults, type coercion from form fields, and an error naming each bad field."""
+
+import math
+
+import pytest
+
+from style_engine import OutputParams, ParamError, StyleParams, parse_params
+from style_engine.params import SEED_STYLE_LAYERS, describe_params, validate_server_config
+
+
+def test_defaults_are_the_seeds_objective():
+    style, output = parse_params({})
+    assert style == StyleParams() and output == OutputParams()
+    assert (style.content_layer, style.style_layers) == ("relu4_2", SEED_STYLE_LAYERS)
+    assert (style.content_weight, style.style_weight, style.tv_weight) == (1.0, 1e6, 0.0)
+    assert (style.pooling, style.init, output.format, output.response) == ("max", "content", "png", "image")
+
+
+def test_form_field_strings_are_read_as_their_types():
+    style, output = parse_params({"size": "64", "lr": "0.5", "stream": "true", "preserve_color": "false",
+                                  "style_layers": '{"relu2_1": 1, "relu1_1": 0.5}', "style_blend": "[1, 0]"})
+    assert (style.size, style.lr, output.stream, style.preserve_color) == (64, 0.5, True, "none")
+    assert style.style_layers == (("relu1_1", 0.5), ("relu2_1", 1.0))  # in network order
+    assert style.style_blend == (1.0, 0.0)
+
+
+def test_json_values_and_aliases():
+    style, _ = parse_params({"size": 64.0, "preserve_color": True, "optimizer": "ADAM", "lr": None})
+    assert (style.size, style.preserve_color, style.optimizer, style.lr) == (64, "luminance", "adam", None)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("size", 31, "at least 32"), ("size", 5000, "at most 4096"), ("size", 64.5, "an integer"),
+    ("size", "abc", "an integer"), ("size", True, "an integer"), ("size", None, "an integer"),
+    ("steps", 0, "at least 1"), ("steps", -5, "at least 1"), ("steps", [], "an integer"),
+    ("lr", 0, "greater than 0"), ("lr", math.nan, "a number"), ("lr", "inf", "a number"),
+    ("content_weight", -1, "at least 0"), ("style_weight", math.inf, "a number"), ("tv_weight", "x", "a number"),
+    ("style_scale", 0.01, "at least 0.05"), ("seed", -1, "at least 0"), ("seed", 2**31, "at most"),
+    ("max_seconds", 0, "greater than 0"), ("early_stop_tol", 2, "at most 1"), ("early_stop_window", 0, "at least 1"),
+    ("min_scale", 15, "at least 16"),
+    ("optimizer", "sgd", '"lbfgs", "adam"'), ("init", 3, '"content", "noise", "style"'),
+    ("pooling", "min", '"max", "avg"'), ("preserve_color", "yes", '"luminance"'), ("precision", "fp16", '"bf16"'),
+    ("format", "gif", '"png", "jpeg", "webp"'), ("response", "xml", '"image", "json"'), ("quality", 0, "at least 1"),
+    ("stream", "maybe", "true or false"), ("preview", 1, "true or false"),
+    ("content_layer", "relu9_9", "VGG19 layer name"), ("content_layer", 42, "VGG19 layer name"),
+    ("style_layers", {"relu9_9": 1}, "VGG19 layer name"), ("style_layers", {}, "object of VGG19 layer names"),
+    ("style_layers", {"relu1_1": -1}, "at least 0"), ("style_layers", {"relu1_1": 0}, "at least one layer"),
+    ("style_layers", "[1, 2", "not valid JSON"), ("style_layers", [1, 2], "object of VGG19 layer names"),
+    ("style_blend", [], "one weight >= 0 per style image"), ("style_blend", [1, -1], "at least 0"),
+    ("style_blend", [0, 0], "positive sum"), ("style_blend", "nan", "one weight"), ("style_blend", "[NaN]", "a number"),
+])
+def test_every_invalid_value_names_its_field(field, value, allowed):
+    with pytest.raises(ParamError) as error:
+        parse_params({field: value})
+    assert error.value.field.split(".")[0].split("[")[0] == field
+    assert allowed in str(error.value) and field in str(error.value)
+    assert error.value.to_json() == {"code": 400, "type": "InvalidParameter", "message": str(error.value),
+                                     "field": error.value.field}
+
+
+def test_unknown_parameter_and_non_object():
+    with pytest.raises(ParamError, match="unknown parameter 'iterations'") as error:
+        parse_params({"iterations": 5})
+    assert error.value.field == "iterations"
+    with pytest.raises(ParamError, match="params must be a JSON object") as error:
+        parse_params([1, 2])
+    assert error.value.field == "params"
+
+
+def test_server_defaults_and_maxima():
+    style, _ = parse_params({"steps": 10}, defaults={"size": 128, "steps": 50}, maxima={"size": 512})
+    assert (style.size, style.steps) == (128, 10)
+    with pytest.raises(ParamError, match="at most 512"):
+        parse_params({"size": 513}, maxima={"size": 512})
+    validate_server_config({"size": 128}, {"size": 512, "steps": 1000})
+    with pytest.raises(ParamError, match="at most 4096"):
+        validate_server_config({}, {"size": 10_000})  # a server cannot widen the engine's bounds
+    with pytest.raises(ParamError, match="only numeric"):
+        validate_server_config({}, {"optimizer": 1})
+
+
+def test_every_parameter_is_described():
+    described = {row["name"] for row in describe_params()}
+    assert described == {*StyleParams.__dataclass_fields__, *OutputParams.__dataclass_fields__}
+    assert all(row["doc"] and row["allowed"] for row in describe_params())
