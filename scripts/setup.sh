@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv/ in the repository root with the pinned dependencies of requirements.txt.
+# Safe to run again: it reinstalls only when requirements.txt has changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo "setup: installing requirements.txt into .venv/ (about a minute)" >&2
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+    echo "$wanted" > "$stamp"
+fi
