@@ -1,0 +1,142 @@
+"""TorchServe handler: parse, validate, run the engine, encode, report. The method lives in style_engine.
+
+Its own `initialize` (not BaseHandler's): the archive holds a weights file rather than a serialized model,
+and BaseHandler runs inference under torch.inference_mode(), where no gradient can flow to the image.
+Every request in a batch gets its own answer: bad input is that request's 4xx JSON error (CONTRACT.md),
+never an exception that would fail the others or the worker.
+"""
+
+import base64
+import json
+import logging
+import os
+
+import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+
+from request_parsing import parse_request
+from server_config import ServerConfig
+from style_engine import RequestError, StyleJob, VGGFeatures, batch_key, load_features_state_dict, parse_params
+from style_engine.api import result_fields
+from style_engine.codec import decode_image, encode_image
+from style_engine.optimize import StyleResult, stylize_batch
+from style_engine.params import OutputParams
+from style_engine.targets import check_job, output_size
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+RANDOM_WEIGHTS_NOTE = "random: for tests only, the result shows no real style"
+
+
+class StyleTransferHandler:
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context) -> None:
+        properties = context.system_properties
+        self.config = ServerConfig.from_model_yaml(context.model_yaml_config)
+        gpu_id = properties.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu")
+        weights_path = os.path.join(properties["model_dir"], self.config.weights_file)
+        state_dict = load_features_state_dict(weights_path, self.config.deepest_layer)
+        self.extractor = VGGFeatures(state_dict, self.config.deepest_layer).to(self.device)
+        if self.config.random_weights:
+            logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
+        logger.info("style_transfer: VGG19 up to %s on %s", self.config.deepest_layer, self.device)
+        self.initialized = True
+
+    def handle(self, data: list[dict], context) -> list:
+        responses: list = [None] * len(data)
+        prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
+        for index, row in enumerate(data):
+            try:
+                prepared[index] = self._prepare(row)
+            except RequestError as error:
+                responses[index] = _error(context, index, error.status, error.to_json())
+        for indices in _batches(prepared):
+            jobs = [prepared[i][0] for i in indices]
+            for index, outcome in zip(indices, self._run(jobs)):
+                if isinstance(outcome, StyleResult):
+                    responses[index] = self._respond(context, index, outcome, prepared[index][1])
+                else:
+                    responses[index] = _error(context, index, outcome["code"], outcome)
+        return responses
+
+    def _prepare(self, row: dict) -> tuple[StyleJob, OutputParams]:
+        """Parse and check one request up to the point where only the optimisation is left."""
+        request = parse_request(row, self.config.max_styles)
+        style_params, output_params = parse_params(request.params, defaults=self.config.defaults,
+                                                   maxima=self.config.maxima)
+        limit = self.config.max_image_pixels
+        content = decode_image(request.content, "content", max_pixels=limit)
+        styles = tuple(decode_image(data, "style" if i == 0 else f"style_{i + 1}", max_pixels=limit)
+                       for i, data in enumerate(request.styles))
+        job = StyleJob(content, styles, style_params)
+        check_job(job, self.extractor)
+        return job, output_params
+
+    def _run(self, jobs: list[StyleJob]) -> list[StyleResult | dict]:
+        """The engine's results, or for every job an error object when the batch could not be run."""
+        try:
+            return stylize_batch(self.extractor, jobs)
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            logger.error("style_transfer: out of memory for %d request(s): %s", len(jobs), error)
+            del error  # its traceback holds the step's tensors; drop them before releasing the cache
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            problem = {"code": 507, "type": "OutOfMemory", "field": "size",
+                       "message": "the device ran out of memory for this request; try a smaller size"}
+        except Exception:  # a bug, not the client's fault: answer 500 and keep the worker alive
+            logger.exception("style_transfer: optimisation failed")
+            problem = {"code": 500, "type": "InternalError", "field": None,
+                       "message": "the optimisation failed unexpectedly; the server log has the details"}
+        return [problem] * len(jobs)
+
+    def _respond(self, context, index: int, result: StyleResult, output: OutputParams):
+        image = encode_image(result.image, output.format, output.quality)
+        headers = {"X-Style-Steps": str(result.steps), "X-Style-Seconds": f"{result.seconds:.3f}",
+                   "X-Style-Loss": f"{result.final_loss['total']:.6g}", "X-Style-Stop-Reason": result.stop_reason}
+        if self.config.random_weights:
+            headers["X-Style-Weights"] = RANDOM_WEIGHTS_NOTE
+        for name, value in headers.items():
+            context.set_response_header(index, name, value)
+        _record_metrics(context, index, result)
+        if output.response == "json":
+            context.set_response_content_type(index, "application/json")
+            return json.dumps({"image": base64.b64encode(image).decode("ascii"),
+                               **result_fields(result, output.format)})
+        context.set_response_content_type(index, CONTENT_TYPES[output.format])
+        return image
+
+
+def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]]) -> list[list[int]]:
+    """Request indices grouped so that each group can be optimised as one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for index, (job, _) in prepared.items():
+        groups.setdefault((batch_key(job.params), output_size(job)), []).append(index)
+    return list(groups.values())
+
+
+def _error(context, index: int, status: int, body: dict) -> str:
+    context.set_response_status(status, body["type"], index)
+    context.set_response_content_type(index, "application/json")
+    return json.dumps(body)
+
+
+def _record_metrics(context, index: int, result: StyleResult) -> None:
+    """Custom metrics, declared in metrics.yaml and served with TorchServe's own on the metrics port.
+
+    Each call passes a new `dimensions` list: TorchServe 0.12's add_metric defaults it to one shared list
+    and appends its default dimensions to it.
+    """
+    add, counter, gauge = context.metrics.add_metric, MetricTypes.COUNTER, MetricTypes.GAUGE
+    add("StyleOptimizationSeconds", result.seconds, "s", index, [], counter)
+    add("StyleSteps", result.steps, "count", index, [], counter)
+    add("StyleStepsPerSecond", result.steps / max(result.seconds, 1e-9), "per_second", index, [], gauge)
+    add("StyleFinalLoss", result.final_loss["total"], "loss", index, [], gauge)
+    if result.stop_reason != "steps":
+        dimensions = [Dimension("ModelName", context.model_name), Dimension("Level", "Model"),
+                      Dimension("StopReason", result.stop_reason)]  # in metrics.yaml's order
+        add("StyleEarlyStops", 1, "count", index, dimensions, counter)
