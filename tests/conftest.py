@@ -42,3 +42,25 @@ def style():
 @pytest.fixture(scope="session")
 def style2():
     return sample("woman-with-hat-matisse.jpg", 96)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory):
+    """model_store/ with style_transfer.mar built by scripts/build_mar.py --weights random, as users build it."""
+    import subprocess
+    import sys
+
+    store = tmp_path_factory.mktemp("model_store")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--weights", "random",
+                    "--export-path", str(store)], check=True, capture_output=True, timeout=300)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory):
+    """A real TorchServe (Java) with our config.properties on free loopback ports, stopped afterwards."""
+    from torchserve_instance import TorchServeInstance
+
+    instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("torchserve"))
+    with instance:
+        yield instance

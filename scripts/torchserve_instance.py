@@ -1,0 +1,151 @@
+"""A private TorchServe instance on free loopback ports, for tests, benchmarks and the local cluster script.
+
+Each instance gets its own working directory (where TorchServe writes key_file.json and logs/) and its own
+TMPDIR/TEMP (its pid file and the worker sockets live there), so several run on one machine. Its
+config.properties is the repository's with only the addresses, ports and paths changed. TorchServe's
+launcher does not pass SIGTERM on to Java, so `stop()` signals the whole process group, waits, then
+SIGKILLs what is left.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+MODEL_NAME = "style_transfer"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TorchServeInstance:
+    def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None):
+        self.model_store, self.workdir = Path(model_store).resolve(), Path(workdir).resolve()
+        self.overrides = overrides or {}
+        self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
+                                                     "grpc_management")}
+        self.process: subprocess.Popen | None = None
+
+    # --- addresses and credentials ---
+    def url(self, api: str, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.ports[api]}{path}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc_inference']}"
+
+    def key(self, kind: str = "inference") -> str:
+        return json.loads((self.workdir / "key_file.json").read_text())[kind]["key"]
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(kind)}"}
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "torchserve.out"
+
+    # --- life cycle ---
+    def config_text(self) -> str:
+        """The repository's config.properties with this instance's addresses, ports and absolute paths."""
+        settings = {
+            "inference_address": self.url("inference"), "management_address": self.url("management"),
+            "metrics_address": self.url("metrics"),
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "model_store": str(self.model_store), "metrics_config": str(ROOT / "metrics.yaml"),
+            **self.overrides,
+        }
+        text = (ROOT / "config.properties").read_text()
+        for key, value in settings.items():
+            line = f"{key}={value}".replace("\\", "\\\\")
+            text, found = re.subn(rf"^{re.escape(key)}=.*$", line, text, flags=re.MULTILINE)
+            if not found:
+                text += f"\n{key}={value}\n"
+        return text
+
+    def start(self, timeout: float = 180) -> "TorchServeInstance":
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.properties").write_text(self.config_text())
+        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp),
+               "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until a worker of the model is READY; raises with the log's tail if the server dies or is late."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.worker_pids(quiet=True):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def worker_pids(self, quiet: bool = False) -> list[int]:
+        """Process ids of the model's READY workers, from the management API."""
+        try:
+            response = requests.get(self.url("management", f"/models/{MODEL_NAME}"), headers=self.auth("management"),
+                                    timeout=5)
+            workers = response.json()[0]["workers"] if response.status_code == 200 else []
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            if quiet:
+                return []
+            raise
+        return [int(w["pid"]) for w in workers if w.get("status") == "READY" and w.get("pid")]
+
+    def stop(self, grace: float = 15) -> None:
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            if _group_gone(self.process, wait):
+                break
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
+    """Wait until no process of `process`'s group is left (the launcher, Java and the workers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()  # reap the launcher so that it does not linger as a zombie
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

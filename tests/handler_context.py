@@ -1,0 +1,36 @@
+"""A minimal TorchServe context for running the handler in-process, as TorchServe's worker builds it."""
+
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from conftest import ROOT
+
+HANDLER_DIR = ROOT / "handler"
+
+
+def model_dir_with_weights(directory: Path, state_dict: dict) -> Path:
+    """What TorchServe unpacks the archive into, minus the code (already importable here)."""
+    torch.save(state_dict, directory / "vgg19_features.pth")
+    return directory
+
+
+def make_context(model_dir: Path, handler_overrides: dict | None = None) -> Context:
+    model_yaml = yaml.safe_load((HANDLER_DIR / "model-config.yaml").read_text())
+    model_yaml["handler"].update(handler_overrides or {})
+    metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "style_transfer"
+    return Context("style_transfer", str(model_dir), {}, 1, None, "0.12.0", metrics=metrics,
+                   model_yaml_config=model_yaml)
+
+
+def start_batch(context: Context, size: int) -> None:
+    """Per-batch state TorchServe's service sets before calling handle()."""
+    context.request_ids = {i: str(uuid.uuid4()) for i in range(size)}
+    context.request_processor = [RequestProcessor({}) for _ in range(size)]
+    context.metrics.set_request_ids(context.request_ids)

@@ -1,0 +1,69 @@
+"""The handler in-process with a minimal context: initialize + handle, without Java."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import SAMPLES
+from handler_context import make_context, model_dir_with_weights, start_batch
+from style_transfer_handler import StyleTransferHandler
+
+CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
+STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, random_state_dict):
+    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
+    context = make_context(model_dir, {"weights": "random"})
+    handler = StyleTransferHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def handle(served, *rows):
+    handler, context = served
+    start_batch(context, len(rows))
+    return handler.handle(list(rows), context), context
+
+
+def test_multipart_fields_give_a_png_with_headers(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "64", "steps": "5"})
+    image = Image.open(io.BytesIO(body))
+    assert (image.format, image.size) == ("PNG", (64, 48))
+    assert context.get_response_content_type(0) == "image/png"
+    headers = context.get_response_headers(0)
+    assert headers["X-Style-Steps"] == "5" and headers["X-Style-Stop-Reason"] == "steps"
+    assert float(headers["X-Style-Loss"]) > 0 and float(headers["X-Style-Seconds"]) > 0
+    assert headers["X-Style-Weights"].startswith("random")
+
+
+def test_json_body_and_json_response(served):
+    row = {"body": {"content": base64.b64encode(CONTENT).decode(), "style": [base64.b64encode(STYLE).decode()],
+                    "params": {"size": 64, "steps": 3, "response": "json", "format": "jpeg"}}}
+    (body,), context = handle(served, row)
+    fields = json.loads(body)
+    assert context.get_response_content_type(0) == "application/json"
+    assert (fields["format"], fields["width"], fields["height"], fields["steps"]) == ("jpeg", 64, 48, 3)
+    assert set(fields["loss"]) == {"initial", "final"} and fields["loss"]["final"]["total"] > 0
+    assert Image.open(io.BytesIO(base64.b64decode(fields["image"]))).format == "JPEG"
+
+
+def test_a_bad_request_in_a_batch_gets_its_own_400_and_the_others_succeed(served):
+    good = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2}}
+    bad = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": "many"}}
+    (first, second, third), context = handle(served, good, bad, {"style": STYLE})
+    assert Image.open(io.BytesIO(first)).size == (64, 48)
+    assert context.get_response_status(1)[0] == 400
+    assert json.loads(second) == {"code": 400, "type": "InvalidParameter", "field": "steps",
+                                  "message": "steps must be an integer at least 1 and at most 2000; got 'many'"}
+    assert context.get_response_status(2)[0] == 400 and json.loads(third)["field"] == "content"
+
+
+def test_server_maxima_apply(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
+    assert context.get_response_status(0)[0] == 400
+    assert "at most 1024" in json.loads(body)["message"]
