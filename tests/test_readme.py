@@ -17,5 +17,5 @@ def test_every_parameter_is_in_the_readme_with_its_default():
 
 
 def test_ci_runs_the_readme_test_command():
-    assert "\n    scripts/test.sh\n" in README
+    assert "\n    scripts/test.sh\n" in README and "\n    scripts/serve.sh\n" in README
     assert "exec scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
