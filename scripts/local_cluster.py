@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""A cluster on one machine: N TorchServe instances behind nginx, a bounded load, one instance killed mid-run.
+
+    scripts/local_cluster.py [--instances 2] [--model-store model_store] [--requests 40] [--concurrency 4]
+                             [--size 64] [--steps 5] [--kill-after 0.4] [--report FILE]
+
+Starts N private TorchServe instances (scripts/torchserve_instance.py) and a real nginx configured from
+deploy/nginx.conf on free loopback ports, checks that nginx enforces the client token, runs scripts/load.py in
+a second process and, once a `--kill-after` share of the requests has finished and every instance has
+served some, SIGKILLs the last instance's whole process group (launcher, Java, workers). nginx must retry
+what was in flight there on the other instances. Prints requests sent, succeeded and failed and the latency
+percentiles, writes them as JSON with --report, and exits 1 when a request failed or the kill did not come
+mid-run. Everything it started is stopped by process id; its temporary directory (configs, logs) is removed
+unless the run failed.
+
+The archive comes from --model-store (scripts/build_mar.py writes model_store/style_transfer.mar); random
+weights are fine for this test of the plumbing.
+"""
+
+import argparse
+import json
+import math
+import os
+import secrets
+import select
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+from torchserve_instance import ROOT, TorchServeInstance, free_port
+
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf"
+LOAD_SCRIPT = ROOT / "scripts" / "load.py"
+PREDICT_PATH = "/predictions/style_transfer"
+
+
+class NginxTemplate(string.Template):
+    delimiter = "@"  # nginx itself uses $
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One instance as nginx sees it: the loopback port of its hop, TorchServe's address and key."""
+    name: str
+    port: int
+    address: str
+    key: str
+
+
+def render_nginx_conf(prefix: Path, listen_port: int, client_token: str, hops: list[Hop]) -> str:
+    def lines(fmt: str) -> str:
+        return "\n".join("        " + fmt.format(hop=hop) for hop in hops)
+
+    return NginxTemplate(NGINX_TEMPLATE.read_text()).substitute(
+        prefix=prefix, listen_port=listen_port, client_token=client_token,
+        upstream_servers=lines("server 127.0.0.1:{hop.port} max_fails=1 fail_timeout=10s;"),
+        instance_addresses=lines("{hop.port} {hop.address};"), instance_keys=lines("{hop.port} {hop.key};"),
+        instance_names=lines("{hop.port} {hop.name};"), hop_listens=lines("listen 127.0.0.1:{hop.port};"))
+
+
+def find_nginx() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise SystemExit("local_cluster: nginx is not installed (scripts/test.sh installs it: apt-get install nginx)")
+    return found
+
+
+class Nginx:
+    """nginx in the foreground with its own prefix, config, pid file and logs; stopped by its pid."""
+
+    def __init__(self, prefix: Path, conf_text: str, listen_port: int):
+        self.prefix, self.listen_port = prefix, listen_port
+        for folder in ("logs", "temp"):
+            (prefix / folder).mkdir(parents=True, exist_ok=True)
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(conf_text)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def start(self, timeout: float = 20) -> "Nginx":
+        command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.prefix / "logs/error.log")]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log_tail('error.log')}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"nginx not serving /ping after {timeout:.0f} s:\n{self.log_tail('error.log')}")
+
+    def stop(self) -> None:
+        """SIGTERM to the master (it stops its workers), SIGKILL to the group if it does not stop in time."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.prefix / "logs" / name
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def retried_requests(self) -> int:
+        """Requests that needed more than one try (their upstream_status lists several: "502, 200")."""
+        log = (self.prefix / "logs" / "access.log").read_text()
+        return sum(1 for line in log.splitlines() if PREDICT_PATH in line and "," in line.rsplit('"', 2)[-2])
+
+
+def start_instances(model_store: Path, root: Path, count: int) -> list[TorchServeInstance]:
+    """All instances started at once (each spends seconds in the JVM); none left running if one fails."""
+    # The instances share this machine's cores. Left to themselves, each worker's OpenMP threads take every
+    # core and the instances spin against each other (requests of 0.3 s took 12 s on 2 cores): give each
+    # its share, as if it had a machine of its own.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    instances = [TorchServeInstance(model_store, root / f"instance-{i + 1}") for i in range(count)]
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        outcomes = list(pool.map(_start_quietly, instances))
+    failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    if failures:
+        stop_all(instances)
+        raise failures[0]
+    return instances
+
+
+def _start_quietly(instance: TorchServeInstance):
+    try:
+        return instance.start()
+    except Exception as error:  # noqa: BLE001 - reported by start_instances after stopping the others
+        return error
+
+
+def stop_all(instances: list[TorchServeInstance]) -> None:
+    with ThreadPoolExecutor(max_workers=max(len(instances), 1)) as pool:
+        list(pool.map(lambda instance: instance.stop(), instances))
+
+
+def check_client_auth(url: str, token: str) -> dict[str, int]:
+    """What nginx answers without and with a wrong token (401 expected), and /ping without one (200)."""
+    files = {"content": b"x", "style": b"x"}
+    return {
+        "ping_without_token": requests.get(f"{url}/ping", timeout=10).status_code,
+        "predict_without_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10).status_code,
+        "predict_with_wrong_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10,
+                                                  headers={"Authorization": f"Bearer {token}x"}).status_code,
+    }
+
+
+class KillSwitch:
+    """Kills the victim's process group once `after` responses are in and every instance has served."""
+
+    def __init__(self, victim: TorchServeInstance, victim_name: str, names: list[str], after: int):
+        self.victim, self.victim_name, self.names, self.after = victim, victim_name, names, after
+        self.served = {"before_kill": Counter(), "after_kill": Counter()}
+        self.responses = 0
+        self.killed_at_response: int | None = None
+
+    def observe(self, result: dict) -> None:
+        self.responses += 1
+        self.served["after_kill" if self.fired else "before_kill"][result.get("served_by")] += 1
+        if not self.fired and self.responses >= self.after and all(self.served["before_kill"][n] for n in self.names):
+            os.killpg(self.victim.process.pid, signal.SIGKILL)
+            self.killed_at_response = self.responses
+
+    @property
+    def fired(self) -> bool:
+        return self.killed_at_response is not None
+
+
+def run_load(url: str, token: str, args, kill_switch: KillSwitch, timeout: float) -> dict:
+    """scripts/load.py in its own process; each response it reports goes to the kill switch. Its summary."""
+    command = [sys.executable, str(LOAD_SCRIPT), "--url", url, "--requests", str(args.requests),
+               "--concurrency", str(args.concurrency), "--size", str(args.size), "--steps", str(args.steps),
+               "--timeout", str(args.request_timeout)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, env={**os.environ, "STYLE_TRANSFER_TOKEN": token})
+    summary = None
+    try:
+        for record in _json_lines(process, time.monotonic() + timeout):
+            if record["event"] == "response":
+                kill_switch.observe(record)
+            else:
+                summary = record
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    if summary is None:
+        raise RuntimeError(f"the load process ended without a summary (exit status {process.returncode})")
+    return summary
+
+
+def _json_lines(process: subprocess.Popen, deadline: float):
+    """The JSON lines a process prints, as they come, until it closes its output; TimeoutError at `deadline`."""
+    fd, pending = process.stdout.fileno(), b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the load did not finish in time")
+        if not select.select([fd], [], [], remaining)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        *complete, pending = (pending + chunk).split(b"\n")
+        yield from (json.loads(line) for line in complete if line.strip())
+
+
+def run_cluster(args) -> dict:
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="local-cluster-"))
+    root.chmod(0o755)  # nginx's workers run as nobody when nginx is started by root
+    instances, nginx, report = [], None, {"workdir": str(root)}
+    try:
+        instances = start_instances(args.model_store.resolve(), root, args.instances)
+        names = [f"instance-{i + 1}" for i in range(len(instances))]
+        hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key())
+                for name, ts in zip(names, instances)]
+        token, listen_port = secrets.token_hex(32), free_port()
+        nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops), listen_port).start()
+        report["auth"] = check_client_auth(nginx.url, token)
+        kill_switch = KillSwitch(instances[-1], names[-1], names, math.ceil(args.kill_after * args.requests))
+        load_started = time.monotonic()
+        summary = run_load(nginx.url, token, args, kill_switch, args.load_timeout)
+        report.update(_figures(summary, kill_switch, nginx, args))
+        report["seconds"] = {"startup": round(load_started - started, 1),
+                             "load": round(time.monotonic() - load_started, 1)}
+        report["process_groups"] = [ts.process.pid for ts in instances] + [nginx.process.pid]
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        stop_all(instances)
+    report["seconds"] = {**report.get("seconds", {}), "total": round(time.monotonic() - started, 1)}
+    return report
+
+
+def _figures(summary: dict, kill_switch: KillSwitch, nginx: Nginx, args) -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "instances": args.instances,
+        "request": {"size": args.size, "steps": args.steps, "concurrency": args.concurrency},
+        "requests": {key: summary[key] for key in ("sent", "succeeded", "failed")},
+        "latency_seconds": {key: _round(value) for key, value in summary["latency_seconds"].items()},
+        "killed": {"instance": kill_switch.victim_name, "after_responses": kill_switch.killed_at_response}
+        if kill_switch.fired else None,
+        "served_by": {phase: dict(counts) for phase, counts in kill_switch.served.items()},
+        "retried_by_nginx": nginx.retried_requests(),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def succeeded(report: dict) -> bool:
+    auth_ok = report.get("auth") == {"ping_without_token": 200, "predict_without_token": 401,
+                                     "predict_with_wrong_token": 401}
+    requests_ok = report.get("requests", {}).get("failed") == 0
+    return auth_ok and requests_ok and report.get("killed") is not None
+
+
+def print_report(report: dict) -> None:
+    counts, latency, killed = report["requests"], report["latency_seconds"], report["killed"] or {}
+    print(f"local_cluster: {report['instances']} instances behind nginx; killed {killed.get('instance', 'none')} "
+          f"after {killed.get('after_responses', '-')} responses")
+    print(f"local_cluster: requests sent {counts['sent']}, succeeded {counts['succeeded']}, failed {counts['failed']}, "
+          f"retried by nginx {report['retried_by_nginx']}")
+    print(f"local_cluster: latency p50 {latency['p50']} s, p90 {latency['p90']} s, p99 {latency['p99']} s")
+    print(json.dumps(report))
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store",
+                        help="a folder with style_transfer.mar (scripts/build_mar.py)")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64, help="longer side of each output, px")
+    parser.add_argument("--steps", type=int, default=5, help="optimiser iterations per request")
+    parser.add_argument("--kill-after", type=float, default=0.4,
+                        help="share of the requests that finish before the last instance is killed")
+    parser.add_argument("--request-timeout", type=float, default=330, help="seconds, per request")
+    parser.add_argument("--load-timeout", type=float, default=600, help="seconds, for the whole load")
+    parser.add_argument("--report", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    if args.instances < 2:
+        parser.error("--instances must be at least 2: one is killed")
+    if not (args.model_store / "style_transfer.mar").is_file():
+        parser.error(f"no style_transfer.mar in {args.model_store}: run scripts/build_mar.py first")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run_cluster(args)
+    print_report(report)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    if succeeded(report):
+        shutil.rmtree(report["workdir"], ignore_errors=True)
+        return 0
+    print(f"local_cluster: FAILED; configs and logs kept in {report['workdir']}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""scripts/local_cluster.py: two real TorchServe instances behind a real nginx lose no request when one dies."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from local_cluster import Hop, find_nginx, render_nginx_conf
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 40
+
+
+@pytest.fixture(scope="module")
+def nginx_binary():
+    if not (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")):
+        pytest.fail("nginx is not installed: scripts/test.sh installs it (apt-get install nginx)")
+    return find_nginx()
+
+
+def test_nginx_accepts_the_rendered_template(nginx_binary, tmp_path):
+    hops = [Hop(f"instance-{i}", 20000 + i, f"127.0.0.1:{21000 + i}", f"key{i}") for i in (1, 2)]
+    for folder in ("logs", "temp"):
+        (tmp_path / folder).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf(tmp_path, 20000, "0" * 64, hops))
+    check = subprocess.run([nginx_binary, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "err.log")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+
+
+def test_no_request_fails_when_an_instance_is_killed_mid_run(nginx_binary, model_store, tmp_path):
+    report_file = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--instances", "2", "--model-store", str(model_store),
+         "--requests", str(REQUESTS), "--concurrency", "4", "--size", "64", "--steps", "5", "--report", str(report_file),
+         "--load-timeout", "120"],
+        capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(report_file.read_text())
+    assert report["auth"] == {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401}
+    assert report["requests"] == {"sent": REQUESTS, "succeeded": REQUESTS, "failed": 0}
+    assert report["killed"]["instance"] == "instance-2" and report["killed"]["after_responses"] < REQUESTS
+    assert all(report["served_by"]["before_kill"].get(name, 0) > 0 for name in ("instance-1", "instance-2"))
+    assert report["served_by"]["after_kill"].get("instance-1", 0) > 0
+    assert report["retried_by_nginx"] >= 1  # what was sent to the dead instance was served by the other
+    latency = report["latency_seconds"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    for group in report["process_groups"]:  # TorchServe launchers with Java and workers, and nginx
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+    assert not os.path.exists(report["workdir"])
