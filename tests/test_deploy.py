@@ -1,22 +1,54 @@
-"""deploy/: the Dockerfile linted by hadolint (it cannot be built here: no container engine), the container's
-TorchServe configuration held to the repository's, and the probes run against a real TorchServe."""
+"""deploy/: the Dockerfile linted by hadolint, the Kubernetes manifests validated offline against the schemas
+kubernetes-validate ships, the container configurations held to the repository's, and the probes and the auth
+proxy run against a real TorchServe and a real nginx.
+
+The Dockerfile cannot be built here (no container engine). KServe's InferenceService is a custom resource with
+no schema in kubernetes-validate, and KServe's own SDK (which carries its models) cannot be installed beside our
+pinned protobuf: its structure is checked explicitly below, and its container part against Kubernetes' own
+Container schema, which KServe's predictor embeds.
+"""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import requests
+import yaml
+from kubernetes_validate.utils import schema_contents
+from referencing import Registry, Resource
 
-from conftest import ROOT
+from conftest import ROOT, SAMPLES
 
 DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
 HADOLINT = ROOT / ".venv" / "bin" / "hadolint"
+KUBERNETES_VERSIONS = ("1.29", "1.37")  # the oldest with native sidecar containers on by default, the newest
 PROBE = DEPLOY / "torchserve_probe.py"
+IMAGE_PROBE = "/home/model-server/torchserve_probe.py"  # where deploy/Dockerfile puts it
 
 sys.path.insert(0, str(DEPLOY))
 from torchserve_probe import drain, established_connections  # noqa: E402
+
+
+def documents(path):
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def manifests() -> dict[str, dict]:
+    """The objects applied together (deploy/k8s/*.yaml) by kind (each kind appears once)."""
+    found = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in documents(path):
+            assert doc["kind"] not in found, f"two {doc['kind']} objects; the tests expect one"
+            found[doc["kind"]] = doc
+    return found
 
 
 def properties(path) -> dict[str, str]:
@@ -88,6 +120,15 @@ def test_container_config_differs_from_the_repository_config_only_where_a_contai
     assert container["allowed_urls"] == "file:///home/model-server/model-store/.*\\\\.mar"
 
 
+def test_kserve_config_differs_from_the_repository_config_only_where_kserve_needs():
+    kserve, local = properties(DEPLOY / "kserve" / "config" / "config.properties"), properties(ROOT / "config.properties")
+    assert differing_keys(kserve, local) == {
+        "inference_address", "metrics_address", "model_store", "metrics_config", "allowed_urls",
+        "disable_token_authorization"}
+    assert kserve["model_store"] == "/mnt/models/model-store"  # where KServe puts storageUri's model-store/
+    assert kserve["management_address"].startswith("http://127.0.0.1:") and kserve["enable_model_api"] == "false"
+
+
 # --- the probes, against a real TorchServe ---------------------------------------------------------------------
 
 def run_probe(*args):
@@ -125,3 +166,148 @@ def test_drain_waits_for_open_connections_to_close():
         accepted.close()
         assert established_connections(port) == 0
         assert drain(port, timeout=2, quiet_for=0.2, poll=0.1)
+
+
+# --- the Kubernetes manifests ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_is_valid_kubernetes(path, version):
+    for doc in documents(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_manifests_refer_to_each_other():
+    objects = manifests()
+    deployment, pod = objects["Deployment"], objects["Deployment"]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    containers = {c["name"]: c for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]}
+    proxy_ports = {p["name"]: p["containerPort"] for p in containers["auth-proxy"]["ports"]}
+    assert objects["Service"]["spec"]["ports"][0]["targetPort"] in proxy_ports
+    open_ports = {port["port"] for rule in objects["NetworkPolicy"]["spec"]["ingress"] for port in rule["ports"]}
+    assert open_ports == {proxy_ports["http"], int(pod["metadata"]["annotations"]["prometheus.io/port"])}
+
+
+def test_auth_proxy_config_map_has_what_the_deployment_mounts():
+    objects = manifests()
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    config_map = objects["ConfigMap"]
+    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == config_map["metadata"]["name"])
+    mounted = {m["subPath"] for c in pod["initContainers"] for m in c["volumeMounts"] if m["name"] == volume["name"]}
+    assert mounted == set(config_map["data"])
+
+
+def test_torchserve_is_one_gpu_probed_and_drained_by_the_script_in_the_image():
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    (torchserve,) = pod["containers"]
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == 1
+    commands = [torchserve[probe]["exec"]["command"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")]
+    drain_command = torchserve["lifecycle"]["preStop"]["exec"]["command"]
+    assert [c[2] for c in commands] == ["ready", "ready", "live"] and drain_command[2] == "drain"
+    assert all(c[1] == IMAGE_PROBE for c in commands + [drain_command])
+    assert "deploy/torchserve_probe.py /home/model-server/" in DOCKERFILE.read_text()
+    assert float(drain_command[drain_command.index("--timeout") + 1]) < pod["terminationGracePeriodSeconds"]
+
+
+def test_autoscaler_follows_the_metric_the_adapter_derives_from_torchserve():
+    hpa_metric = manifests()["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (adapter_rules,) = documents(K8S / "monitoring" / "prometheus-adapter-rules.yaml")
+    rules = yaml.safe_load(adapter_rules["data"]["config.yaml"])["rules"]
+    (rule,) = [r for r in rules if r["name"]["as"] == hpa_metric]
+    series = rule["seriesQuery"].split("{")[0].strip("'")
+    assert f"name: {series}" in (ROOT / "metrics.yaml").read_text()  # TorchServe emits it in Prometheus mode
+
+
+@pytest.mark.integration
+def test_torchserve_serves_the_series_the_autoscaler_uses(server):
+    response = requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                             files={"content": (SAMPLES / "tubingen.jpg").read_bytes(),
+                                    "style": (SAMPLES / "starry_night.jpg").read_bytes()},
+                             data={"size": "64", "steps": "1"}, timeout=120)
+    assert response.status_code == 200
+    metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
+    assert 'ts_queue_latency_microseconds{model_name="style_transfer"' in metrics
+
+
+# --- the auth proxy's nginx configuration and key script --------------------------------------------------------
+
+def auth_proxy_file(name: str) -> str:
+    return next(doc for doc in documents(K8S / "auth-proxy.yaml"))["data"][name]
+
+
+def test_auth_proxy_template_is_valid_nginx(tmp_path):
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not nginx:
+        pytest.fail("nginx is not installed: scripts/test.sh installs it (apt-get install nginx)")
+    server_block = auth_proxy_file("default.conf.template")
+    for name, value in {"CLIENT_TOKEN": "0" * 64, "TS_INFERENCE_KEY": "AbC-_123"}.items():
+        server_block = server_block.replace("${" + name + "}", value)  # what the image's envsubst does
+    (tmp_path / "default.conf").write_text(server_block)
+    (tmp_path / "nginx.conf").write_text(  # the shape of the nginx image's own nginx.conf
+        f"pid {tmp_path}/nginx.pid;\nevents {{}}\nhttp {{\n    client_body_temp_path {tmp_path}/body;\n"
+        f"    proxy_temp_path {tmp_path}/proxy;\n    include {tmp_path}/default.conf;\n}}\n")
+    check = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                            "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.integration
+def test_auth_proxy_reads_the_inference_key_and_notices_a_new_one(server, tmp_path):
+    script = tmp_path / "15-torchserve-key.envsh"
+    script.write_text(auth_proxy_file("15-torchserve-key.envsh"))
+    key_file, renewed = server.workdir / "key_file.json", tmp_path / "renewed.json"
+    renewed.write_text(key_file.read_text().replace(server.key(), "NewKey42"))
+    liveness = manifests()["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]["livenessProbe"]
+
+    def run(command, key_path):
+        return subprocess.run(command, capture_output=True, text=True, timeout=30,
+                              env={"TS_KEY_FILE": str(key_path), "PATH": "/usr/bin:/bin"})
+
+    try:  # the script keeps the key in the proxy's /tmp, as in the pod
+        sourced = run(["sh", "-c", f'. "{script}" && printf %s "$TS_INFERENCE_KEY"'], key_file)
+        assert (sourced.returncode, sourced.stdout) == (0, server.key()), sourced.stderr
+        assert run(liveness["exec"]["command"], key_file).returncode == 0
+        assert run(liveness["exec"]["command"], renewed).returncode == 1
+    finally:
+        (Path("/tmp") / "torchserve-inference-key").unlink(missing_ok=True)
+
+
+# --- KServe -----------------------------------------------------------------------------------------------------
+
+KSERVE_ONLY_FIELDS = {"storageUri", "runtimeVersion", "protocolVersion", "storage"}  # the rest is a Container
+
+
+def kubernetes_schema_validator(definition: str, version: str = KUBERNETES_VERSIONS[-1]):
+    directory = f"kubernetes-json-schema/v{version}.0-local-strict"
+    definitions = schema_contents(f"{directory}/_definitions.json", version)
+    registry = Resource.from_contents(definitions) @ Registry()
+    return jsonschema.Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{definition}"}, registry=registry)
+
+
+def test_inference_service_has_kserve_s_structure():
+    (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = service["spec"]["predictor"]
+    # ComponentExtensionSpec fields of KServe's v1beta1 PredictorSpec that we set, with their types
+    assert set(predictor) == {"containerConcurrency", "scaleMetric", "scaleTarget", "minReplicas", "maxReplicas",
+                              "timeout", "pytorch"}
+    assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
+    assert all(isinstance(predictor[key], int) for key in set(predictor) - {"scaleMetric", "pytorch"})
+    assert predictor["containerConcurrency"] == 1  # one optimisation at a time per GPU worker
+    assert predictor["timeout"] >= 300  # TorchServe's responseTimeout (handler/model-config.yaml)
+    assert all(isinstance(value, str) for value in service["metadata"]["annotations"].values())
+
+
+def test_inference_service_predictor_is_a_valid_container_serving_kserve_s_layout():
+    (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
+    pytorch = service["spec"]["predictor"]["pytorch"]
+    container = {"name": "kserve-container", **{k: v for k, v in pytorch.items() if k not in KSERVE_ONLY_FIELDS}}
+    kubernetes_schema_validator("io.k8s.api.core.v1.Container").validate(container)
+    assert pytorch["storageUri"].split("://")[0] in ("s3", "gs", "pvc", "https", "hf", "oci", "azure")
+    assert "/mnt/models/config/config.properties" in pytorch["args"]  # storageUri's config/config.properties
+    assert pytorch["resources"]["limits"]["nvidia.com/gpu"] == 1
