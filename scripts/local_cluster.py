@@ -240,7 +240,8 @@ def run_cluster(args) -> dict:
         hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key())
                 for name, ts in zip(names, instances)]
         token, listen_port = secrets.token_hex(32), free_port()
-        nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops), listen_port).start()
+        nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops), listen_port)
+        nginx.start()  # after the assignment: a start that times out still leaves nginx for `finally` to stop
         report["auth"] = check_client_auth(nginx.url, token)
         kill_switch = KillSwitch(instances[-1], names[-1], names, math.ceil(args.kill_after * args.requests))
         load_started = time.monotonic()

@@ -9,7 +9,6 @@ Container schema, which KServe's predictor embeds.
 """
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES
+from local_cluster import find_nginx
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -241,9 +241,10 @@ def auth_proxy_file(name: str) -> str:
 
 
 def test_auth_proxy_template_is_valid_nginx(tmp_path):
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if not nginx:
-        pytest.fail("nginx is not installed: scripts/test.sh installs it (apt-get install nginx)")
+    try:
+        nginx = find_nginx()
+    except SystemExit as missing:  # a failure, not a skip: scripts/test.sh installs nginx
+        pytest.fail(str(missing))
     server_block = auth_proxy_file("default.conf.template")
     for name, value in {"CLIENT_TOKEN": "0" * 64, "TS_INFERENCE_KEY": "AbC-_123"}.items():
         server_block = server_block.replace("${" + name + "}", value)  # what the image's envsubst does
