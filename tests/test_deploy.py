@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jsonschema
@@ -24,6 +25,7 @@ from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES
 from local_cluster import find_nginx
+from torchserve_instance import TorchServeInstance
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -127,6 +129,15 @@ def test_kserve_config_differs_from_the_repository_config_only_where_kserve_need
         "disable_token_authorization"}
     assert kserve["model_store"] == "/mnt/models/model-store"  # where KServe puts storageUri's model-store/
     assert kserve["management_address"].startswith("http://127.0.0.1:") and kserve["enable_model_api"] == "false"
+
+
+@pytest.mark.integration
+def test_torchserve_honours_the_container_key_lifetime(model_store, tmp_path):
+    minutes = float(properties(DEPLOY / "config.properties")["token_expiration_min"])
+    with TorchServeInstance(model_store, tmp_path, {"token_expiration_min": str(minutes)}) as instance:
+        keys = json.loads((instance.workdir / "key_file.json").read_text())
+    expires = datetime.fromisoformat(keys["inference"]["expiration time"][:19]).replace(tzinfo=timezone.utc)
+    assert abs((expires - datetime.now(timezone.utc)).total_seconds() / 60 - minutes) < 10
 
 
 # --- the probes, against a real TorchServe ---------------------------------------------------------------------
