@@ -14,10 +14,14 @@ import os
 import torch
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.utils.util import PredictionException
 
 from request_parsing import parse_request
 from server_config import ServerConfig
-from style_engine import RequestError, StyleJob, VGGFeatures, batch_key, load_features_state_dict, parse_params
+from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
+from streaming import ProgressStream, json_line
+from style_engine import (ParamError, RequestError, StyleJob, VGGFeatures, batch_key, load_features_state_dict,
+                          parse_params)
 from style_engine.api import result_fields
 from style_engine.codec import decode_image, encode_image
 from style_engine.optimize import StyleResult, stylize_batch
@@ -28,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RANDOM_WEIGHTS_NOTE = "random: for tests only, the result shows no real style"
+# TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
+# progress chunk sent to a unary call makes it close the call and restart the worker.
+GRPC_STREAM_REFUSED = ("stream=true is not available over gRPC: TorchServe 0.12 cannot tell Predictions from "
+                       "StreamPredictions and a progress message would end a Predictions call; call without "
+                       "stream (both RPCs return the result), or use REST for live progress")
 
 
 class StyleTransferHandler:
@@ -52,23 +61,36 @@ class StyleTransferHandler:
         prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
         for index, row in enumerate(data):
             try:
-                prepared[index] = self._prepare(row)
+                prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
             except RequestError as error:
                 responses[index] = _error(context, index, error.status, error.to_json())
         for indices in _batches(prepared):
-            jobs = [prepared[i][0] for i in indices]
-            for index, outcome in zip(indices, self._run(jobs)):
+            streams = {item: ProgressStream(context, index, prepared[index][1].preview)
+                       for item, index in enumerate(indices) if prepared[index][1].stream}
+            results = self._run([prepared[i][0] for i in indices], _dispatch(streams) if streams else None)
+            for index, outcome in zip(indices, results):
+                output = prepared[index][1]
                 if isinstance(outcome, StyleResult):
-                    responses[index] = self._respond(context, index, outcome, prepared[index][1])
+                    responses[index] = self._respond(context, index, outcome, output)
                 else:
-                    responses[index] = _error(context, index, outcome["code"], outcome)
+                    error = _error(context, index, outcome["code"], outcome)
+                    responses[index] = json_line({"event": "error", **outcome}) if output.stream else error
+        for index in range(len(data)):
+            if _is_grpc(context, index):
+                # TorchServe 0.12's gRPC StreamPredictions reads this header without a null check and restarts
+                # the worker when a final response lacks it (GRPCJob.response). Not for REST, where "false"
+                # on an unstreamed response leaves the client waiting for a chunked end that never comes.
+                context.set_response_header(index, "ts_stream_next", "false")
+        _raise_for_a_lone_grpc_error(context, responses)
         return responses
 
-    def _prepare(self, row: dict) -> tuple[StyleJob, OutputParams]:
+    def _prepare(self, row: dict, grpc: bool) -> tuple[StyleJob, OutputParams]:
         """Parse and check one request up to the point where only the optimisation is left."""
         request = parse_request(row, self.config.max_styles)
         style_params, output_params = parse_params(request.params, defaults=self.config.defaults,
                                                    maxima=self.config.maxima)
+        if grpc and output_params.stream:
+            raise ParamError("stream", GRPC_STREAM_REFUSED)
         limit = self.config.max_image_pixels
         content = decode_image(request.content, "content", max_pixels=limit)
         styles = tuple(decode_image(data, "style" if i == 0 else f"style_{i + 1}", max_pixels=limit)
@@ -77,10 +99,10 @@ class StyleTransferHandler:
         check_job(job, self.extractor)
         return job, output_params
 
-    def _run(self, jobs: list[StyleJob]) -> list[StyleResult | dict]:
+    def _run(self, jobs: list[StyleJob], callback) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
         try:
-            return stylize_batch(self.extractor, jobs)
+            return stylize_batch(self.extractor, jobs, callback=callback)
         except (torch.OutOfMemoryError, MemoryError) as error:
             logger.error("style_transfer: out of memory for %d request(s): %s", len(jobs), error)
             del error  # its traceback holds the step's tensors; drop them before releasing the cache
@@ -103,12 +125,44 @@ class StyleTransferHandler:
         for name, value in headers.items():
             context.set_response_header(index, name, value)
         _record_metrics(context, index, result)
+        if output.stream:
+            context.set_response_content_type(index, STREAM_CONTENT_TYPE)
+            return json_line({"event": "done", "image": base64.b64encode(image).decode("ascii"),
+                              **result_fields(result, output.format)})
         if output.response == "json":
             context.set_response_content_type(index, "application/json")
             return json.dumps({"image": base64.b64encode(image).decode("ascii"),
                                **result_fields(result, output.format)})
         context.set_response_content_type(index, CONTENT_TYPES[output.format])
         return image
+
+
+def _is_grpc(context, index: int) -> bool:
+    """gRPC requests reach the handler with no HTTP header, only the per-parameter content types (dicts)."""
+    return not any(isinstance(value, str) for value in context.get_all_request_header(index).values())
+
+
+def _raise_for_a_lone_grpc_error(context, responses: list) -> None:
+    """Give a refused gRPC request a gRPC error status carrying our JSON error as its message.
+
+    TorchServe 0.12 ignores per-request statuses on gRPC (a refused request would come back as OK with the
+    error as its prediction); only an exception sets the status, and it sets it for the whole batch. So this
+    applies to a batch of one; a gRPC request refused within a larger batch gets the JSON error as its
+    prediction (README, "gRPC").
+    """
+    status = context.get_response_status(0)[0]
+    if len(responses) == 1 and _is_grpc(context, 0) and status is not None and status >= 400:
+        raise PredictionException(responses[0], status)
+
+
+def _dispatch(streams: dict[int, ProgressStream]):
+    """One progress callback for a batch, passing each image's progress to its request's stream, if any."""
+
+    def callback(progress):
+        if progress.item in streams:
+            streams[progress.item](progress)
+
+    return callback
 
 
 def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]]) -> list[list[int]]:

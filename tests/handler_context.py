@@ -29,8 +29,10 @@ def make_context(model_dir: Path, handler_overrides: dict | None = None) -> Cont
                    model_yaml_config=model_yaml)
 
 
-def start_batch(context: Context, size: int) -> None:
-    """Per-batch state TorchServe's service sets before calling handle()."""
+def start_batch(context: Context, size: int, grpc: bool = False) -> None:
+    """Per-batch state TorchServe's service sets before calling handle(). REST requests carry HTTP headers
+    (strings); gRPC ones only per-parameter content types (dicts), as TorchServe 0.12 passes them."""
+    headers = {"content": {"content-type": ""}} if grpc else {"Content-Type": "multipart/form-data", "url_path": ""}
     context.request_ids = {i: str(uuid.uuid4()) for i in range(size)}
-    context.request_processor = [RequestProcessor({}) for _ in range(size)]
+    context.request_processor = [RequestProcessor(dict(headers)) for _ in range(size)]
     context.metrics.set_request_ids(context.request_ids)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from PIL import Image
+from ts.utils.util import PredictionException
 
 from conftest import SAMPLES
 from handler_context import make_context, model_dir_with_weights, start_batch
@@ -24,9 +25,9 @@ def served(tmp_path_factory, random_state_dict):
     return handler, context
 
 
-def handle(served, *rows):
+def handle(served, *rows, grpc=False):
     handler, context = served
-    start_batch(context, len(rows))
+    start_batch(context, len(rows), grpc)
     return handler.handle(list(rows), context), context
 
 
@@ -67,3 +68,14 @@ def test_server_maxima_apply(served):
     (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
     assert context.get_response_status(0)[0] == 400
     assert "at most 1024" in json.loads(body)["message"]
+
+
+def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
+    # TorchServe 0.12 ignores per-request statuses on gRPC: only an exception reaches the caller as a status
+    with pytest.raises(PredictionException) as error:
+        handle(served, {"content": CONTENT, "style": STYLE, "params": b'{"steps": 0}'}, grpc=True)
+    assert error.value.error_code == 400 and json.loads(error.value.message)["field"] == "steps"
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "params": b'{"size": 64, "steps": 1}'},
+                              grpc=True)
+    assert Image.open(io.BytesIO(body)).format == "PNG"
+    assert context.get_response_headers(0)["ts_stream_next"] == "false"  # see the handler: gRPC streams need it

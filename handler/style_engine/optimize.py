@@ -36,8 +36,9 @@ class Progress:
     scale: int  # 1-based index of the current scale
     scales: int
     size: tuple[int, int]  # (height, width) being optimised at this scale
-    loss: dict[str, float]  # content, style, tv, total at the image this iteration evaluated
+    loss: dict[str, float]  # content, style, tv, total of the best image so far at this scale
     seconds: float  # since the request's optimisation began
+    image: torch.Tensor  # (3, h, w) the image being optimised, after this iteration: a view, copy it to keep it
     item: int = 0  # index of the image in its batch
 
 
@@ -179,7 +180,7 @@ class _Run:
                 x.clamp_(0, 1)
             self.step += 1
             history.append(best.total.tolist())  # the loop's one host sync; L-BFGS needs none of its own
-            self._report(losses, scale_index, scales, x.shape[-2:])
+            self._report(best, x.detach(), scale_index, scales)
             if final_scale and self.stop_below is not None and max(history[-1]) <= self.stop_below:
                 self.stop_reason = "target_loss"
                 break
@@ -198,13 +199,14 @@ class _Run:
         now, end = time.perf_counter(), self.start + self.params.max_seconds
         return now + (end - now) / (scales - scale_index)
 
-    def _report(self, losses: Losses, scale_index: int, scales: int, size) -> None:
+    def _report(self, best: Losses, x: torch.Tensor, scale_index: int, scales: int) -> None:
         if self.callback is None:
             return
         seconds = time.perf_counter() - self.start
         for item in range(len(self.jobs)):
             self.callback(Progress(step=self.step, steps=self.params.steps, scale=scale_index + 1, scales=scales,
-                                   size=tuple(size), loss=losses.as_floats(item), seconds=seconds, item=item))
+                                   size=tuple(x.shape[-2:]), loss=best.as_floats(item), seconds=seconds,
+                                   image=x[item], item=item))
 
 
 def _optimizer(params: StyleParams, x: torch.Tensor):
