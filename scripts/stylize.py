@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """Stylise CONTENT with one or more STYLE images and write the result to -o OUT.
 
-    python scripts/stylize.py content.jpg style.jpg -o out.png --local --weights random --set size=64 --json
+    python scripts/stylize.py content.jpg style.jpg -o out.png --url http://127.0.0.1:8080 --set size=256
+    python scripts/stylize.py content.jpg style.jpg -o out.png --grpc 127.0.0.1:7070
+    python scripts/stylize.py content.jpg style.jpg -o out.png --local --weights imagenet --json
 
---local runs the engine in this process. --set key=value sets any request parameter (README, "Parameters");
-values are read as JSON where they parse (`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise.
-A progress bar goes to stderr; --json prints the result's fields (those of `response=json`, without the image)
-to stdout. Exit status 0 on success, 1 when the request is refused, 2 on a usage error.
+--url calls the REST API and streams progress (--no-stream turns that off); --grpc calls gRPC StreamPredictions
+(TorchServe 0.12 cannot stream progress over gRPC, so the bar only counts seconds); --local runs the engine
+in this process. The token comes from --token, else from --key-file (TorchServe's key_file.json).
+--set key=value sets any request parameter (README, "Parameters"); values are read as JSON where they parse
+(`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise. A progress bar goes to stderr; --json
+prints the result's fields (those of `response=json`, without the image) to stdout. Exit status 0 on success;
+1 when the request is refused (the server's error is printed as it came) or the server cannot be reached;
+2 on a usage error.
 """
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -20,14 +27,23 @@ from style_engine import RequestError, VGGFeatures, WeightsError, load_features_
 from style_engine.api import result_fields  # noqa: E402
 from style_engine.codec import encode_image, load_image_file  # noqa: E402
 
+MODEL_NAME = "style_transfer"
+
+
+class Refused(Exception):
+    """The server refused the request or could not be reached; the message is what to print."""
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments().parse_args(argv)
+    run = _run_local if args.local else _run_rest if args.url else _run_grpc
     try:
-        raw_params = _settings(args.set)
-        image, fields = _run_local(args, raw_params)
+        image, fields = run(args, _settings(args.set))
     except (RequestError, WeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Refused as error:
+        print(error, file=sys.stderr)
         return 1
     Path(args.output).write_bytes(image)
     if args.json:
@@ -41,7 +57,13 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("styles", nargs="+", metavar="style", help="style image file(s), blended by style_blend")
     parser.add_argument("-o", "--output", required=True, help="where to write the stylised image")
     where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
+    where.add_argument("--grpc", metavar="HOST:PORT", help="TorchServe gRPC inference address, e.g. 127.0.0.1:7070")
     where.add_argument("--local", action="store_true", help="run the engine in this process")
+    parser.add_argument("--token", help="inference token (default: read from --key-file)")
+    parser.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json (default: ./)")
+    parser.add_argument("--no-stream", action="store_true", help="with --url: one response, no progress")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--weights", default="imagenet", help="with --local: imagenet, random or a state dict path")
     parser.add_argument("--device", default=None, help="with --local: torch device (default: cuda if available)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a request parameter")
@@ -76,11 +98,101 @@ def _run_local(args, raw_params: dict) -> tuple[bytes, dict]:
     extractor = VGGFeatures(load_features_state_dict(args.weights)).to(device)
     with tqdm(total=style_params.steps, unit="step", file=sys.stderr, leave=False) as bar:
         def show(progress):
-            bar.update(progress.step - bar.n)
-            bar.set_postfix(loss=f"{progress.loss['total']:.4g}", scale=f"{progress.scale}/{progress.scales}")
+            _advance(bar, progress.step, progress.steps, progress.loss["total"], progress.scale, progress.scales)
         result = stylize(extractor, content, styles, style_params, callback=show)
     image = encode_image(result.image, output_params.format, output_params.quality)
     return image, result_fields(result, output_params.format)
+
+
+def _advance(bar, step: int, steps: int, loss: float, scale: int, scales: int) -> None:
+    bar.total = steps
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{loss:.4g}", scale=f"{scale}/{scales}")
+
+
+def _parts(args, params: dict) -> dict[str, bytes]:
+    """The request's parts as CONTENT.md names them: content, style, style_2, ..., params (JSON)."""
+    parts = {"content": Path(args.content).read_bytes()}
+    for i, path in enumerate(args.styles):
+        parts["style" if i == 0 else f"style_{i + 1}"] = Path(path).read_bytes()
+    parts["params"] = json.dumps(params).encode()
+    return parts
+
+
+def _token(args) -> str | None:
+    if args.token:
+        return args.token
+    try:
+        return json.loads(Path(args.key_file).read_text())["inference"]["key"]
+    except (OSError, ValueError, KeyError):
+        return None  # the server will say that a token is needed
+
+
+def _run_rest(args, params: dict) -> tuple[bytes, dict]:
+    import requests
+
+    params = {**params, "stream": not args.no_stream, "response": "json"}
+    token = _token(args)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{args.url.rstrip('/')}/predictions/{MODEL_NAME}"
+    try:
+        response = requests.post(url, headers=headers, files=_parts(args, params), stream=True, timeout=args.timeout)
+        if response.status_code != 200:
+            raise Refused(response.text)
+        lines = response.iter_lines() if params["stream"] else [response.content]
+        return _read_events(lines, params.get("steps"))
+    except requests.RequestException as error:
+        raise Refused(f"error: cannot reach {url}: {error}") from None
+
+
+def _read_events(lines, steps) -> tuple[bytes, dict]:
+    """Follow JSON lines (progress..., then done or error) with a progress bar; a plain JSON body is `done`."""
+    from tqdm import tqdm
+
+    with tqdm(total=steps, unit="step", file=sys.stderr, leave=False) as bar:
+        for line in lines:
+            if not line:
+                continue
+            event = json.loads(line)
+            kind = event.get("event", "done")
+            if kind == "progress":
+                _advance(bar, event["step"], event["steps"], event["loss"]["total"], event["scale"], event["scales"])
+            elif kind == "error":
+                raise Refused(json.dumps({k: v for k, v in event.items() if k != "event"}))
+            else:
+                return _image_and_fields(event)
+    raise Refused("error: the server closed the stream without a result")
+
+
+def _image_and_fields(done: dict) -> tuple[bytes, dict]:
+    fields = {key: value for key, value in done.items() if key not in ("event", "image")}
+    return base64.b64decode(done["image"]), fields
+
+
+def _run_grpc(args, params: dict) -> tuple[bytes, dict]:
+    import grpc
+    from tqdm import tqdm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proto" / "gen"))
+    import inference_pb2
+    import inference_pb2_grpc
+
+    token = _token(args)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    request = inference_pb2.PredictionsRequest(model_name=MODEL_NAME,
+                                               input=_parts(args, {**params, "response": "json"}))
+    with grpc.insecure_channel(args.grpc) as channel, tqdm(unit="s", file=sys.stderr, leave=False) as bar:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        try:
+            # StreamPredictions: our handler sends one message, the result (see --help for why no progress)
+            replies = list(stub.StreamPredictions(request, metadata=metadata, timeout=args.timeout))
+        except grpc.RpcError as error:
+            # TorchServe appends its exception's class name after our JSON error, on a line of its own
+            raise Refused((error.details() or str(error.code())).split("\n")[0]) from None
+        bar.update()
+    if not replies:
+        raise Refused("error: the server closed the stream without a result")
+    return _image_and_fields(json.loads(replies[-1].prediction))
 
 
 if __name__ == "__main__":

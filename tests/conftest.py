@@ -56,7 +56,7 @@ def model_store(tmp_path_factory):
     return store
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_store, tmp_path_factory):
     """A real TorchServe (Java) with our config.properties on free loopback ports, stopped afterwards."""
     from torchserve_instance import TorchServeInstance
