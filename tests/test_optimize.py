@@ -136,3 +136,23 @@ def test_a_batched_result_equals_the_solo_one(extractor, content, style, style2,
         if pixel_tolerance is not None:
             torch.testing.assert_close(together.image, alone.image, atol=pixel_tolerance, rtol=0)
         assert together.final_loss["total"] == pytest.approx(alone.final_loss["total"], rel=1e-2)
+
+
+def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style):
+    from style_engine.targets import GramCache
+
+    cache = GramCache(capacity=4)
+    p = params(steps=3, size=64, min_scale=32, precision="fp32")  # two scales: two style sizes
+    first = stylize(extractor, content, [style], p, gram_cache=cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    again = stylize(extractor, content.flip(-1), [style], p, gram_cache=cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+    uncached = stylize(extractor, content.flip(-1), [style], p)
+    assert torch.equal(again.image, uncached.image) and again.final_loss == uncached.final_loss
+    stylize(extractor, content, [style], params(steps=1, size=64, min_scale=32, precision="fp32", pooling="avg"),
+            gram_cache=cache)
+    assert cache.misses == 4  # another pooling is another key
+    stylize(extractor, content, [style], params(steps=1, size=64, min_scale=64, precision="bf16"), gram_cache=cache)
+    # bf16 Grams for the loop are a new key; the float32 ones for the reported losses are the first call's
+    assert (cache.hits, cache.misses) == (3, 5)
+    assert not torch.equal(first.image, again.image)

@@ -18,13 +18,14 @@ from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import use_bf16
 from .resize import fit_longer_side, resize
-from .targets import StyleJob, build_objective, check_job, output_size, smallest_side, style_size
+from .targets import GramCache, StyleJob, build_objective, check_job, output_size, smallest_side, style_size
 from .vgg import VGGFeatures
 
 # Fields that may differ between the jobs of one batch: they only change a job's own targets or start image.
 PER_JOB_FIELDS = frozenset({"style_blend", "style_scale", "init", "seed", "preserve_color"})
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 LBFGS_HISTORY = 20  # curvature pairs kept per image; more helped no faster in benchmarks/ and costs memory
+GPU_SYNC_EVERY = 10  # iterations between reads of the losses on a GPU (progress, early stop); 1 on the CPU
 
 
 @dataclass(frozen=True)
@@ -63,37 +64,30 @@ def batch_key(params: StyleParams) -> tuple:
 
 
 def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: StyleParams, *,
-            callback: Callable[[Progress], None] | None = None, stop_below: float | None = None) -> StyleResult:
+            callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
+            gram_cache: GramCache | None = None) -> StyleResult:
     """Stylise one content image (3, H, W) in [0, 1] with one or more style images; see stylize_batch."""
     return stylize_batch(extractor, [StyleJob(content, tuple(styles), params)], callback=callback,
-                         stop_below=stop_below)[0]
+                         stop_below=stop_below, gram_cache=gram_cache)[0]
 
 
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
-                  callback: Callable[[Progress], None] | None = None,
-                  stop_below: float | None = None) -> list[StyleResult]:
+                  callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
+                  gram_cache: GramCache | None = None) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
     Jobs must share `batch_key` and output size. `stop_below` ends the optimisation once every image's total
-    loss at the output size is at or below it (benchmarks use it to time reaching a given loss).
+    loss at the output size, in float32, is at or below it (benchmarks time reaching a given loss with it).
+    `gram_cache` keeps style Grams across calls.
     """
     start = time.perf_counter()
     jobs = [_on_device(job, extractor.mean.device) for job in jobs]
-    params, output = _check_batch(jobs, extractor)
-    bf16 = use_bf16(params.precision, extractor.mean.device)
-    run = _Run(extractor, jobs, params, bf16, start, callback, stop_below)
-    objectives = {}
-
-    def objective(size: tuple[int, int], in_bf16: bool = bf16) -> StyleObjective:
-        if (size, in_bf16) not in objectives:
-            objectives[size, in_bf16] = build_objective(extractor, jobs, size, output, in_bf16)
-        return objectives[size, in_bf16]
-
+    output = _check_batch(jobs, extractor)
+    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
-    # Reported losses are always float32, so that they are the seed's loss whatever precision optimised.
-    initial = run.evaluate(objective(output, False), init_full, grad=False, bf16=False)
-    x, best = _coarse_to_fine(run, objective, init_full, output)
-    final = run.evaluate(objective(output, False), x, grad=False, bf16=False) if bf16 else best
+    initial = run.float32_losses(init_full)
+    x, best = _coarse_to_fine(run, init_full, output)
+    final = best if not run.bf16 else run.float32_losses(x)
     seconds = time.perf_counter() - start
     return [
         StyleResult(image=_finish(job, x[i]), steps=run.step, seconds=seconds,
@@ -102,23 +96,23 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     ]
 
 
-def _check_batch(jobs: list[StyleJob], extractor: VGGFeatures) -> tuple[StyleParams, tuple[int, int]]:
+def _check_batch(jobs: list[StyleJob], extractor: VGGFeatures) -> tuple[int, int]:
     for job in jobs:
         check_job(job, extractor)
     params, output = jobs[0].params, output_size(jobs[0])
     if any(batch_key(job.params) != batch_key(params) or output_size(job) != output for job in jobs):
         raise ValueError("jobs of one batch must share output size and batch_key(params)")
-    return params, output
+    return output
 
 
-def _coarse_to_fine(run: "_Run", objective, init_full: torch.Tensor, output: tuple[int, int]):
+def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int]):
     """Optimise at each scale in turn; returns the output-size images and their losses."""
     x, size = None, None
     for index, scale_size in enumerate(sizes := scale_sizes(run.jobs, output)):
         x0 = resize(init_full, scale_size)
         if x is not None:  # carry over what the coarser scale changed, on top of this scale's own detail
             x0 = (x0 + resize(x - resize(init_full, size), scale_size)).clamp(0, 1)
-        x, best = run.optimise(objective(scale_size), x0, index, len(sizes))
+        x, best = run.optimise(run.objective(scale_size), x0, index, len(sizes))
         size = scale_size
     return x, best
 
@@ -141,12 +135,24 @@ def scale_sizes(jobs: list[StyleJob], output: tuple[int, int]) -> list[tuple[int
 
 
 class _Run:
-    """State shared by the scales of one optimisation: step count, clock, reporting, stop reason."""
+    """State shared by the scales of one optimisation: objectives, step count, clock, reporting, stop reason."""
 
-    def __init__(self, extractor, jobs, params, bf16, start, callback, stop_below):
-        self.extractor, self.jobs, self.params, self.bf16 = extractor, jobs, params, bf16
-        self.start, self.callback, self.stop_below = start, callback, stop_below
+    def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache):
+        self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
+        self.start, self.callback, self.stop_below, self.gram_cache = start, callback, stop_below, gram_cache
+        device = extractor.mean.device
+        self.bf16 = use_bf16(self.params.precision, device)
+        self.sync_every = 1 if device.type == "cpu" else GPU_SYNC_EVERY
         self.step, self.stop_reason = 0, "steps"
+        self._objectives: dict[tuple, StyleObjective] = {}
+
+    def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
+        """The objective at `size`, built once (its targets are computed once per request and scale)."""
+        bf16 = self.bf16 if bf16 is None else bf16
+        if (size, bf16) not in self._objectives:
+            self._objectives[size, bf16] = build_objective(self.extractor, self.jobs, size, self.output, bf16,
+                                                           self.gram_cache)
+        return self._objectives[size, bf16]
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
         """Losses of images x; with grad=True also fills x.grad."""
@@ -158,6 +164,10 @@ class _Run:
                 losses.total.sum().backward()  # a sum keeps each image's gradient its own
         return Losses(*(term.detach() for term in losses.terms()))
 
+    def float32_losses(self, x: torch.Tensor) -> Losses:
+        """The seed's loss of output-size images x in float32: what is reported, whatever optimised."""
+        return self.evaluate(self.objective(self.output, bf16=False), x, grad=False, bf16=False)
+
     def optimise(self, objective, x0, scale_index, scales) -> tuple[torch.Tensor, Losses]:
         """Run this scale's share of the iterations; returns the best image seen and its losses."""
         params = self.params
@@ -165,10 +175,10 @@ class _Run:
         x = x0.clone().requires_grad_(True)
         optimizer = _optimizer(params, x)
         best_x, best = x0, None
-        history = []  # best total loss after each iteration, per image
+        history, pending = [], []  # best total loss after each iteration, per image; not yet read back
         final_scale = scale_index == scales - 1
         deadline = self._deadline(scale_index, scales)
-        for _ in range(steps):
+        for iteration in range(steps):
             if time.perf_counter() >= deadline:
                 self.stop_reason = "max_seconds" if final_scale else self.stop_reason
                 break
@@ -179,9 +189,13 @@ class _Run:
             with torch.no_grad():
                 x.clamp_(0, 1)
             self.step += 1
-            history.append(best.total.tolist())  # the loop's one host sync; L-BFGS needs none of its own
+            pending.append(best.total)
+            if len(pending) < self.sync_every and iteration < steps - 1:
+                continue  # on a GPU, reading losses back every step would stall it: read them in groups
+            history += torch.stack(pending).tolist()  # the loop's one host sync; L-BFGS needs none of its own
+            pending = []
             self._report(best, x.detach(), scale_index, scales)
-            if final_scale and self.stop_below is not None and max(history[-1]) <= self.stop_below:
+            if final_scale and self._target_reached(best_x, history[-1]):
                 self.stop_reason = "target_loss"
                 break
             if _converged(history, params.early_stop_window, params.early_stop_tol):
@@ -190,6 +204,12 @@ class _Run:
         if best is None:  # no iteration ran at this scale
             best = self.evaluate(objective, x0, grad=False)
         return best_x, best
+
+    def _target_reached(self, best_x: torch.Tensor, best_totals: list[float]) -> bool:
+        """Every image at or below stop_below, confirmed in float32 when optimising in bf16."""
+        if self.stop_below is None or max(best_totals) > self.stop_below:
+            return False
+        return not self.bf16 or max(self.float32_losses(best_x).total.tolist()) <= self.stop_below
 
     def _deadline(self, scale_index: int, scales: int) -> float:
         """When this scale must stop: a coarse scale gets an even share of the time left, so that a time

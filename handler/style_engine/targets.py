@@ -1,5 +1,7 @@
 """What a request's optimisation aims at, computed once per request and scale, never per step."""
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -61,23 +63,55 @@ def check_job(job: StyleJob, extractor: VGGFeatures) -> None:
                                    f"style_scale {params.style_scale:g}: both sides must reach {needed} px")
 
 
+class GramCache:
+    """Least-recently-used style Grams, so that a style image sent again costs no VGG forward pass.
+
+    Keyed by a digest of the exact image the extractor sees (after resizing and any colour matching), the
+    layers, pooling, precision and the extractor's weights; an entry holds about 2.5 MB for the default layers.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self.capacity, self.hits, self.misses = capacity, 0, 0
+        self._entries: OrderedDict[tuple, dict] = OrderedDict()
+
+    def get(self, key: tuple, compute):
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        value = self._entries[key] = compute()
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return value
+
+
 def style_grams(extractor: VGGFeatures, style: torch.Tensor, size: tuple[int, int], params: StyleParams,
-                bf16: bool) -> dict[str, tuple[torch.Tensor, int]]:
+                bf16: bool, cache: GramCache | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of a style image resized to `size`."""
     image = resize(style, size).unsqueeze(0)
-    with torch.no_grad(), torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
-        features = extractor(image, dict(params.style_layers), params.pooling)
-    return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
+
+    def compute():
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+            features = extractor(image, dict(params.style_layers), params.pooling)
+        return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
+
+    if cache is None:
+        return compute()
+    digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    key = (digest, tuple(image.shape), params.style_layers, params.pooling, bf16, extractor.fingerprint,
+           str(image.device))
+    return cache.get(key, compute)
 
 
 def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
-                    output: tuple[int, int], bf16: bool) -> StyleObjective:
+                    output: tuple[int, int], bf16: bool, cache: GramCache | None = None) -> StyleObjective:
     """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W)."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
     with torch.no_grad(), torch.autocast(contents.device.type, dtype=torch.bfloat16, enabled=bf16):
         content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer]
-    per_job = [_blended_grams(extractor, job, content, size, bf16) for job, content in zip(jobs, contents)]
+    per_job = [_blended_grams(extractor, job, content, size, bf16, cache) for job, content in zip(jobs, contents)]
     style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
     return StyleObjective(
         content_target.float(), style_targets, content_layer=params.content_layer,
@@ -89,7 +123,7 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
     )
 
 
-def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16) -> dict[str, torch.Tensor]:
+def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache) -> dict[str, torch.Tensor]:
     """The job's style targets for a target image of `size`: the style images' Grams blended by style_blend.
 
     An unnormalised Gram sums over positions, so a style image with more or fewer positions than the target
@@ -102,7 +136,7 @@ def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16) 
     for style, weight in zip(job.styles, blend):
         if params.preserve_color == "histogram":
             style = match_colors(style, content)
-        grams = style_grams(extractor, style, style_size(style, size, params.style_scale), params, bf16)
+        grams = style_grams(extractor, style, style_size(style, size, params.style_scale), params, bf16, cache)
         for layer, (gram, positions) in grams.items():
             term = gram * ((weight / sum(blend)) * (_positions(layer, size) / positions))
             blended[layer] = term if layer not in blended else blended[layer] + term

@@ -1,5 +1,6 @@
 """The frozen VGG19 feature extractor and the three ways to get its weights (CONTRACT.md, "Weights")."""
 
+import hashlib
 import os
 from collections.abc import Iterable
 
@@ -103,6 +104,11 @@ class VGGFeatures(nn.Module):
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         self.layers = nn.Sequential(*layers)  # same indices as vgg19().features, so state dicts load as is
         self.layers.load_state_dict(state_dict)
+        # NHWC is what oneDNN and cuDNN convolutions run fastest in (measured: benchmarks/README.md)
+        self.layers.to(memory_format=torch.channels_last)
+        # Identifies the weights, for caches of anything computed through them (targets.GramCache).
+        self.fingerprint = hashlib.blake2b(b"".join(t.numpy().tobytes() for t in state_dict.values()),
+                                           digest_size=16).hexdigest()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -111,7 +117,7 @@ class VGGFeatures(nn.Module):
         """images: (B, 3, H, W) in [0, 1] -> {layer: (B, C, h, w)} for each requested layer."""
         wanted = set(layers)
         last = max(LAYER_INDEX[name] for name in wanted)
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         out = {}
         for index, module in enumerate(self.layers[: last + 1]):
             if isinstance(module, nn.MaxPool2d) and pooling == "avg":
