@@ -1,8 +1,9 @@
 """Uploaded bytes to RGB tensors and back, with Pillow, refusing what could hurt the worker.
 
-Decoding: the declared size is checked against `max_pixels` before any pixel is decoded (decompression
-bombs); animated images give their first frame; EXIF orientation is applied; an embedded ICC profile is
-converted to sRGB; transparent pixels are composited over white; 16-bit images keep their full range.
+Decoding: only the header is read before the declared size is checked against `max_pixels` (decompression
+bombs are refused without decoding a pixel); animated images give their first frame; EXIF orientation is
+applied; transparency is composited over white in the image's own colour space, then an embedded ICC profile
+converts it to sRGB; 16-bit and float images are scaled from their full range.
 """
 
 import io
@@ -15,52 +16,95 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from .errors import ImageError, TooLargeError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ALLOWED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Modes whose pixels are not 8-bit: the value that maps to white. "I" is how 16-bit grey images come from
+# some decoders; "F" (TIFF floats) is taken to be in [0, 1].
 _HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# Modes with an alpha band -> the same pixels without it (premultiplied and palette modes included).
+_ALPHA_MODES = {"RGBA": "RGB", "RGBa": "RGB", "PA": "RGB", "LA": "L", "La": "L"}
+# Modes where info["transparency"] marks transparent pixels (a colour or palette entries) -> a mode with alpha.
+_KEYED_TRANSPARENCY = {"1": "LA", "L": "LA", "RGB": "RGBA", "P": "RGBA"}
 
 
 def decode_image(data: bytes, part: str, *, max_pixels: int) -> torch.Tensor:
     """Image file bytes -> (3, H, W) float32 RGB in [0, 1]. Raises ImageError (400) or TooLargeError (413)."""
     if not data:
-        raise ImageError(part, f"{part} is empty; send an image file ({', '.join(FORMATS)})")
+        raise ImageError(part, f"{part} is empty (0 bytes); send an image file: {ALLOWED}")
+    image = _open_header(data, part, max_pixels)
+    try:
+        image = ImageOps.exif_transpose(image)  # decodes the pixels (the first frame of an animation)
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise many types on damaged data (OSError, SyntaxError,
+        # struct.error, EOFError, ...): every one of them means this file cannot be used
+        raise ImageError(part, f"{part} is a damaged or truncated {image.format} file ({error}); "
+                               f"send a complete image file: {ALLOWED}") from None
+    try:
+        rgb = _to_srgb(image)
+    except ValueError as error:  # a colour mode Pillow cannot convert to RGB
+        raise ImageError(part, f"{part} has colour mode {image.mode}, which cannot be converted to RGB "
+                               f"({error}); send an RGB, greyscale or CMYK image") from None
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255)
+
+
+def _open_header(data: bytes, part: str, max_pixels: int) -> Image.Image:
+    """The opened image, its pixels not yet decoded, after checking its declared size against max_pixels."""
     try:
         with warnings.catch_warnings():  # our own max_pixels check below replaces Pillow's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:  # more than twice Pillow's own limit, whatever max_pixels says
+        raise TooLargeError(part, f"{part} declares more pixels than allowed; at most {max_pixels} pixels "
+                                  f"are allowed") from None
     except UnidentifiedImageError:
-        raise ImageError(part, f"{part} is not an image in a supported format ({', '.join(FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise TooLargeError(part, f"{part} declares more pixels than allowed ({max_pixels})") from None
+        raise ImageError(part, f"{part} is not an image in a supported format; send {ALLOWED}") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # recognised, but its header is damaged or cut short
+        raise ImageError(part, f"{part} has a damaged or truncated header ({error}); send a complete image "
+                               f"file: {ALLOWED}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise TooLargeError(part, f"{part} is {width}x{height} = {width * height} pixels; at most "
                                   f"{max_pixels} pixels are allowed")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            rgb = _to_srgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as error:
-        raise ImageError(part, f"{part} could not be decoded ({image.format}): {error}") from None
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255)
+    return image
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:
     icc_profile = image.info.get("icc_profile")
-    if image.mode in _HIGH_BIT_DEPTH:
-        pixels = np.asarray(image, dtype=np.float64) / _HIGH_BIT_DEPTH[image.mode]
-        image = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    elif image.mode not in ("RGB", "L", "CMYK"):
-        image = image.convert("RGB")
+    image = _over_white(_to_8_bit(image))
     if icc_profile:
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
             return ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGB")
         except (ImageCms.PyCMSError, OSError):
-            pass  # an unreadable or mismatched profile: treat the pixels as sRGB, as browsers do
+            pass  # an unreadable profile, or one for another colour space: take the pixels as sRGB, as browsers do
     return image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float greyscale scaled from their full range to 8-bit L (Pillow would clip them)."""
+    if image.mode not in _HIGH_BIT_DEPTH:
+        return image
+    pixels = np.asarray(image, dtype=np.float64) / _HIGH_BIT_DEPTH[image.mode]
+    return Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """L, RGB or CMYK, any transparency composited over white in the image's own colour space, so that an
+    ICC profile still applies to the result."""
+    if "transparency" in image.info and image.mode in _KEYED_TRANSPARENCY:
+        image = image.convert(_KEYED_TRANSPARENCY[image.mode])
+    if image.mode in _ALPHA_MODES:
+        opaque_mode = _ALPHA_MODES[image.mode]
+        straight = image.convert(opaque_mode + "A")  # un-premultiplied, palette expanded
+        flat = Image.new(opaque_mode, image.size, "white")
+        flat.paste(straight.convert(opaque_mode), mask=straight.getchannel("A"))
+        return flat
+    if image.mode in ("L", "RGB", "CMYK"):
+        return image
+    return image.convert("L" if image.mode == "1" else "RGB")
 
 
 def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 92) -> bytes:
