@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RANDOM_WEIGHTS_NOTE = "random: for tests only, the result shows no real style"
+OUT_OF_MEMORY = {"code": 507, "type": "OutOfMemory", "field": "size",
+                 "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
+INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
+                  "message": "the optimisation failed unexpectedly; the server log has the details"}
+CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 # TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
 # progress chunk sent to a unary call makes it close the call and restart the worker.
 GRPC_STREAM_REFUSED = ("stream=true is not available over gRPC: TorchServe 0.12 cannot tell Predictions from "
@@ -103,18 +108,16 @@ class StyleTransferHandler:
         """The engine's results, or for every job an error object when the batch could not be run."""
         try:
             return stylize_batch(self.extractor, jobs, callback=callback)
-        except (torch.OutOfMemoryError, MemoryError) as error:
-            logger.error("style_transfer: out of memory for %d request(s): %s", len(jobs), error)
-            del error  # its traceback holds the step's tensors; drop them before releasing the cache
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            problem = {"code": 507, "type": "OutOfMemory", "field": "size",
-                       "message": "the device ran out of memory for this request; try a smaller size"}
-        except Exception:  # a bug, not the client's fault: answer 500 and keep the worker alive
-            logger.exception("style_transfer: optimisation failed")
-            problem = {"code": 500, "type": "InternalError", "field": None,
-                       "message": "the optimisation failed unexpectedly; the server log has the details"}
-        return [problem] * len(jobs)
+        except Exception as error:
+            if not _is_out_of_memory(error):  # a bug, not the client's fault: answer 500, keep the worker
+                logger.exception("style_transfer: optimisation failed")
+                return [INTERNAL_ERROR] * len(jobs)
+            logger.error("style_transfer: out of memory for %d request(s): %s", len(jobs), str(error))
+        # Only here, after the except block, are the exception and the step's tensors its traceback held gone,
+        # so that the allocator's cache can be handed back.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [OUT_OF_MEMORY] * len(jobs)
 
     def _respond(self, context, index: int, result: StyleResult, output: OutputParams):
         image = encode_image(result.image, output.format, output.quality)
@@ -135,6 +138,12 @@ class StyleTransferHandler:
                                **result_fields(result, output.format)})
         context.set_response_content_type(index, CONTENT_TYPES[output.format])
         return image
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """CUDA raises torch.OutOfMemoryError; torch's CPU allocator a RuntimeError that only its message tells."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in CPU_ALLOCATION_FAILED))
 
 
 def _is_grpc(context, index: int) -> bool:

@@ -1,0 +1,83 @@
+"""Running out of memory, in-process with a real TorchServe Context: a 507 with a message, then the same
+handler serves the next request. (The wall-clock budget is tested over HTTP, in test_faults.py.)"""
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SAMPLES
+from handler_context import make_context, model_dir_with_weights, start_batch
+from style_transfer_handler import StyleTransferHandler
+
+REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (SAMPLES / "starry_night.jpg").read_bytes(),
+           "params": {"size": 64, "steps": 2}}
+
+
+def allocate_a_pebibyte(device: torch.device) -> None:
+    """What a request too large for the device does: a real allocation failure from torch's allocator."""
+    torch.empty(2**50, dtype=torch.uint8, device=device)
+
+
+def fail_like_a_bug(device: torch.device) -> None:
+    raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x2 and 3x4)")
+
+
+class FailsOnce:
+    """The handler's extractor, except that its next call first runs `failure` on the images' device."""
+
+    def __init__(self, extractor, failure):
+        self.extractor, self.failure, self.armed = extractor, failure, True
+
+    def __getattr__(self, name):
+        return getattr(self.extractor, name)
+
+    def __call__(self, images, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            self.failure(images.device)
+        return self.extractor(images, *args, **kwargs)
+
+
+@pytest.fixture
+def handler_and_context(tmp_path, random_state_dict):
+    context = make_context(model_dir_with_weights(tmp_path, random_state_dict), {"weights": "random"})
+    handler = StyleTransferHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def handle(handler, context, row, grpc=False):
+    start_batch(context, 1, grpc)
+    return handler.handle([row], context)[0]
+
+
+def test_out_of_memory_is_a_507_and_the_next_request_is_served(handler_and_context):
+    handler, context = handler_and_context
+    handler.extractor = FailsOnce(handler.extractor, allocate_a_pebibyte)
+    body = handle(handler, context, REQUEST)
+    assert context.get_response_status(0) == (507, "OutOfMemory")
+    assert json.loads(body) == {
+        "code": 507, "type": "OutOfMemory", "field": "size",
+        "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
+    body = handle(handler, context, REQUEST)  # the same handler; its extractor now allocates normally
+    assert context.get_response_status(0)[0] in (None, 200) and not handler.extractor.armed
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
+
+
+def test_a_streamed_request_that_runs_out_of_memory_ends_with_an_error_line(handler_and_context):
+    handler, context = handler_and_context
+    handler.extractor = FailsOnce(handler.extractor, allocate_a_pebibyte)
+    line = json.loads(handle(handler, context, {**REQUEST, "params": {**REQUEST["params"], "stream": True}}))
+    assert (line["event"], line["code"], line["type"], line["field"]) == ("error", 507, "OutOfMemory", "size")
+
+
+def test_other_runtime_errors_stay_internal_errors(handler_and_context):
+    # The CPU allocator's failure is recognised by its message; any other RuntimeError is a bug: 500
+    handler, context = handler_and_context
+    handler.extractor = FailsOnce(handler.extractor, fail_like_a_bug)
+    body = handle(handler, context, REQUEST)
+    assert context.get_response_status(0) == (500, "InternalError")
+    assert json.loads(body)["type"] == "InternalError"
