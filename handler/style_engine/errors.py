@@ -1,5 +1,10 @@
 """Errors a request can cause. Each names the field or part at fault and maps to CONTRACT.md's error JSON."""
 
+# Messages quote what was sent ("got '...'"), and field names can be any key a client sends: an answer
+# echoes at most this much of it back, however large the request.
+MAX_MESSAGE_CHARS = 1000
+MAX_FIELD_CHARS = 100
+
 
 class RequestError(ValueError):
     """Bad input: the client's fault, answered with `status` and never with a 5xx."""
@@ -8,8 +13,8 @@ class RequestError(ValueError):
     kind = "BadRequest"
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(_bounded(message, MAX_MESSAGE_CHARS))
+        self.field = _bounded(field, MAX_FIELD_CHARS)
 
     def to_json(self) -> dict:
         return {"code": self.status, "type": self.kind, "message": str(self), "field": self.field}
@@ -32,3 +37,7 @@ class TooLargeError(RequestError):
 
     status = 413
     kind = "TooLarge"
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... (cut at {limit} characters)"
