@@ -54,9 +54,9 @@ def _open_header(data: bytes, part: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():  # our own max_pixels check below replaces Pillow's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError:  # more than twice Pillow's own limit, whatever max_pixels says
-        raise TooLargeError(part, f"{part} declares more pixels than allowed; at most {max_pixels} pixels "
-                                  f"are allowed") from None
+    except Image.DecompressionBombError:  # over twice Pillow's own limit: Pillow refuses it before we can look
+        raise TooLargeError(part, f"{part} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; at most "
+                                  f"{max_pixels} pixels are allowed") from None
     except UnidentifiedImageError:
         raise ImageError(part, f"{part} is not an image in a supported format; send {ALLOWED}") from None
     except MemoryError:
