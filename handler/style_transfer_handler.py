@@ -26,7 +26,7 @@ from style_engine.api import result_fields
 from style_engine.codec import decode_image, encode_image
 from style_engine.optimize import StyleResult, stylize_batch
 from style_engine.params import OutputParams
-from style_engine.targets import check_job, output_size
+from style_engine.targets import GramCache, check_job, output_size
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class StyleTransferHandler:
         weights_path = os.path.join(properties["model_dir"], self.config.weights_file)
         state_dict = load_features_state_dict(weights_path, self.config.deepest_layer)
         self.extractor = VGGFeatures(state_dict, self.config.deepest_layer).to(self.device)
+        self.gram_cache = GramCache(self.config.gram_cache_entries)
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
         logger.info("style_transfer: VGG19 up to %s on %s", self.config.deepest_layer, self.device)
@@ -69,7 +70,7 @@ class StyleTransferHandler:
                 prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
             except RequestError as error:
                 responses[index] = _error(context, index, error.status, error.to_json())
-        for indices in _batches(prepared):
+        for indices in _batches(prepared, self.config.max_batch_pixels):
             streams = {item: ProgressStream(context, index, prepared[index][1].preview)
                        for item, index in enumerate(indices) if prepared[index][1].stream}
             results = self._run([prepared[i][0] for i in indices], _dispatch(streams) if streams else None)
@@ -107,7 +108,7 @@ class StyleTransferHandler:
     def _run(self, jobs: list[StyleJob], callback) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
         try:
-            return stylize_batch(self.extractor, jobs, callback=callback)
+            return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache)
         except Exception as error:
             if not _is_out_of_memory(error):  # a bug, not the client's fault: answer 500, keep the worker
                 logger.exception("style_transfer: optimisation failed")
@@ -174,12 +175,17 @@ def _dispatch(streams: dict[int, ProgressStream]):
     return callback
 
 
-def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]]) -> list[list[int]]:
-    """Request indices grouped so that each group can be optimised as one batch."""
+def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], max_pixels: int) -> list[list[int]]:
+    """Request indices grouped so that each group can be optimised as one batch: same settings and output
+    size, and at most `max_pixels` output pixels together (memory grows with the batch)."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
         groups.setdefault((batch_key(job.params), output_size(job)), []).append(index)
-    return list(groups.values())
+    batches = []
+    for (_, (height, width)), indices in groups.items():
+        per_batch = max(1, max_pixels // (height * width))
+        batches += [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
+    return batches
 
 
 def _error(context, index: int, status: int, body: dict) -> str:

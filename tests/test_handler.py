@@ -4,6 +4,7 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from ts.utils.util import PredictionException
@@ -79,3 +80,26 @@ def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
                               grpc=True)
     assert Image.open(io.BytesIO(body)).format == "PNG"
     assert context.get_response_headers(0)["ts_stream_next"] == "false"  # see the handler: gRPC streams need it
+
+
+def test_requests_of_the_same_size_and_settings_share_a_batch_within_the_pixel_cap(served):
+    from style_transfer_handler import _batches
+
+    handler, _ = served
+    row = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2}}
+    prepared = {i: handler._prepare(dict(row), grpc=False) for i in range(5)}
+    prepared[5] = handler._prepare({**row, "params": {"size": 96, "steps": 2}}, grpc=False)
+    prepared[6] = handler._prepare({**row, "params": {"size": 64, "steps": 3}}, grpc=False)
+    assert sorted(_batches(prepared, max_pixels=10**6)) == [[0, 1, 2, 3, 4], [5], [6]]
+    assert sorted(_batches(prepared, max_pixels=2 * 64 * 48)) == [[0, 1], [2, 3], [4], [5], [6]]
+
+
+def test_a_batch_answers_each_request_as_if_alone(served):
+    adam = {"size": 64, "steps": 4, "optimizer": "adam", "precision": "fp32"}
+    rows = [{"content": CONTENT, "style": STYLE, "params": {**adam, "init": "noise", "seed": seed}} for seed in (1, 2)]
+    together, _ = handle(served, *rows)
+    alone = [handle(served, row)[0][0] for row in rows]
+    for a, b in zip(together, alone):
+        pixels_a, pixels_b = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in (a, b))
+        assert np.abs(pixels_a - pixels_b).max() <= 1  # equal up to float rounding of batched convolutions
+    assert together[0] != together[1]

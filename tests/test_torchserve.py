@@ -81,7 +81,7 @@ def test_management_api_describes_the_model(server):
                             timeout=10)
     assert response.status_code == 200
     (model,) = response.json()
-    assert model["modelName"] == "style_transfer" and model["batchSize"] == 1
+    assert model["modelName"] == "style_transfer" and model["batchSize"] == 8
     assert model["responseTimeout"] == 300 and model["workers"][0]["status"] == "READY"
     assert requests.get(server.url("management", "/models"), timeout=10).status_code in (400, 401)
 
