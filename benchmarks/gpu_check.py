@@ -1,0 +1,113 @@
+"""Every GPU figure of the benchmarks in one run, driving the engine directly (no TorchServe, no Java there).
+
+    bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU; see that script
+    python benchmarks/gpu_check.py --device cpu --size 64 --steps 3 --batch-size 64 --max-batch 2   # smoke test
+
+Measures, each the median of --repeats runs: the engine at --size px for --steps iterations in float32 (TF32
+off) and in the fast mode (bf16 autocast, TF32 convolutions, channels_last), as seconds per run, iterations per
+second, effective TFLOP/s and peak memory, and whether the fast mode's final loss is within 1 % of float32's; a
+default request at --size px; and images per second for batches of 1, 2, 4, 8 at --batch-size px.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handler"))
+
+from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params, stylize_batch  # noqa: E402
+from style_engine.codec import load_image_file  # noqa: E402
+from style_engine.resize import fit_longer_side  # noqa: E402
+
+MACS_PER_PIXEL = 3.6e5  # VGG19 up to relu5_1, forward; the backward pass to the image costs about as much
+
+
+def main(argv=None) -> int:
+    args = _arguments().parse_args(argv)
+    device = torch.device(args.device)
+    extractor = VGGFeatures(load_features_state_dict(args.weights)).to(device)
+    content = load_image_file(str(ROOT / "samples" / "tubingen.jpg"))
+    style = load_image_file(str(ROOT / "samples" / "starry_night.jpg"))
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "size": args.size, "steps": args.steps}
+    fixed = {"size": args.size, "steps": args.steps, "min_scale": args.size, "early_stop_tol": 0}
+    for mode, precision, tf32 in (("fp32", "fp32", False), ("fast", "bf16", True)):
+        report[mode] = measure(extractor, [(content, style)], {**fixed, "precision": precision}, tf32, args.repeats)
+    report["fast_loss_vs_fp32"] = report["fast"]["final_loss"] / report["fp32"]["final_loss"] - 1
+    report["default_request"] = measure(extractor, [(content, style)], {"size": args.size}, True, args.repeats)
+    report["batching"] = {batch: measure(extractor, [(content, style)] * batch,
+                                         {"size": args.batch_size, "steps": args.steps, "early_stop_tol": 0},
+                                         True, args.repeats)
+                          for batch in (1, 2, 4, 8) if batch <= args.max_batch}
+    show(report)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=256, help="image size of the batching sweep, px")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", help="write the figures as JSON here")
+    return parser
+
+
+def measure(extractor, pairs, raw_params: dict, tf32: bool, repeats: int) -> dict:
+    """Median wall time of stylize_batch over `pairs` (content, style), with its throughput and peak memory."""
+    device = extractor.mean.device
+    params, _ = parse_params(raw_params)
+    jobs = [StyleJob(content, (style,), params) for content, style in pairs]
+    torch.backends.cudnn.allow_tf32 = tf32
+    stylize_batch(extractor, jobs)  # warm-up: cuDNN picks its algorithms, the allocator fills its pools
+    times, results = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        results = stylize_batch(extractor, jobs)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    height, width = fit_longer_side(*pairs[0][0].shape[-2:], params.size)
+    iterations = results[0].steps
+    flops = 2 * 2 * MACS_PER_PIXEL * height * width * iterations * len(jobs)  # 2 FLOP per MAC; fwd + bwd
+    return {"seconds": seconds, "iterations": iterations, "iterations_per_second": iterations / seconds,
+            "images_per_second": len(jobs) / seconds, "effective_tflops": flops / seconds / 1e12,
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "final_loss": results[0].final_loss["total"], "stop_reason": results[0].stop_reason}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def show(report: dict) -> None:
+    print(f"{report['device']}, torch {report['torch']}, {report['date']}")
+    for name in ("fp32", "fast", "default_request"):
+        row = report[name]
+        print(f"{name:>16}: {row['seconds']:.3f} s for {row['iterations']} it at {report['size']} px, "
+              f"{row['iterations_per_second']:.0f} it/s, {row['effective_tflops']:.1f} TFLOP/s, "
+              f"peak {row['peak_memory_mib'] or 0:.0f} MiB")
+    print(f"fast mode's final loss vs fp32: {100 * report['fast_loss_vs_fp32']:+.2f} %")
+    for batch, row in report["batching"].items():
+        print(f"batch of {batch}: {row['images_per_second']:.2f} images/s, {row['effective_tflops']:.1f} TFLOP/s, "
+              f"peak {row['peak_memory_mib'] or 0:.0f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

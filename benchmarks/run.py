@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Our engine against the seed's loop, side by side in one process, on the same weights, images and objective.
+
+    .venv/bin/python benchmarks/run.py --quick --json   # 64 px, 300 seed steps: a few minutes on 2 cores
+    .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about half an hour
+
+Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; TorchServe's
+overhead on one request at 128 px; throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic
+batching; peak memory of one request at 256 and 512 px. Times are medians of --repeats runs. Results go to
+benchmarks/results/<mode>.json with a loss-against-time plot beside it; --json also prints them to stdout.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "benchmarks")]
+
+from seed_baseline import run_seed, seed_vgg  # noqa: E402
+from style_engine import VGGFeatures, load_features_state_dict, parse_params, stylize  # noqa: E402
+from style_engine.codec import decode_image, encode_image, load_image_file  # noqa: E402
+from style_engine.precision import cpu_has_native_bf16  # noqa: E402
+from style_engine.resize import fit_longer_side, resize  # noqa: E402
+
+MODES = {
+    # seed_size/seed_steps: the seed's run whose final loss our engine must reach (the issue's yardsticks)
+    "quick": {"seed_size": 64, "seed_steps": 300, "server_steps": 60},
+    "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None},  # None: the server's default
+    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5},  # only checks that the script runs
+}
+CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "starry_night.jpg"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = _arguments().parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    settings = MODES[mode]
+    state_dict = load_features_state_dict(args.weights)
+    extractor, seed_model = VGGFeatures(state_dict), seed_vgg(state_dict)
+    report = {"mode": mode, "weights": args.weights, "repeats": args.repeats, "machine": machine()}
+    report["time_to_seed_loss"] = time_to_seed_loss(extractor, seed_model, settings, args.repeats)
+    report["per_iteration"] = {size: per_iteration(extractor, seed_model, size, args.repeats)
+                               for size in ((48,) if args.smoke else (128, 256))}
+    if not args.skip_server:
+        report.update(through_torchserve(args.weights, settings, args.repeats, extractor))
+    report["peak_memory_mib"] = {size: peak_memory(state_dict, size) for size in ((64,) if args.smoke else (256, 512))}
+    report["summary"] = summary(report)
+    write(report, Path(args.output_dir), mode)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 px and 300 seed steps instead of 128 and 2000")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that everything runs")
+    parser.add_argument("--weights", default="random", help="random (default here), imagenet or a path")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per timing; medians are reported")
+    parser.add_argument("--skip-server", action="store_true", help="leave out the TorchServe measurements")
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object to stdout")
+    return parser
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "native_bf16": cpu_has_native_bf16(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The content at `size` and the style resized to the content's shape, as the seed does."""
+    content = load_image_file(str(CONTENT))
+    content = resize(content, fit_longer_side(*content.shape[-2:], size))
+    return content, resize(load_image_file(str(STYLE)), tuple(content.shape[-2:]))
+
+
+# --- time to the seed's result ---------------------------------------------------------------------------------
+
+
+def time_to_seed_loss(extractor, seed_model, settings: dict, repeats: int) -> dict:
+    size, steps = settings["seed_size"], settings["seed_steps"]
+    content, style = images(size)
+    _timed_seed(seed_model, content, style, 3)  # warm-up: first calls pay for kernel selection and allocation
+    for precision in ("auto", "fp32"):
+        _timed_ours(extractor, content, style, size, 0.0, precision, steps=3)
+    seed_runs = [_timed_seed(seed_model, content, style, steps) for _ in range(repeats)]
+    target = seed_runs[0]["loss"]
+    log(f"seed: {steps} Adam steps at {size} px reach {target:.6g} in {seed_runs[0]['seconds']:.1f} s")
+    ours = {precision: [_timed_ours(extractor, content, style, size, target, precision) for _ in range(repeats)]
+            for precision in ("auto", "fp32")}
+    seed_seconds = statistics.median(run["seconds"] for run in seed_runs)
+    result = {"size": size, "seed_steps": steps, "seed_loss": target, "seed_seconds": seed_seconds,
+              "seed_curve": seed_runs[0]["curve"]}
+    for precision, runs in ours.items():
+        seconds = statistics.median(run["seconds"] for run in runs)
+        result[precision] = {"seconds": seconds, "steps": runs[0]["steps"], "final_loss": runs[0]["loss"],
+                             "reached": all(run["loss"] <= target for run in runs),
+                             "speedup": seed_seconds / seconds, "curve": runs[0]["curve"]}
+        log(f"ours ({precision}): {runs[0]['steps']} steps, {seconds:.2f} s, loss {runs[0]['loss']:.6g}, "
+            f"speed-up {seed_seconds / seconds:.1f}x")
+    return result
+
+
+def _timed_seed(seed_model, content, style, steps) -> dict:
+    curve, start = [], time.perf_counter()
+    _, loss = run_seed(seed_model, content, style, steps,
+                       on_step=lambda step, total: curve.append((time.perf_counter() - start, float(total))))
+    return {"seconds": time.perf_counter() - start, "loss": loss, "curve": curve[:: max(1, steps // 200)]}
+
+
+def _timed_ours(extractor, content, style, size, target, precision, steps: int | None = None) -> dict:
+    """Our engine with its defaults until its float32 total loss is at or below the seed's."""
+    params, _ = parse_params({"size": size, "precision": precision, **({"steps": steps} if steps else {})})
+    curve = []
+    result = stylize(extractor, content, [style], params, stop_below=target,
+                     callback=lambda p: curve.append((p.seconds, p.loss["total"])))
+    return {"seconds": result.seconds, "loss": result.final_loss["total"], "steps": result.steps, "curve": curve}
+
+
+# --- cost of one iteration ---------------------------------------------------------------------------------------
+
+
+def per_iteration(extractor, seed_model, size: int, repeats: int, steps: int = 8) -> dict:
+    """Median seconds per iteration (forward + backward + optimiser step) of each loop at one size."""
+    content, style = images(size)
+    seed_times = []
+    for _ in range(repeats):
+        stamps = []
+        run_seed(seed_model, content, style, steps, on_step=lambda step, total: stamps.append(time.perf_counter()))
+        seed_times += _gaps(stamps)
+    result = {"seed": statistics.median(seed_times)}
+    for precision in ("auto", "fp32"):
+        params, _ = parse_params({"size": size, "steps": steps, "min_scale": size, "early_stop_tol": 0,
+                                  "precision": precision})
+        times = []
+        for _ in range(repeats):
+            stamps = []
+            stylize(extractor, content, [style], params, callback=lambda p: stamps.append(time.perf_counter()))
+            times += _gaps(stamps)
+        result[precision] = statistics.median(times)
+    result["ratio"] = result["seed"] / result["auto"]
+    log(f"per iteration at {size} px: seed {result['seed']:.3f} s, ours {result['auto']:.3f} s "
+        f"(fp32 {result['fp32']:.3f} s): {result['ratio']:.2f}x")
+    return result
+
+
+def _gaps(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step warms caches: left out
+
+
+# --- through TorchServe --------------------------------------------------------------------------------------------
+
+
+def through_torchserve(weights: str, settings: dict, repeats: int, extractor) -> dict:
+    from torchserve_instance import TorchServeInstance
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        store = Path(work) / "model_store"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--weights", weights,
+                        "--export-path", str(store)], check=True, capture_output=True)
+        with TorchServeInstance(store, Path(work) / "server") as server:
+            log("TorchServe started")
+            return {"server_overhead": server_overhead(server, extractor, settings, repeats),
+                    "batching": batching_throughput(server, settings, repeats)}
+
+
+def server_overhead(server, extractor, settings: dict, repeats: int, size: int = 128) -> dict:
+    """One request end to end through TorchServe against the same work in-process (decode, stylise, encode)."""
+    raw = {"size": size, **({"steps": settings["server_steps"]} if settings["server_steps"] else {})}
+    files = {"content": CONTENT.read_bytes(), "style": STYLE.read_bytes()}
+    _post(server, files, {**raw, "steps": 2})  # warm-up: the worker's first request pays for kernel selection
+    served, local = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        response = _post(server, files, raw)
+        served.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        params, _ = parse_params(raw, defaults={"max_seconds": 240})  # the server's default budget
+        content, style = (decode_image(files[part], part, max_pixels=40_000_000) for part in ("content", "style"))
+        encode_image(stylize(extractor, content, [style], params).image)
+        local.append(time.perf_counter() - start)
+    result = {"size": size, "params": raw, "server_seconds": statistics.median(served),
+              "in_process_seconds": statistics.median(local), "steps": int(response.headers["X-Style-Steps"])}
+    result["ratio"] = result["server_seconds"] / result["in_process_seconds"]
+    log(f"TorchServe overhead at {size} px: {result['server_seconds']:.2f} s vs {result['in_process_seconds']:.2f} s "
+        f"in-process: {result['ratio']:.3f}")
+    return result
+
+
+def batching_throughput(server, settings: dict, repeats: int, size: int = 64) -> dict:
+    """Images per second for 1, 2, 4, 8 identical requests sent at once (TorchServe batches them)."""
+    raw = {"size": size, "steps": 20, "early_stop_tol": 0}
+    files = {"content": CONTENT.read_bytes(), "style": STYLE.read_bytes()}
+    result = {"size": size, "params": raw}
+    for clients in (1, 2, 4, 8):
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                responses = list(pool.map(lambda _: _post(server, files, raw), range(clients)))
+            assert all(r.status_code == 200 for r in responses)
+            rates.append(clients / (time.perf_counter() - start))
+        result[clients] = statistics.median(rates)
+        log(f"{clients} concurrent {size} px requests: {result[clients]:.2f} images/s")
+    return result
+
+
+def _post(server, files, params):
+    import requests
+
+    response = requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                             files=files, data={"params": json.dumps(params)}, timeout=600)
+    response.raise_for_status()
+    return response
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+
+
+def peak_memory(state_dict, size: int) -> float:
+    """Peak resident memory one request adds to a fresh process (CUDA: peak allocated), MiB."""
+    with tempfile.TemporaryDirectory() as work:
+        weights = Path(work) / "features.pth"
+        torch.save(state_dict, weights)
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_probe.py"), str(weights), str(size),
+                              str(CONTENT), str(STYLE)], check=True, capture_output=True, text=True)
+    mib = float(run.stdout.strip())
+    log(f"peak memory of one request at {size} px: {mib:.0f} MiB")
+    return mib
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+
+def summary(report: dict) -> dict:
+    per_iteration = report["per_iteration"]
+    largest = max(per_iteration)
+    result = {"speedup_to_seed_loss": report["time_to_seed_loss"]["auto"]["speedup"],
+              "per_iteration_ratio": per_iteration[largest]["ratio"], "per_iteration_size": largest}
+    if "server_overhead" in report:
+        result["server_overhead_ratio"] = report["server_overhead"]["ratio"]
+        batching = report["batching"]
+        result["batching_speedup_8"] = batching[8] / batching[1]
+    return result
+
+
+def write(report: dict, directory: Path, mode: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{mode}.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report["time_to_seed_loss"], directory / f"loss_vs_time-{mode}.png")
+    log(f"wrote {directory / f'{mode}.json'} and the plot beside it")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    curves = (("seed: Adam lr 0.003, whole VGG19", result["seed_curve"]),
+              ("ours, defaults (bf16 where native)", result["auto"]["curve"]),
+              ("ours, float32", result["fp32"]["curve"]))
+    for label, curve in curves:
+        axes.plot([t for t, _ in curve], [loss for _, loss in curve], label=label)
+    axes.axhline(result["seed_loss"], color="grey", linestyle=":",
+                 label=f"seed's loss after {result['seed_steps']} steps")
+    axes.set(xscale="log", yscale="log", xlabel="wall time, s", ylabel="total loss (the seed's objective)",
+             title=f"Reaching the seed's result at {result['size']} px")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The benchmark scripts keep working (tiny sizes: the figures themselves come from full runs, README)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_smoke_run_writes_its_report(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--skip-server",
+                          "--repeats", "1", "--output-dir", str(tmp_path), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert json.loads((tmp_path / "smoke.json").read_text()) == report
+    assert (tmp_path / "loss_vs_time-smoke.png").stat().st_size > 10_000
+    seed_run = report["time_to_seed_loss"]
+    assert seed_run["auto"]["reached"] and seed_run["auto"]["final_loss"] <= seed_run["seed_loss"]
+    assert {"speedup_to_seed_loss", "per_iteration_ratio"} <= set(report["summary"])
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    output = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "32",
+                          "--steps", "2", "--batch-size", "32", "--max-batch", "2", "--repeats", "1",
+                          "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(output.read_text())
+    assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
+    assert abs(report["fast_loss_vs_fp32"]) < 0.5
+    assert "TFLOP/s" in run.stdout
