@@ -64,3 +64,16 @@ def server(model_store, tmp_path_factory):
     instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("torchserve"))
     with instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def breakable_server(model_store, tmp_path_factory):
+    """A private TorchServe for tests that break or fill it, never the shared `server`: its worker may be
+    SIGKILLed, its job queue holds only 2 requests, and its model registration API is on, to show what
+    allowed_urls still refuses when an operator turns it on."""
+    from torchserve_instance import TorchServeInstance
+
+    instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("breakable_torchserve"),
+                                  overrides={"job_queue_size": "2", "enable_model_api": "true"})
+    with instance:
+        yield instance

@@ -1,0 +1,138 @@
+"""Faults and load on a real TorchServe: a worker SIGKILLed mid-request, a full job queue, more clients than
+workers, and a request that runs out of its time budget."""
+
+import io
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from conftest import ROOT, SAMPLES
+
+pytestmark = pytest.mark.integration
+
+CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
+STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+SHORT = {"size": 64, "steps": 2}
+LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0}  # runs until max_seconds stops it
+RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait for a hung worker
+
+
+def predict(instance, params: dict) -> tuple[requests.Response, float]:
+    """The response and the monotonic time it arrived."""
+    response = requests.post(instance.url("inference", "/predictions/style_transfer"), headers=instance.auth(),
+                             files={"content": CONTENT, "style": STYLE}, data={"params": json.dumps(params)},
+                             timeout=120)
+    return response, time.monotonic()
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def wait_until_busy(pid: int, since: float, timeout: float = 30) -> None:
+    """Until the worker has used 0.5 s of CPU more than `since`: the request is being optimised. An idle
+    worker uses next to none."""
+    deadline = time.monotonic() + timeout
+    while cpu_seconds(pid) - since < 0.5:
+        assert time.monotonic() < deadline, "the worker never started on the request"
+        time.sleep(0.05)
+
+
+def ready_worker(instance, not_pid: int | None = None, timeout: float = 120) -> int:
+    """The pid of the model's one READY worker (other than `not_pid`), waiting for TorchServe to start it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = instance.worker_pids(quiet=True)
+        if len(pids) == 1 and pids[0] != not_pid:
+            return pids[0]
+        assert time.monotonic() < deadline, f"no new READY worker after {timeout} s:\n{instance.log_tail()}"
+        time.sleep(0.2)
+
+
+def assert_png(response: requests.Response) -> None:
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(response.content)).size == (64, 48)
+
+
+def test_a_worker_killed_mid_request_fails_that_request_at_once_and_is_replaced(breakable_server):
+    pid = ready_worker(breakable_server)
+    with ThreadPoolExecutor(1) as pool:
+        since = cpu_seconds(pid)
+        pending = pool.submit(predict, breakable_server, {**LONG, "max_seconds": 60})
+        wait_until_busy(pid, since)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        response, arrived_at = pending.result(timeout=60)
+    assert arrived_at - killed_at < 10, f"the client waited {arrived_at - killed_at:.1f} s, not {RESPONSE_TIMEOUT}"
+    assert response.status_code == 507  # TorchServe's status for a worker that died
+    assert response.json() == {"code": 507, "type": "InternalServerException", "message": "Worker died."}
+    new_pid = ready_worker(breakable_server, not_pid=pid)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    for _ in range(2):
+        assert_png(predict(breakable_server, SHORT)[0])
+    assert breakable_server.worker_pids() == [new_pid]
+
+
+def test_a_full_job_queue_answers_503_at_once(breakable_server):
+    # One request runs for 5 s; of five more sent meanwhile, the queue (job_queue_size=2) takes two and
+    # TorchServe refuses the other three at once, whichever arrive first.
+    pid = ready_worker(breakable_server)
+    with ThreadPoolExecutor(6) as pool:
+        since = cpu_seconds(pid)
+        running = pool.submit(predict, breakable_server, {**LONG, "max_seconds": 5})
+        wait_until_busy(pid, since)
+        sent_at = time.monotonic()
+        others = [pool.submit(predict, breakable_server, SHORT) for _ in range(5)]
+        results = [future.result(timeout=120) for future in others]
+        first, _ = running.result(timeout=120)
+    assert sorted(response.status_code for response, _ in results) == [200, 200, 503, 503, 503]
+    refused = [(response, arrived_at) for response, arrived_at in results if response.status_code == 503]
+    assert all(arrived_at - sent_at < 3 for _, arrived_at in refused), "503 at once, not after the queue drains"
+    assert refused[0][0].json()["type"] == "ServiceUnavailableException"
+    assert first.status_code == 200 and first.headers["X-Style-Stop-Reason"] == "max_seconds"
+    for response, _ in results:
+        if response.status_code == 200:
+            assert_png(response)
+    assert breakable_server.worker_pids() == [pid]
+
+
+def test_eight_concurrent_clients_on_one_worker_are_all_served(server):
+    (pid,) = server.worker_pids()
+
+    def client(number: int) -> list[requests.Response]:
+        return [predict(server, {**SHORT, "seed": number})[0] for _ in range(2)]
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = [response for pair in pool.map(client, range(8)) for response in pair]
+    assert len(responses) == 16
+    for response in responses:
+        assert_png(response)
+        assert response.headers["X-Style-Steps"] == "2"
+    assert server.worker_pids() == [pid]
+
+
+def test_a_request_over_its_time_budget_returns_its_best_image(server):
+    started = time.monotonic()
+    response, arrived_at = predict(server, {**LONG, "max_seconds": 1})
+    assert_png(response)
+    assert response.headers["X-Style-Stop-Reason"] == "max_seconds"
+    assert int(response.headers["X-Style-Steps"]) < 2000
+    assert 1.0 <= float(response.headers["X-Style-Seconds"]) < 5.0
+    assert arrived_at - started < 30
+
+
+def test_the_largest_time_budget_ends_well_before_response_timeout(server):
+    # A request at the max_seconds cap returns its image before TorchServe would give up on the worker
+    model = requests.get(server.url("management", "/models/style_transfer"), headers=server.auth("management"),
+                         timeout=10).json()[0]
+    cap = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]["maxima"]["max_seconds"]
+    assert model["responseTimeout"] == RESPONSE_TIMEOUT and RESPONSE_TIMEOUT - cap >= 30
