@@ -41,7 +41,8 @@ def config_properties() -> dict[str, str]:
 REST_CALLS = [  # every route of both APIs that acts on or reveals something, the destructive ones included
     ("GET", "inference", "/ping"), ("POST", "inference", "/predictions/style_transfer"),
     ("POST", "inference", "/predictions/style_transfer/1.0"), ("POST", "inference", "/explanations/style_transfer"),
-    ("POST", "inference", "/v1/models/style_transfer:predict"), ("POST", "inference", "/v2/models/style_transfer/infer"),
+    ("POST", "inference", "/v1/models/style_transfer:predict"),
+    ("POST", "inference", "/v2/models/style_transfer/infer"),
     ("GET", "management", "/models"), ("GET", "management", "/models/style_transfer"),
     ("PUT", "management", "/models/style_transfer?min_worker=3"), ("DELETE", "management", "/models/style_transfer"),
     ("POST", "management", "/models?url=style_transfer.mar"), ("POST", "management", "/token?type=inference"),
