@@ -5,6 +5,7 @@ import io
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -50,6 +51,38 @@ def test_unusable_files_are_a_400_naming_the_part_and_the_formats(data, says):
     assert error.value.to_json()["code"] == 400 and error.value.field == "style_2"
     assert says in str(error.value) and str(error.value).startswith("style_2 ")
     assert "JPEG, PNG, WebP, GIF, BMP or TIFF" in str(error.value)
+
+
+def damaged_copies(data: bytes, count: int, seed: int):
+    """`count` copies of `data`, each with a few bytes overwritten, cut short, or with random bytes inserted."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        damaged, where = bytearray(data), int(rng.integers(len(data)))
+        kind = rng.integers(3)
+        if kind == 0:
+            for position in rng.integers(len(data), size=int(rng.integers(1, 9))):
+                damaged[position] = int(rng.integers(256))
+        elif kind == 1:
+            del damaged[where:]
+        else:
+            damaged[where:where] = rng.bytes(int(rng.integers(1, 65)))
+        yield bytes(damaged)
+
+
+@pytest.mark.parametrize("fmt", sorted(NOISY))
+def test_randomly_damaged_files_are_decoded_or_refused_nothing_else(fmt):
+    # Pillow's decoders raise many exception types on damaged data; none may escape as anything but a 400
+    # (or a 413 where the damage enlarged the declared size).
+    outcomes = {"decoded": 0, "ImageError": 0, "TooLargeError": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about the damage it tolerates
+        for data in damaged_copies(NOISY[fmt], 300, seed=len(fmt)):
+            try:
+                decode_image(data, "content", max_pixels=1_000_000)
+                outcomes["decoded"] += 1
+            except (ImageError, TooLargeError) as error:
+                outcomes[type(error).__name__] += 1
+    assert outcomes["ImageError"] > 0 and sum(outcomes.values()) == 300
 
 
 @pytest.mark.parametrize("data, says", [
