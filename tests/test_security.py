@@ -46,6 +46,8 @@ REST_CALLS = [  # every route of both APIs that acts on or reveals something, th
     ("GET", "management", "/models"), ("GET", "management", "/models/style_transfer"),
     ("PUT", "management", "/models/style_transfer?min_worker=3"), ("DELETE", "management", "/models/style_transfer"),
     ("POST", "management", "/models?url=style_transfer.mar"), ("POST", "management", "/token?type=inference"),
+    ("GET", "management", "/workflows"), ("POST", "management", "/workflows?url=x.war"),
+    ("POST", "inference", "/wfpredict/x"),
 ]
 OTHER_KEY = {"inference": "management", "management": "inference"}
 
@@ -149,6 +151,8 @@ def test_model_registration_is_off(server):
 
 
 class CountingHandler(http.server.BaseHTTPRequestHandler):
+    """An attacker's file server: it only counts the requests that reach it."""
+
     requests_seen = 0
 
     def do_GET(self):
@@ -159,28 +163,44 @@ class CountingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@integration
-def test_allowed_urls_admit_no_download_even_with_registration_on(breakable_server, model_store):
-    # ShellTorch (CVE-2023-43654) registered a model from an attacker's URL: with the registration API turned
-    # on, allowed_urls still refuses any URL outside a model_store directory, before fetching anything.
+@pytest.fixture
+def decoy_url():
+    """The address of a local HTTP server; the test fails if anything fetched from it."""
     decoy = http.server.HTTPServer(("127.0.0.1", 0), CountingHandler)
     threading.Thread(target=decoy.serve_forever, daemon=True).start()
-    try:
-        refusals = {
-            f"http://127.0.0.1:{decoy.server_port}/model_store/evil.mar": "does not match any allowed URL(s)",
-            "file:///etc/passwd": "does not match any allowed URL(s)",
-            f"file://{model_store}/../../etc/evil.mar": "Relative path is not allowed",
-        }
-        for url, says in refusals.items():
-            response = requests.post(breakable_server.url("management", "/models"), params={"url": url},
-                                     headers=breakable_server.auth("management"), timeout=30)
-            assert response.status_code == 404 and says in response.json()["message"], response.text
-    finally:
-        decoy.shutdown()
-        decoy.server_close()
-    assert CountingHandler.requests_seen == 0
+    CountingHandler.requests_seen = 0
+    yield f"http://127.0.0.1:{decoy.server_port}"
+    decoy.shutdown()
+    decoy.server_close()
+    assert CountingHandler.requests_seen == 0, "TorchServe fetched from the decoy"
+
+
+def assert_url_refused(instance, route: str, url: str, says: str) -> None:
+    response = requests.post(instance.url("management", route), params={"url": url},
+                             headers=instance.auth("management"), timeout=30)
+    assert response.status_code == 404 and says in response.json()["message"], response.text
+
+
+@integration
+def test_allowed_urls_admit_no_model_download_even_with_registration_on(breakable_server, model_store, decoy_url):
+    # ShellTorch (CVE-2023-43654) registered a model from an attacker's URL: with the registration API turned
+    # on, allowed_urls still refuses any URL outside a model_store directory, before fetching anything.
+    assert_url_refused(breakable_server, "/models", f"{decoy_url}/model_store/evil.mar", "does not match any allowed")
+    assert_url_refused(breakable_server, "/models", "file:///etc/passwd", "does not match any allowed URL(s)")
+    assert_url_refused(breakable_server, "/models", f"file://{model_store}/../../etc/evil.mar",
+                       "Relative path is not allowed")
     allowed = config_properties()["allowed_urls"].replace("\\\\", "\\")  # a .properties value escapes "\\"
     assert re.fullmatch(allowed, f"file://{ROOT}/model_store/style_transfer.mar"), "serve.sh's archive stays loadable"
+
+
+@integration
+def test_workflow_registration_stays_open_but_allowed_urls_refuse_every_download(server, decoy_url):
+    # enable_model_api=false does not cover TorchServe's workflow API (POST /workflows registers a .war
+    # archive, handler code included): with the management key it is answered, and allowed_urls is what
+    # keeps an attacker's archive out.
+    assert_url_refused(server, "/workflows", f"{decoy_url}/evil.war", "does not match any allowed URL(s)")
+    assert_url_refused(server, "/workflows", f"{decoy_url}/model_store/evil.mar", "does not match any allowed")
+    assert_url_refused(server, "/workflows", "file:///etc/passwd", "does not match any allowed URL(s)")
 
 
 class WritesAFile:
