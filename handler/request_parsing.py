@@ -7,12 +7,12 @@ arrives under "body" (a dict when its content type is application/json and it pa
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from style_engine.errors import ImageError, ParamError, TooLargeError
+from style_engine.params import parse_json
 
 STYLE_PART = re.compile(r"style(?:_([1-9][0-9]*))?")
 JSON_BODY_KEYS = ("content", "style", "params")
@@ -60,7 +60,7 @@ def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
 
 def _parse_json_body(body: Any, max_styles: int) -> RawRequest:
     if isinstance(body, (bytes, bytearray)):  # TorchServe could not parse it, or it was not sent as JSON
-        body = _json(body, "body", "the request body", USAGE)
+        body = parse_json(body, "body", "the request body", USAGE)
     if not isinstance(body, dict):
         raise ParamError("body", f"the JSON body must be an object; {USAGE}")
     unknown = sorted(set(body) - set(JSON_BODY_KEYS))
@@ -85,25 +85,10 @@ def _params_object(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, (bytes, bytearray, str)):
-        value = _json(value, "params", "params", "it must be a JSON object")
+        value = parse_json(value, "params", "params", "it must be a JSON object")
     if not isinstance(value, dict):
         raise ParamError("params", f"params must be a JSON object; got {type(value).__name__}")
     return value
-
-
-def _json(text: str | bytes, field: str, subject: str, expected: str) -> Any:
-    """Parsed JSON, or a ParamError for `field` saying why `subject` is not JSON and what is `expected`.
-
-    json.loads refuses more than syntax: bytes that are not UTF-8, nesting deeper than Python's recursion
-    limit (RecursionError) and integers of more than 4300 digits (ValueError). A client can send any of them.
-    """
-    try:
-        return json.loads(text)
-    except RecursionError:
-        reason = "nested too deeply"
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError included
-        reason = str(error)
-    raise ParamError(field, f"{subject} is not valid JSON ({reason}); {expected}")
 
 
 def _image_bytes(part: str, value: Any) -> bytes:

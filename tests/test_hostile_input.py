@@ -157,9 +157,6 @@ def test_bad_plain_form_fields(server, worker):
     assert_refused(response, server, worker, 400, "InvalidParameter", "pooling", 'one of "max", "avg"')
 
 
-@pytest.mark.xfail(strict=True, reason="style_engine/params.py's _json_if_string catches only JSONDecodeError: a "
-                   "RecursionError escapes and TorchServe answers 503. Catch (ValueError, RecursionError) there, "
-                   "then remove this marker.")
 def test_a_json_valued_form_field_nested_too_deeply(server, worker):
     response = post(server, files={"content": CONTENT, "style": STYLE}, data={"style_layers": "[" * 100_000})
     assert_refused(response, server, worker, 400, "InvalidParameter", "style_layers", "style_layers is not valid JSON")

@@ -153,13 +153,22 @@ _WEIGHT = Number(0.0, 1e12)
 
 def _json_if_string(name: str, value: Any, allowed: str) -> Any:
     """Form fields carry objects and lists as JSON text."""
-    if not isinstance(value, str):
-        return value
+    return parse_json(value, name, name, f"it must be {allowed}") if isinstance(value, str) else value
+
+
+def parse_json(text: str | bytes, field: str, subject: str, expected: str) -> Any:
+    """Parsed JSON, or a ParamError for `field` saying why `subject` is not JSON and what is `expected`.
+
+    json.loads refuses more than syntax: bytes that are not UTF-8, nesting deeper than Python's recursion
+    limit (RecursionError) and integers of more than 4300 digits (ValueError). A client can send any of them.
+    """
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
-        raise ParamError(name, f"{name} is not valid JSON ({error.msg} at position {error.pos}); "
-                               f"it must be {allowed}") from None
+        return json.loads(text)
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError included
+        reason = str(error)
+    raise ParamError(field, f"{subject} is not valid JSON ({reason}); {expected}")
 
 
 def _param(default, check, doc: str = ""):
