@@ -26,7 +26,7 @@ from style_engine.api import result_fields
 from style_engine.codec import decode_image, encode_image
 from style_engine.optimize import StyleResult, stylize_batch
 from style_engine.params import OutputParams
-from style_engine.targets import GramCache, check_job, output_size
+from style_engine.targets import GramCache, check_job, output_size, shrink_to_need
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class StyleTransferHandler:
                        for i, data in enumerate(request.styles))
         job = StyleJob(content, styles, style_params)
         check_job(job, self.extractor)
-        return job, output_params
+        return shrink_to_need(job), output_params  # what waits for its batch holds megabytes, not gigabytes
 
     def _run(self, jobs: list[StyleJob], callback) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""

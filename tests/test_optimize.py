@@ -156,3 +156,13 @@ def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style)
     # bf16 Grams for the loop are a new key; the float32 ones for the reported losses are the first call's
     assert (cache.hits, cache.misses) == (3, 5)
     assert not torch.equal(first.image, again.image)
+
+
+def test_images_are_reduced_to_what_the_optimisation_uses(content, style):
+    from style_engine.targets import shrink_to_need
+
+    big_content, big_style = torch.rand(3, 600, 800), torch.rand(3, 500, 1000)
+    job = shrink_to_need(StyleJob(big_content, (big_style, style), params(size=64, style_scale=2.0)))
+    assert job.content.shape == (3, 48, 64)
+    assert job.styles[0].shape == (3, 64, 128)  # style_scale 2: twice the output's longer side
+    assert job.styles[1] is style  # 96 px wide already fits under 128: never enlarged

@@ -18,7 +18,8 @@ from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import use_bf16
 from .resize import fit_longer_side, resize
-from .targets import GramCache, StyleJob, build_objective, check_job, output_size, smallest_side, style_size
+from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
+                      style_size)
 from .vgg import VGGFeatures
 
 # Fields that may differ between the jobs of one batch: they only change a job's own targets or start image.
@@ -253,6 +254,7 @@ def _converged(history: list[list[float]], window: int, tolerance: float) -> boo
 
 
 def _on_device(job: StyleJob, device: torch.device) -> StyleJob:
+    job = shrink_to_need(job)  # before the copy to the device: less to copy
     return StyleJob(job.content.to(device, torch.float32), tuple(s.to(device, torch.float32) for s in job.styles),
                     job.params)
 

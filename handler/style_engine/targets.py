@@ -24,6 +24,23 @@ class StyleJob:
     params: StyleParams
 
 
+def shrink_to_need(job: StyleJob) -> StyleJob:
+    """The job with each image reduced to the largest size the optimisation uses (the content to the output
+    size, a style image to its size at the output scale); smaller images stay as they are.
+
+    A decoded 40 MP photo holds 480 MB as float32; at most a few MB of it can matter for the result.
+    """
+    output = output_size(job)
+    styles = tuple(resize(style, style_size(style, output, job.params.style_scale))
+                   if _pixels(style_size(style, output, job.params.style_scale)) < _pixels(style.shape[-2:])
+                   else style for style in job.styles)
+    return StyleJob(resize(job.content, output), styles, job.params)
+
+
+def _pixels(size) -> int:
+    return size[0] * size[1]
+
+
 def output_size(job: StyleJob) -> tuple[int, int]:
     return fit_longer_side(*job.content.shape[-2:], job.params.size)
 
