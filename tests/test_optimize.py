@@ -28,7 +28,7 @@ def test_style_loss_falls_by_90_percent_within_30_lbfgs_steps(extractor, content
     assert result.image.shape == (3, 48, 64) and 0 <= result.image.min() and result.image.max() <= 1
 
 
-@pytest.mark.parametrize("precision", ["fp32", "auto"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_same_inputs_give_the_same_bytes(extractor, content, style, precision):
     p = params(steps=8, init="noise", seed=7, precision=precision)
     first, second = (encode_image(stylize(extractor, content, [style], p).image) for _ in range(2))
@@ -166,3 +166,12 @@ def test_images_are_reduced_to_what_the_optimisation_uses(content, style):
     assert job.content.shape == (3, 48, 64)
     assert job.styles[0].shape == (3, 64, 128)  # style_scale 2: twice the output's longer side
     assert job.styles[1] is style  # 96 px wide already fits under 128: never enlarged
+
+
+def test_auto_precision_is_bf16_only_where_it_pays():
+    from style_engine.precision import cpu_has_native_bf16, use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("fp32", cpu, 10**6) is False and use_bf16("bf16", cpu, 16) is True
+    assert use_bf16("auto", cpu, 64 * 48) is False  # tiny outputs: no faster per step, and a second set of targets
+    assert use_bf16("auto", cpu, 256 * 192) is cpu_has_native_bf16()

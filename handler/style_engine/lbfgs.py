@@ -5,11 +5,14 @@ batch would share one curvature estimate and step size and a batched result woul
 and it reads scalars back to the host several times per step (`float(loss)`, `if ys > 1e-10`), which stalls
 a GPU. Here every quantity is per image, kept on the device, and a rejected curvature pair is masked out
 instead of branched on. Like torch.optim.LBFGS without `line_search_fn` (the setting style-transfer
-implementations use), it takes a fixed step `lr` along the quasi-Newton direction, with a first step
-scaled by min(1, 1/|g|_1) because there is no curvature estimate yet.
+implementations use), it takes a fixed step `lr` along the quasi-Newton direction. The first step, without
+a curvature estimate yet, moves no pixel by more than FIRST_STEP: torch's min(1, 1/|g|_1) depends on the
+loss weights and image size and was so short here that the second step overshot (benchmarks/README.md).
 """
 
 import torch
+
+FIRST_STEP = 0.05  # largest change of any pixel value (in [0, 1]) on the first step, times lr
 
 
 class BatchedLBFGS:
@@ -29,7 +32,7 @@ class BatchedLBFGS:
     def step(self) -> None:
         x, g = self.x.detach().flatten(1), self.x.grad.detach().flatten(1)
         if self.previous is None:
-            step_size = self.lr * (1.0 / g.abs().sum(1)).clamp(max=1.0)
+            step_size = self.lr * FIRST_STEP / g.abs().amax(1).clamp_min(1e-30)
         else:
             self._remember(x - self.previous[0], g - self.previous[1])
             step_size = torch.full_like(self.gamma, self.lr)

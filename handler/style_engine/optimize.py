@@ -88,7 +88,7 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     initial = run.float32_losses(init_full)
     x, best = _coarse_to_fine(run, init_full, output)
-    final = best if not run.bf16 else run.float32_losses(x)
+    final = best if not run.bf16 else run.confirmed or run.float32_losses(x)
     seconds = time.perf_counter() - start
     return [
         StyleResult(image=_finish(job, x[i]), steps=run.step, seconds=seconds,
@@ -142,9 +142,10 @@ class _Run:
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
         self.start, self.callback, self.stop_below, self.gram_cache = start, callback, stop_below, gram_cache
         device = extractor.mean.device
-        self.bf16 = use_bf16(self.params.precision, device)
+        self.bf16 = use_bf16(self.params.precision, device, output[0] * output[1])
         self.sync_every = 1 if device.type == "cpu" else GPU_SYNC_EVERY
         self.step, self.stop_reason = 0, "steps"
+        self.confirmed: Losses | None = None  # float32 losses of the image that met stop_below
         self._objectives: dict[tuple, StyleObjective] = {}
 
     def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
@@ -210,7 +211,13 @@ class _Run:
         """Every image at or below stop_below, confirmed in float32 when optimising in bf16."""
         if self.stop_below is None or max(best_totals) > self.stop_below:
             return False
-        return not self.bf16 or max(self.float32_losses(best_x).total.tolist()) <= self.stop_below
+        if not self.bf16:
+            return True
+        losses = self.float32_losses(best_x)
+        if max(losses.total.tolist()) > self.stop_below:
+            return False
+        self.confirmed = losses
+        return True
 
     def _deadline(self, scale_index: int, scales: int) -> float:
         """When this scale must stop: a coarse scale gets an even share of the time left, so that a time
