@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "benchm
 
 from seed_baseline import run_seed, seed_vgg  # noqa: E402
 from style_engine import VGGFeatures, load_features_state_dict, parse_params, stylize  # noqa: E402
-from style_engine.codec import decode_image, encode_image, load_image_file  # noqa: E402
+from style_engine.codec import load_image_file  # noqa: E402
 from style_engine.precision import cpu_has_native_bf16  # noqa: E402
 from style_engine.resize import fit_longer_side, resize  # noqa: E402
 
@@ -56,9 +56,13 @@ def main(argv=None) -> int:
     report["time_to_seed_loss"] = time_to_seed_loss(extractor, seed_model, settings, args.repeats)
     report["per_iteration"] = {size: per_iteration(extractor, seed_model, size, args.repeats)
                                for size in ((48,) if args.smoke else (128, 256))}
-    if not args.skip_server:
-        report.update(through_torchserve(args.weights, settings, args.repeats, extractor))
-    report["peak_memory_mib"] = {size: peak_memory(state_dict, size) for size in ((64,) if args.smoke else (256, 512))}
+    with tempfile.TemporaryDirectory() as work:
+        weights_file = Path(work) / "features.pth"  # for the fresh processes of probe.py
+        torch.save(state_dict, weights_file)
+        if not args.skip_server:
+            report.update(through_torchserve(args.weights, weights_file, settings, args.repeats))
+        report["peak_memory_mib"] = {size: peak_memory(weights_file, size)
+                                     for size in ((64,) if args.smoke else (256, 512))}
     report["summary"] = summary(report)
     write(report, Path(args.output_dir), mode)
     if args.json:
@@ -170,7 +174,7 @@ def _gaps(stamps: list[float]) -> list[float]:
 # --- through TorchServe --------------------------------------------------------------------------------------------
 
 
-def through_torchserve(weights: str, settings: dict, repeats: int, extractor) -> dict:
+def through_torchserve(weights: str, weights_file: Path, settings: dict, repeats: int) -> dict:
     from torchserve_instance import TorchServeInstance
 
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -179,25 +183,23 @@ def through_torchserve(weights: str, settings: dict, repeats: int, extractor) ->
                         "--export-path", str(store)], check=True, capture_output=True)
         with TorchServeInstance(store, Path(work) / "server") as server:
             log("TorchServe started")
-            return {"server_overhead": server_overhead(server, extractor, settings, repeats),
+            return {"server_overhead": server_overhead(server, weights_file, settings, repeats),
                     "batching": batching_throughput(server, settings, repeats)}
 
 
-def server_overhead(server, extractor, settings: dict, repeats: int, size: int = 128) -> dict:
-    """One request end to end through TorchServe against the same work in-process (decode, stylise, encode)."""
-    raw = {"size": size, **({"steps": settings["server_steps"]} if settings["server_steps"] else {})}
+def server_overhead(server, weights_file: Path, settings: dict, repeats: int, size: int = 128) -> dict:
+    """One request end to end through TorchServe against the same work (decode, stylise, encode) in a fresh
+    process of its own, as warm as the server's worker."""
+    raw = {"size": size, "max_seconds": 240,  # the server's default budget, given to both sides
+           **({"steps": settings["server_steps"]} if settings["server_steps"] else {})}
     files = {"content": CONTENT.read_bytes(), "style": STYLE.read_bytes()}
-    _post(server, files, {**raw, "steps": 2})  # warm-up: the worker's first request pays for kernel selection
-    served, local = [], []
+    _post(server, files, raw)  # warm-up: the worker's first request pays for kernel selection
+    served = []
     for _ in range(repeats):
         start = time.perf_counter()
         response = _post(server, files, raw)
         served.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        params, _ = parse_params(raw, defaults={"max_seconds": 240})  # the server's default budget
-        content, style = (decode_image(files[part], part, max_pixels=40_000_000) for part in ("content", "style"))
-        encode_image(stylize(extractor, content, [style], params).image)
-        local.append(time.perf_counter() - start)
+    local = json.loads(_probe("request", weights_file, CONTENT, STYLE, json.dumps(raw), repeats))
     result = {"size": size, "params": raw, "server_seconds": statistics.median(served),
               "in_process_seconds": statistics.median(local), "steps": int(response.headers["X-Style-Steps"])}
     result["ratio"] = result["server_seconds"] / result["in_process_seconds"]
@@ -236,16 +238,16 @@ def _post(server, files, params):
 # --- memory --------------------------------------------------------------------------------------------------------
 
 
-def peak_memory(state_dict, size: int) -> float:
-    """Peak resident memory one request adds to a fresh process (CUDA: peak allocated), MiB."""
-    with tempfile.TemporaryDirectory() as work:
-        weights = Path(work) / "features.pth"
-        torch.save(state_dict, weights)
-        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_probe.py"), str(weights), str(size),
-                              str(CONTENT), str(STYLE)], check=True, capture_output=True, text=True)
-    mib = float(run.stdout.strip())
+def peak_memory(weights_file: Path, size: int) -> float:
+    """Peak memory one request adds to a fresh process (CUDA: peak allocated), MiB."""
+    mib = float(_probe("memory", weights_file, size, CONTENT, STYLE))
     log(f"peak memory of one request at {size} px: {mib:.0f} MiB")
     return mib
+
+
+def _probe(*arguments) -> str:
+    command = [sys.executable, str(ROOT / "benchmarks" / "probe.py"), *map(str, arguments)]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 # --- output ----------------------------------------------------------------------------------------------------
