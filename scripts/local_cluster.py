@@ -92,7 +92,8 @@ class Nginx:
         return f"http://127.0.0.1:{self.listen_port}"
 
     def start(self, timeout: float = 20) -> "Nginx":
-        command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.prefix / "logs/error.log")]
+        command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf),
+                   "-e", str(self.prefix / "logs/error.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -37,8 +37,9 @@ def test_nginx_accepts_the_rendered_template(nginx_binary, tmp_path):
 def test_no_request_fails_when_an_instance_is_killed_mid_run(nginx_binary, model_store, tmp_path):
     report_file = tmp_path / "report.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--instances", "2", "--model-store", str(model_store),
-         "--requests", str(REQUESTS), "--concurrency", "4", "--size", "64", "--steps", "5", "--report", str(report_file),
+        [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--instances", "2",
+         "--model-store", str(model_store), "--requests", str(REQUESTS), "--concurrency", "4", "--size", "64",
+         "--steps", "5", "--report", str(report_file),
          "--load-timeout", "120"],
         capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -123,7 +123,8 @@ def test_container_config_differs_from_the_repository_config_only_where_a_contai
 
 
 def test_kserve_config_differs_from_the_repository_config_only_where_kserve_needs():
-    kserve, local = properties(DEPLOY / "kserve" / "config" / "config.properties"), properties(ROOT / "config.properties")
+    kserve = properties(DEPLOY / "kserve" / "config" / "config.properties")
+    local = properties(ROOT / "config.properties")
     assert differing_keys(kserve, local) == {
         "inference_address", "metrics_address", "model_store", "metrics_config", "allowed_urls",
         "disable_token_authorization"}

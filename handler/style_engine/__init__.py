@@ -13,6 +13,7 @@ from .targets import StyleJob
 from .vgg import VGGFeatures, WeightsError, load_features_state_dict
 
 __all__ = [
-    "ImageError", "OutputParams", "ParamError", "Progress", "RequestError", "StyleJob", "StyleParams", "StyleResult", "TooLargeError", "VGGFeatures",
-    "WeightsError", "batch_key", "load_features_state_dict", "parse_params", "stylize", "stylize_batch",
+    "ImageError", "OutputParams", "ParamError", "Progress", "RequestError", "StyleJob", "StyleParams", "StyleResult",
+    "TooLargeError", "VGGFeatures", "WeightsError", "batch_key", "load_features_state_dict", "parse_params", "stylize",
+    "stylize_batch",
 ]
