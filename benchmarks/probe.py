@@ -1,20 +1,17 @@
-"""Measurements that need a fresh process, as a TorchServe worker is: benchmarks/run.py calls them.
+"""Measurements that need a fresh process: benchmarks/run.py calls them.
 
-    python benchmarks/probe.py memory  WEIGHTS SIZE CONTENT STYLE            -> MiB
-    python benchmarks/probe.py request WEIGHTS CONTENT STYLE PARAMS REPEATS  -> JSON list of seconds
+    python benchmarks/probe.py memory WEIGHTS SIZE CONTENT STYLE   -> MiB
 
 memory: what one request adds to the process at its peak. On the CPU, the resident set is sampled every
 millisecond during the request (the kernel's high-water mark would also count the model's loading), after
 glibc has returned freed memory; on a GPU, peak allocated memory. A few iterations per scale suffice: memory
 per iteration does not grow with their number.
-request: decode, stylise and encode one request REPEATS times after a warm-up, as the handler does.
 """
 
 import ctypes
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -23,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 
 from style_engine import VGGFeatures, load_features_state_dict, parse_params, stylize  # noqa: E402
-from style_engine.codec import decode_image, encode_image, load_image_file  # noqa: E402
+from style_engine.codec import load_image_file  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,21 +48,6 @@ def memory(weights: str, size: str, content: str, style: str) -> float:
     return (peak[0] - before) / 2**20
 
 
-def request(weights: str, content: str, style: str, params_json: str, repeats: str) -> list[float]:
-    extractor = VGGFeatures(load_features_state_dict(weights)).to(DEVICE)
-    files = Path(content).read_bytes(), Path(style).read_bytes()
-    params, _ = parse_params(json.loads(params_json))
-
-    def once() -> float:
-        start = time.perf_counter()
-        content_image, style_image = (decode_image(data, "image", max_pixels=40_000_000) for data in files)
-        encode_image(stylize(extractor, content_image, [style_image], params).image)
-        return time.perf_counter() - start
-
-    once()  # warm-up, as the server's first request is
-    return [once() for _ in range(int(repeats))]
-
-
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    print(json.dumps({"memory": memory, "request": request}[command](*arguments)))
+    print(json.dumps({"memory": memory}[command](*arguments)))

@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "benchm
 
 from seed_baseline import run_seed, seed_vgg  # noqa: E402
 from style_engine import VGGFeatures, load_features_state_dict, parse_params, stylize  # noqa: E402
-from style_engine.codec import load_image_file  # noqa: E402
+from style_engine.codec import decode_image, encode_image, load_image_file  # noqa: E402
 from style_engine.precision import cpu_has_native_bf16  # noqa: E402
 from style_engine.resize import fit_longer_side, resize  # noqa: E402
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         weights_file = Path(work) / "features.pth"  # for the fresh processes of probe.py
         torch.save(state_dict, weights_file)
         if not args.skip_server:
-            report.update(through_torchserve(args.weights, weights_file, settings, args.repeats))
+            report.update(through_torchserve(args.weights, extractor, settings, args.repeats))
         report["peak_memory_mib"] = {size: peak_memory(weights_file, size)
                                      for size in ((64,) if args.smoke else (256, 512))}
     report["summary"] = summary(report)
@@ -101,17 +101,22 @@ def images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def time_to_seed_loss(extractor, seed_model, settings: dict, repeats: int) -> dict:
+    """Each round: one seed run, then our runs (cheaper, so three of each precision), interleaved so that the
+    machine's slow and fast spells fall on both sides."""
     size, steps = settings["seed_size"], settings["seed_steps"]
     content, style = images(size)
     _timed_seed(seed_model, content, style, 3)  # warm-up: first calls pay for kernel selection and allocation
     for precision in ("auto", "fp32"):
         _timed_ours(extractor, content, style, size, 0.0, precision, steps=3)
-    seed_runs = [_timed_seed(seed_model, content, style, steps) for _ in range(repeats)]
+    seed_runs, ours = [], {"auto": [], "fp32": []}
+    for _ in range(repeats):
+        seed_runs.append(_timed_seed(seed_model, content, style, steps))
+        for _ in range(3):
+            for precision, runs in ours.items():
+                runs.append(_timed_ours(extractor, content, style, size, seed_runs[0]["loss"], precision))
     target = seed_runs[0]["loss"]
-    log(f"seed: {steps} Adam steps at {size} px reach {target:.6g} in {seed_runs[0]['seconds']:.1f} s")
-    ours = {precision: [_timed_ours(extractor, content, style, size, target, precision) for _ in range(repeats)]
-            for precision in ("auto", "fp32")}
     seed_seconds = statistics.median(run["seconds"] for run in seed_runs)
+    log(f"seed: {steps} Adam steps at {size} px reach {target:.6g} in {seed_seconds:.1f} s")
     result = {"size": size, "seed_steps": steps, "seed_loss": target, "seed_seconds": seed_seconds,
               "seed_curve": seed_runs[0]["curve"]}
     for precision, runs in ours.items():
@@ -144,23 +149,21 @@ def _timed_ours(extractor, content, style, size, target, precision, steps: int |
 
 
 def per_iteration(extractor, seed_model, size: int, repeats: int, steps: int = 8) -> dict:
-    """Median seconds per iteration (forward + backward + optimiser step) of each loop at one size."""
+    """Median seconds per iteration (forward + backward + optimiser step) of each loop at one size, the loops
+    taking turns."""
     content, style = images(size)
-    seed_times = []
+    times = {"seed": [], "auto": [], "fp32": []}
     for _ in range(repeats):
         stamps = []
         run_seed(seed_model, content, style, steps, on_step=lambda step, total: stamps.append(time.perf_counter()))
-        seed_times += _gaps(stamps)
-    result = {"seed": statistics.median(seed_times)}
-    for precision in ("auto", "fp32"):
-        params, _ = parse_params({"size": size, "steps": steps, "min_scale": size, "early_stop_tol": 0,
-                                  "precision": precision})
-        times = []
-        for _ in range(repeats):
+        times["seed"] += _gaps(stamps)
+        for precision in ("auto", "fp32"):
+            params, _ = parse_params({"size": size, "steps": steps, "min_scale": size, "early_stop_tol": 0,
+                                      "precision": precision})
             stamps = []
             stylize(extractor, content, [style], params, callback=lambda p: stamps.append(time.perf_counter()))
-            times += _gaps(stamps)
-        result[precision] = statistics.median(times)
+            times[precision] += _gaps(stamps)
+    result = {name: statistics.median(values) for name, values in times.items()}
     result["ratio"] = result["seed"] / result["auto"]
     log(f"per iteration at {size} px: seed {result['seed']:.3f} s, ours {result['auto']:.3f} s "
         f"(fp32 {result['fp32']:.3f} s): {result['ratio']:.2f}x")
@@ -174,7 +177,7 @@ def _gaps(stamps: list[float]) -> list[float]:
 # --- through TorchServe --------------------------------------------------------------------------------------------
 
 
-def through_torchserve(weights: str, weights_file: Path, settings: dict, repeats: int) -> dict:
+def through_torchserve(weights: str, extractor, settings: dict, repeats: int) -> dict:
     from torchserve_instance import TorchServeInstance
 
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -183,28 +186,35 @@ def through_torchserve(weights: str, weights_file: Path, settings: dict, repeats
                         "--export-path", str(store)], check=True, capture_output=True)
         with TorchServeInstance(store, Path(work) / "server") as server:
             log("TorchServe started")
-            return {"server_overhead": server_overhead(server, weights_file, settings, repeats),
+            return {"server_overhead": server_overhead(server, extractor, settings, repeats),
                     "batching": batching_throughput(server, settings, repeats)}
 
 
-def server_overhead(server, weights_file: Path, settings: dict, repeats: int, size: int = 128) -> dict:
-    """One request end to end through TorchServe against the same work (decode, stylise, encode) in a fresh
-    process of its own, as warm as the server's worker."""
+def server_overhead(server, extractor, settings: dict, repeats: int, size: int = 128) -> dict:
+    """One request end to end through TorchServe against the same work (decode, stylise, encode) in this
+    process, taking turns; and TorchServe's own share directly: end-to-end time minus the worker's engine time
+    (X-Style-Seconds), which no cross-process noise blurs."""
     raw = {"size": size, "max_seconds": 240,  # the server's default budget, given to both sides
            **({"steps": settings["server_steps"]} if settings["server_steps"] else {})}
     files = {"content": CONTENT.read_bytes(), "style": STYLE.read_bytes()}
-    _post(server, files, raw)  # warm-up: the worker's first request pays for kernel selection
-    served = []
-    for _ in range(repeats):
+    params, _ = parse_params(raw)
+    served, engine, local = [], [], []
+    for round_ in range(repeats + 1):  # round 0 warms both sides up and is not counted
         start = time.perf_counter()
         response = _post(server, files, raw)
         served.append(time.perf_counter() - start)
-    local = json.loads(_probe("request", weights_file, CONTENT, STYLE, json.dumps(raw), repeats))
-    result = {"size": size, "params": raw, "server_seconds": statistics.median(served),
-              "in_process_seconds": statistics.median(local), "steps": int(response.headers["X-Style-Steps"])}
+        engine.append(float(response.headers["X-Style-Seconds"]))
+        start = time.perf_counter()
+        content, style = (decode_image(files[part], part, max_pixels=40_000_000) for part in ("content", "style"))
+        encode_image(stylize(extractor, content, [style], params).image)
+        local.append(time.perf_counter() - start)
+    served, engine, local = served[1:], engine[1:], local[1:]
+    result = {"size": size, "params": raw, "steps": int(response.headers["X-Style-Steps"]),
+              "server_seconds": statistics.median(served), "in_process_seconds": statistics.median(local),
+              "torchserve_share_seconds": statistics.median(s - e for s, e in zip(served, engine))}
     result["ratio"] = result["server_seconds"] / result["in_process_seconds"]
-    log(f"TorchServe overhead at {size} px: {result['server_seconds']:.2f} s vs {result['in_process_seconds']:.2f} s "
-        f"in-process: {result['ratio']:.3f}")
+    log(f"TorchServe at {size} px: {result['server_seconds']:.2f} s vs {result['in_process_seconds']:.2f} s "
+        f"in-process ({result['ratio']:.3f}); its own share {1000 * result['torchserve_share_seconds']:.0f} ms")
     return result
 
 
