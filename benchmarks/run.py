@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/run.py --quick --json   # 64 px, 300 seed steps: a few minutes on 2 cores
     .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about half an hour
 
-Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; TorchServe's
-overhead on one request at 128 px; throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic
-batching; peak memory of one request at 256 and 512 px. Times are medians of --repeats runs. Results go to
+Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
+coarse to fine reaches within a time budget, against one scale; TorchServe's overhead on one request at 128 px;
+throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic batching; peak memory of one
+request at 256 and 512 px. Times are medians of --repeats runs, the compared runs taking turns. Results go to
 benchmarks/results/<mode>.json with a loss-against-time plot beside it; --json also prints them to stdout.
 """
 
@@ -35,9 +36,10 @@ from style_engine.resize import fit_longer_side, resize  # noqa: E402
 
 MODES = {
     # seed_size/seed_steps: the seed's run whose final loss our engine must reach (the issue's yardsticks)
-    "quick": {"seed_size": 64, "seed_steps": 300, "server_steps": 60},
-    "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None},  # None: the server's default
-    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5},  # only checks that the script runs
+    # budgets: seconds for the coarse-to-fine comparison at 256 px
+    "quick": {"seed_size": 64, "seed_steps": 300, "server_steps": 60, "budgets": (5.0, 10.0)},
+    "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None, "budgets": (5.0, 10.0, 20.0, 40.0)},
+    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5, "budgets": (1.0,)},  # checks that it runs
 }
 CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "starry_night.jpg"
 
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     report["time_to_seed_loss"] = time_to_seed_loss(extractor, seed_model, settings, args.repeats)
     report["per_iteration"] = {size: per_iteration(extractor, seed_model, size, args.repeats)
                                for size in ((48,) if args.smoke else (128, 256))}
+    report["coarse_to_fine"] = coarse_to_fine(extractor, settings["budgets"], 96 if args.smoke else 256)
     with tempfile.TemporaryDirectory() as work:
         weights_file = Path(work) / "features.pth"  # for the fresh processes of probe.py
         torch.save(state_dict, weights_file)
@@ -172,6 +175,26 @@ def per_iteration(extractor, seed_model, size: int, repeats: int, steps: int = 8
 
 def _gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step warms caches: left out
+
+
+# --- coarse to fine against one scale ----------------------------------------------------------------------------
+
+
+def coarse_to_fine(extractor, budgets: tuple[float, ...], size: int = 256) -> dict:
+    """Float32 loss reached within each time budget at `size`, by our defaults (coarse to fine from 128 px) and
+    by the same optimiser at the output size only; the two take turns."""
+    content, style = images(size)
+    result = {"size": size}
+    for budget in budgets:
+        losses = {}
+        for name, min_scale in (("coarse_to_fine", 128), ("one_scale", size)):
+            params, _ = parse_params({"size": size, "steps": 10_000, "early_stop_tol": 0, "max_seconds": budget,
+                                      "min_scale": min_scale})
+            losses[name] = stylize(extractor, content, [style], params).final_loss["total"]
+        result[budget] = losses
+        log(f"within {budget:g} s at {size} px: coarse to fine {losses['coarse_to_fine']:.4g}, "
+            f"one scale {losses['one_scale']:.4g}")
+    return result
 
 
 # --- through TorchServe --------------------------------------------------------------------------------------------

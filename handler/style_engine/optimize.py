@@ -113,7 +113,7 @@ def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int
         x0 = resize(init_full, scale_size)
         if x is not None:  # carry over what the coarser scale changed, on top of this scale's own detail
             x0 = (x0 + resize(x - resize(init_full, size), scale_size)).clamp(0, 1)
-        x, best = run.optimise(run.objective(scale_size), x0, index, len(sizes))
+        x, best = run.optimise(run.objective(scale_size), x0, index, sizes)
         size = scale_size
     return x, best
 
@@ -170,16 +170,16 @@ class _Run:
         """The seed's loss of output-size images x in float32: what is reported, whatever optimised."""
         return self.evaluate(self.objective(self.output, bf16=False), x, grad=False, bf16=False)
 
-    def optimise(self, objective, x0, scale_index, scales) -> tuple[torch.Tensor, Losses]:
+    def optimise(self, objective, x0, scale_index: int, sizes: list) -> tuple[torch.Tensor, Losses]:
         """Run this scale's share of the iterations; returns the best image seen and its losses."""
-        params = self.params
+        params, scales = self.params, len(sizes)
         steps = (params.steps - self.step) // (scales - scale_index)  # what a coarse scale leaves goes on
         x = x0.clone().requires_grad_(True)
         optimizer = _optimizer(params, x)
         best_x, best = x0, None
         history, pending = [], []  # best total loss after each iteration, per image; not yet read back
         final_scale = scale_index == scales - 1
-        deadline = self._deadline(scale_index, scales)
+        deadline = self._deadline(sizes[scale_index:])
         for iteration in range(steps):
             if time.perf_counter() >= deadline:
                 self.stop_reason = "max_seconds" if final_scale else self.stop_reason
@@ -219,13 +219,15 @@ class _Run:
         self.confirmed = losses
         return True
 
-    def _deadline(self, scale_index: int, scales: int) -> float:
-        """When this scale must stop: a coarse scale gets an even share of the time left, so that a time
-        budget always leaves the output size time to refine (a coarse result alone lacks fine texture)."""
+    def _deadline(self, sizes: list[tuple[int, int]]) -> float:
+        """When this scale, sizes[0], must stop: of the time left it gets its share of the pixels still to
+        optimise, which is also its share of the time under the even split of iterations (an iteration costs
+        about its pixels). A half each, as first tried, made coarse to fine lose to one scale under a budget."""
         if self.params.max_seconds is None:
             return math.inf
         now, end = time.perf_counter(), self.start + self.params.max_seconds
-        return now + (end - now) / (scales - scale_index)
+        pixels = [height * width for height, width in sizes]
+        return now + (end - now) * pixels[0] / sum(pixels)
 
     def _report(self, best: Losses, x: torch.Tensor, scale_index: int, scales: int) -> None:
         if self.callback is None:
