@@ -86,8 +86,11 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     output = _check_batch(jobs, extractor)
     run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
-    initial = run.float32_losses(init_full)
+    # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
+    evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
+    initial = None if evaluated_first else run.float32_losses(init_full)
     x, best = _coarse_to_fine(run, init_full, output)
+    initial = initial or run.first_losses or run.float32_losses(init_full)  # the last: no iteration ran
     final = best if not run.bf16 else run.confirmed or run.float32_losses(x)
     seconds = time.perf_counter() - start
     return [
@@ -146,6 +149,7 @@ class _Run:
         self.sync_every = 1 if device.type == "cpu" else GPU_SYNC_EVERY
         self.step, self.stop_reason = 0, "steps"
         self.confirmed: Losses | None = None  # float32 losses of the image that met stop_below
+        self.first_losses: Losses | None = None  # of the first image evaluated
         self._objectives: dict[tuple, StyleObjective] = {}
 
     def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
@@ -186,6 +190,7 @@ class _Run:
                 break
             x.grad = None
             losses = self.evaluate(objective, x, grad=True)
+            self.first_losses = self.first_losses or losses
             best_x, best = _keep_best(x.detach(), losses, best_x, best)
             optimizer.step()
             with torch.no_grad():
