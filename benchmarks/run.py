@@ -241,8 +241,9 @@ def server_overhead(server, extractor, settings: dict, repeats: int, size: int =
     # run-to-run noise, which here is larger than TorchServe's share.
     result["ratio"] = statistics.median(s / e for s, e in zip(served, engine))
     result["ratio_to_in_process"] = result["server_seconds"] / result["in_process_seconds"]
-    log(f"TorchServe at {size} px: {result['server_seconds']:.2f} s end to end, {result['worker_engine_seconds']:.2f} s "
-        f"in the worker's engine ({result['ratio']:.3f}); the same in-process {result['in_process_seconds']:.2f} s "
+    log(f"TorchServe at {size} px: {result['server_seconds']:.2f} s end to end, "
+        f"{result['worker_engine_seconds']:.2f} s in the worker's engine ({result['ratio']:.3f}); "
+        f"the same in-process {result['in_process_seconds']:.2f} s "
         f"({result['ratio_to_in_process']:.3f})")
     return result
 
