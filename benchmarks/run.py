@@ -5,10 +5,11 @@
     .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about half an hour
 
 Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
-coarse to fine reaches within a time budget, against one scale; TorchServe's overhead on one request at 128 px;
-throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic batching; peak memory of one
-request at 256 and 512 px. Times are medians of --repeats runs, the compared runs taking turns. Results go to
-benchmarks/results/<mode>.json with a loss-against-time plot beside it; --json also prints them to stdout.
+coarse to fine reaches within a time budget, against one scale; the loss a default request reaches in bf16
+against float32; TorchServe's overhead on one request at 128 px; throughput of 1, 2, 4 and 8 concurrent requests
+through TorchServe's dynamic batching; peak memory of one request at 256 and 512 px. Times are medians of
+--repeats runs, the compared runs taking turns. Results go to benchmarks/results/<mode>.json with a
+loss-against-time plot beside it; --json also prints them to stdout.
 """
 
 import argparse
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     report["per_iteration"] = {size: per_iteration(extractor, seed_model, size, args.repeats)
                                for size in ((48,) if args.smoke else (128, 256))}
     report["coarse_to_fine"] = coarse_to_fine(extractor, settings["budgets"], 96 if args.smoke else 256)
+    report["bf16_vs_fp32"] = precision_effect(extractor, 64 if args.smoke else 128)
     with tempfile.TemporaryDirectory() as work:
         weights_file = Path(work) / "features.pth"  # for the fresh processes of probe.py
         torch.save(state_dict, weights_file)
@@ -175,6 +177,24 @@ def per_iteration(extractor, seed_model, size: int, repeats: int, steps: int = 8
 
 def _gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step warms caches: left out
+
+
+# --- bf16 against float32 -------------------------------------------------------------------------------------
+
+
+def precision_effect(extractor, size: int) -> dict:
+    """The float32 loss a default request reaches optimised in bf16 against float32, at one size."""
+    content, style = images(size)
+    losses = {}
+    for precision in ("bf16", "fp32"):
+        params, _ = parse_params({"size": size, "precision": precision})
+        result = stylize(extractor, content, [style], params)
+        losses[precision] = {"final_loss": result.final_loss["total"], "steps": result.steps,
+                             "seconds": result.seconds}
+    losses["relative_difference"] = losses["bf16"]["final_loss"] / losses["fp32"]["final_loss"] - 1
+    log(f"default request at {size} px: bf16 reaches {losses['bf16']['final_loss']:.4g}, float32 "
+        f"{losses['fp32']['final_loss']:.4g} ({100 * losses['relative_difference']:+.1f} %)")
+    return losses
 
 
 # --- coarse to fine against one scale ----------------------------------------------------------------------------
