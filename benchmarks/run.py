@@ -183,18 +183,25 @@ def _gaps(stamps: list[float]) -> list[float]:
 
 
 def precision_effect(extractor, size: int) -> dict:
-    """The float32 loss a default request reaches optimised in bf16 against float32, at one size."""
+    """The float32 loss a default request reaches optimised in bf16 against float32, at one size: after the
+    same iterations, and float32 given only the time the bf16 run took."""
     content, style = images(size)
-    losses = {}
-    for precision in ("bf16", "fp32"):
-        params, _ = parse_params({"size": size, "precision": precision})
-        result = stylize(extractor, content, [style], params)
-        losses[precision] = {"final_loss": result.final_loss["total"], "steps": result.steps,
-                             "seconds": result.seconds}
-    losses["relative_difference"] = losses["bf16"]["final_loss"] / losses["fp32"]["final_loss"] - 1
-    log(f"default request at {size} px: bf16 reaches {losses['bf16']['final_loss']:.4g}, float32 "
-        f"{losses['fp32']['final_loss']:.4g} ({100 * losses['relative_difference']:+.1f} %)")
-    return losses
+    runs = {}
+    for name, raw in (("bf16", {"precision": "bf16"}), ("fp32", {"precision": "fp32"})):
+        runs[name] = _default_request(extractor, content, style, {"size": size, **raw})
+    runs["fp32_in_bf16_time"] = _default_request(extractor, content, style, {
+        "size": size, "precision": "fp32", "max_seconds": runs["bf16"]["seconds"]})
+    runs["same_steps_difference"] = runs["bf16"]["final_loss"] / runs["fp32"]["final_loss"] - 1
+    runs["same_time_difference"] = runs["bf16"]["final_loss"] / runs["fp32_in_bf16_time"]["final_loss"] - 1
+    log(f"default request at {size} px: bf16 reaches {runs['bf16']['final_loss']:.4g} in "
+        f"{runs['bf16']['seconds']:.1f} s; float32 {runs['fp32']['final_loss']:.4g} after as many steps in "
+        f"{runs['fp32']['seconds']:.1f} s, {runs['fp32_in_bf16_time']['final_loss']:.4g} in the same time")
+    return runs
+
+
+def _default_request(extractor, content, style, raw: dict) -> dict:
+    result = stylize(extractor, content, [style], parse_params(raw)[0])
+    return {"final_loss": result.final_loss["total"], "steps": result.steps, "seconds": result.seconds}
 
 
 # --- coarse to fine against one scale ----------------------------------------------------------------------------
