@@ -122,7 +122,7 @@ def test_coarse_to_fine_scales_and_progress(extractor, content, style):
 # Each image keeps its own Adam moments and its own L-BFGS history, so batching changes no arithmetic but
 # the convolutions' summation order. Under L-BFGS (a fixed step, no line search) those last-bit differences
 # grow with the iterations: pixels agree to 1e-4 over the first steps (a shared history would already differ
-# by far more at step 2), and the losses stay within 1 % later (README, "Batching").
+# by far more at step 2), and the losses stay within 1 % later (README, "The method": Batching).
 @pytest.mark.parametrize("optimizer, steps, pixel_tolerance", [("adam", 10, 1e-4), ("lbfgs", 2, 1e-4),
                                                                ("lbfgs", 10, None)])
 def test_a_batched_result_equals_the_solo_one(extractor, content, style, style2, optimizer, steps,

