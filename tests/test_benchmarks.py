@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -30,3 +32,13 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
     assert abs(report["fast_loss_vs_fp32"]) < 0.5
     assert "TFLOP/s" in run.stdout
+    fp32 = report["fp32"]  # 2 iterations at 32x24 px (the 4:3 sample), 2 FLOP per multiply-add, forward + backward
+    assert fp32["effective_tflops"] * 1e12 * fp32["seconds"] == pytest.approx(2 * 2 * 3.6e5 * 32 * 24 * 2)
+
+
+def test_gpu_check_counts_each_scale_at_its_own_size(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_check import _pixel_iterations
+
+    # reports every 10 iterations and at the last one of each scale: 15 iterations at 100 px, 20 at 400 px
+    assert _pixel_iterations([(10, 100), (15, 100), (25, 400), (35, 400)]) == 15 * 100 + 20 * 400

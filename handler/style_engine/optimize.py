@@ -16,7 +16,7 @@ from .color import keep_content_chroma
 from .lbfgs import BatchedLBFGS
 from .losses import Losses, StyleObjective
 from .params import StyleParams
-from .precision import use_bf16
+from .precision import extractor_precision, use_bf16
 from .resize import fit_longer_side, resize
 from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
                       style_size)
@@ -163,7 +163,7 @@ class _Run:
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
         """Losses of images x; with grad=True also fills x.grad."""
         with torch.set_grad_enabled(grad):
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16 if bf16 is None else bf16):
+            with extractor_precision(x.device, self.bf16 if bf16 is None else bf16):
                 features = self.extractor(x, objective.layers, self.params.pooling)
             losses = objective(features, x)
             if grad:

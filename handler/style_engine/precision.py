@@ -1,14 +1,20 @@
 """Where the VGG19 activations run in bfloat16.
 
-bf16 autocast makes a VGG19 step 2-3 times cheaper from about 128 px up where the hardware has native bf16
-arithmetic (README, "Benchmarks"); Grams and losses are always taken in float32 (losses.py). It buys loss per
+bf16 autocast makes a VGG19 step cheaper where the hardware has native bf16 arithmetic (on 2 CPU cores 1.6
+times at 128 px, 2.2 times at 256 px: README, "Benchmarks"); Grams and losses are always taken in float32
+(losses.py). It buys loss per
 second, not loss per iteration: in the last iterations the activations' rounding slows L-BFGS, so after the
 same number of iterations a bf16 run ends at a higher loss than a float32 one, yet below what float32 reaches
 in the same time. `precision=fp32` is for the last digits. Without native support bf16 is emulated and slower
 than float32; on tiny images it saves nothing per step while a bf16 run needs a second set of targets; `auto`
 keeps float32 in both cases.
+
+float32 means float32 on a GPU too: cuDNN would otherwise run float32 convolutions in TF32 (PyTorch's default),
+whose 10-bit mantissa is no better than bf16's where the point of float32 is its last digits. Every GPU with
+TF32 also has bf16, which `auto` picks there, so TF32 would speed up nothing that `auto` runs.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -38,3 +44,14 @@ def use_bf16(precision: str, device: torch.device, pixels: int) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def extractor_precision(device: torch.device, bf16: bool):
+    """The context the extractor runs in: bf16 autocast, or strict float32."""
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        cudnn = torch.backends.cudnn  # flags() resets every setting it is not given: pass the current ones
+        return cudnn.flags(enabled=True, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                           allow_tf32=False)
+    return contextlib.nullcontext()

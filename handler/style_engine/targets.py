@@ -11,6 +11,7 @@ from .layers import deepest, poolings_before
 from .losses import StyleObjective, gram_matrix
 from .errors import ImageError, ParamError
 from .params import StyleParams
+from .precision import extractor_precision
 from .resize import fit_longer_side, resize
 from .vgg import VGGFeatures
 
@@ -109,7 +110,7 @@ def style_grams(extractor: VGGFeatures, style: torch.Tensor, size: tuple[int, in
     image = resize(style, size).unsqueeze(0)
 
     def compute():
-        with torch.no_grad(), torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), extractor_precision(image.device, bf16):
             features = extractor(image, dict(params.style_layers), params.pooling)
         return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
 
@@ -126,7 +127,7 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
     """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W)."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
-    with torch.no_grad(), torch.autocast(contents.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), extractor_precision(contents.device, bf16):
         content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer]
     per_job = [_blended_grams(extractor, job, content, size, bf16, cache) for job, content in zip(jobs, contents)]
     style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
