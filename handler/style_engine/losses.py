@@ -16,11 +16,14 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
     Under bf16 autocast the activations are bf16, but a Gram sums H*W products: in bf16 its 8-bit mantissa
     would lose most of the style signal, so autocast is switched off and the product taken in fp32.
+    It is taken as P^T P with P = F^T of shape (H*W, C), which is a view of channels_last activations
+    (vgg.py): flattening them as (C, H*W) instead copied them, and the gradient that came back in that layout
+    made each addition to the convolutions' channels_last gradients slow: a step at 256 px cost 17 % more.
     """
     b, c, h, w = features.shape
     with torch.autocast(features.device.type, enabled=False):
-        flat = features.reshape(b, c, h * w).float()
-        return flat @ flat.transpose(1, 2)
+        positions = features.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # (B, H*W, C)
+        return positions.transpose(1, 2) @ positions
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
