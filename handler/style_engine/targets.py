@@ -32,14 +32,15 @@ def shrink_to_need(job: StyleJob) -> StyleJob:
     A decoded 40 MP photo holds 480 MB as float32; at most a few MB of it can matter for the result.
     """
     output = output_size(job)
-    styles = tuple(resize(style, style_size(style, output, job.params.style_scale))
-                   if _pixels(style_size(style, output, job.params.style_scale)) < _pixels(style.shape[-2:])
-                   else style for style in job.styles)
-    return StyleJob(resize(job.content, output), styles, job.params)
+    return StyleJob(resize(job.content, output),
+                    tuple(_shrink(style, style_size(style, output, job.params.style_scale)) for style in job.styles),
+                    job.params)
 
 
-def _pixels(size) -> int:
-    return size[0] * size[1]
+def _shrink(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`image` resized to `size` when that has fewer pixels, else `image` itself."""
+    height, width = image.shape[-2:]
+    return resize(image, size) if size[0] * size[1] < height * width else image
 
 
 def output_size(job: StyleJob) -> tuple[int, int]:
