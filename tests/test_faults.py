@@ -38,13 +38,16 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def wait_until_busy(pid: int, since: float, timeout: float = 30) -> None:
-    """Until the worker has used 0.5 s of CPU more than `since`: the request is being optimised. An idle
-    worker uses next to none."""
+def start_long_request(pool, instance, pid: int, max_seconds: float, timeout: float = 30):
+    """A long request submitted to `pool`, returned once worker `pid` is optimising it: when it has used 0.5 s
+    of CPU more than before (an idle worker uses next to none)."""
+    since = cpu_seconds(pid)
+    pending = pool.submit(predict, instance, {**LONG, "max_seconds": max_seconds})
     deadline = time.monotonic() + timeout
     while cpu_seconds(pid) - since < 0.5:
         assert time.monotonic() < deadline, "the worker never started on the request"
         time.sleep(0.05)
+    return pending
 
 
 def ready_worker(instance, not_pid: int | None = None, timeout: float = 120) -> int:
@@ -66,9 +69,7 @@ def assert_png(response: requests.Response) -> None:
 def test_a_worker_killed_mid_request_fails_that_request_at_once_and_is_replaced(breakable_server):
     pid = ready_worker(breakable_server)
     with ThreadPoolExecutor(1) as pool:
-        since = cpu_seconds(pid)
-        pending = pool.submit(predict, breakable_server, {**LONG, "max_seconds": 60})
-        wait_until_busy(pid, since)
+        pending = start_long_request(pool, breakable_server, pid, max_seconds=60)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         response, arrived_at = pending.result(timeout=60)
@@ -87,9 +88,7 @@ def test_a_full_job_queue_answers_503_at_once(breakable_server):
     # TorchServe refuses the other three at once, whichever arrive first.
     pid = ready_worker(breakable_server)
     with ThreadPoolExecutor(6) as pool:
-        since = cpu_seconds(pid)
-        running = pool.submit(predict, breakable_server, {**LONG, "max_seconds": 5})
-        wait_until_busy(pid, since)
+        running = start_long_request(pool, breakable_server, pid, max_seconds=5)
         sent_at = time.monotonic()
         others = [pool.submit(predict, breakable_server, SHORT) for _ in range(5)]
         results = [future.result(timeout=120) for future in others]
