@@ -135,8 +135,9 @@ def start_instances(model_store: Path, root: Path, count: int) -> list[TorchServ
     # The instances share this machine's cores. Left to themselves, each worker's OpenMP threads take every
     # core and the instances spin against each other (requests of 0.3 s took 12 s on 2 cores): give each
     # its share, as if it had a machine of its own.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
-    instances = [TorchServeInstance(model_store, root / f"instance-{i + 1}") for i in range(count)]
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    instances = [TorchServeInstance(model_store, root / f"instance-{i + 1}", env={"OMP_NUM_THREADS": threads})
+                 for i in range(count)]
     with ThreadPoolExecutor(max_workers=count) as pool:
         outcomes = list(pool.map(_start_quietly, instances))
     failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]

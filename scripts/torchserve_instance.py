@@ -30,9 +30,11 @@ def free_port() -> int:
 
 
 class TorchServeInstance:
-    def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None):
+    def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None):
+        """`overrides`: config.properties settings; `env`: environment variables for the server and its workers."""
         self.model_store, self.workdir = Path(model_store).resolve(), Path(workdir).resolve()
-        self.overrides = overrides or {}
+        self.overrides, self.env = overrides or {}, env or {}
         self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
                                                      "grpc_management")}
         self.process: subprocess.Popen | None = None
@@ -78,7 +80,7 @@ class TorchServeInstance:
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.properties").write_text(self.config_text())
-        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp),
+        env = {**os.environ, **self.env, "TMPDIR": str(tmp), "TEMP": str(tmp),
                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
