@@ -2,7 +2,7 @@
 """Our engine against the seed's loop, side by side in one process, on the same weights, images and objective.
 
     .venv/bin/python benchmarks/run.py --quick --json   # 64 px, 300 seed steps: a few minutes on 2 cores
-    .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about half an hour
+    .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about 25 minutes on 2 cores
 
 Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
 coarse to fine reaches within a time budget, against one scale; the loss a default request reaches in bf16

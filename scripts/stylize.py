@@ -6,7 +6,7 @@
     python scripts/stylize.py content.jpg style.jpg -o out.png --local --weights imagenet --json
 
 --url calls the REST API and streams progress (--no-stream turns that off); --grpc calls gRPC StreamPredictions
-(TorchServe 0.12 cannot stream progress over gRPC, so the bar only counts seconds); --local runs the engine
+(TorchServe 0.12 cannot stream progress over gRPC, so the bar only shows that it waits); --local runs the engine
 in this process. The token comes from --token, else from --key-file (TorchServe's key_file.json).
 --set key=value sets any request parameter (README, "Parameters"); values are read as JSON where they parse
 (`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise. A progress bar goes to stderr; --json
@@ -111,7 +111,7 @@ def _advance(bar, step: int, steps: int, loss: float, scale: int, scales: int) -
 
 
 def _parts(args, params: dict) -> dict[str, bytes]:
-    """The request's parts as CONTENT.md names them: content, style, style_2, ..., params (JSON)."""
+    """The request's parts as CONTRACT.md names them: content, style, style_2, ..., params (JSON)."""
     parts = {"content": Path(args.content).read_bytes()}
     for i, path in enumerate(args.styles):
         parts["style" if i == 0 else f"style_{i + 1}"] = Path(path).read_bytes()
