@@ -3,17 +3,23 @@
 Why not torch.optim.LBFGS: it flattens all parameters into one vector, so images optimised together in a
 batch would share one curvature estimate and step size and a batched result would differ from a solo one;
 and it reads scalars back to the host several times per step (`float(loss)`, `if ys > 1e-10`), which stalls
-a GPU. Here every quantity is per image, kept on the device, and a rejected curvature pair is masked out
-instead of branched on. Like torch.optim.LBFGS without `line_search_fn` (the setting style-transfer
-implementations use), it takes a fixed step `lr` along the quasi-Newton direction. The first step, without
-a curvature estimate yet, moves no pixel by more than FIRST_STEP: torch's min(1, 1/|g|_1) depends on the
-loss weights and image size and was so short here that the second step overshot: at 128 px the loss was 544
-after 10 iterations with torch's first step and 398 with ours (2026-11-28).
+a GPU. Here every quantity is per image and kept on the device: each image has its own ring of curvature
+pairs and its own count of them, and a pair that fails the curvature condition is not stored at all (it takes
+no slot and pushes out no older pair), decided by masks rather than branches. Like torch.optim.LBFGS without
+`line_search_fn` (the setting style-transfer implementations use), it takes a fixed step `lr` along the
+quasi-Newton direction.
+
+Until an image has a curvature pair its direction is the plain gradient, whose length depends on the loss
+weights and the image size; that step moves no pixel by more than FIRST_STEP times lr. torch's
+min(1, 1/|g|_1) for the first step was so short here that the second step overshot: at 128 px the loss was 544
+after 10 iterations with torch's first step and 398 with ours (2026-11-28). The same bound applies while the
+first pairs are rejected: an unscaled gradient step at style_weight 1e6 would throw every pixel to 0 or 1.
 """
 
 import torch
 
-FIRST_STEP = 0.05  # largest change of any pixel value (in [0, 1]) on the first step, times lr
+FIRST_STEP = 0.05  # largest change of any pixel value (in [0, 1]) of a step without curvature pairs, times lr
+CURVATURE_MIN = 1e-10  # y.s at or below this fails the curvature condition: the pair would make H indefinite
 
 
 class BatchedLBFGS:
@@ -22,43 +28,57 @@ class BatchedLBFGS:
     def __init__(self, x: torch.Tensor, lr: float = 1.0, history: int = 20):
         self.x, self.lr, self.history = x, lr, history
         batch, n = x.shape[0], x[0].numel()
-        self.s = x.new_zeros(history, batch, n)  # past steps x_{k+1} - x_k
+        self.s = x.new_zeros(history, batch, n)  # past steps x_{k+1} - x_k, image b's newest in slot stored[b]-1
         self.y = x.new_zeros(history, batch, n)  # past gradient changes g_{k+1} - g_k
-        self.rho = x.new_zeros(history, batch)  # 1 / (y.s); 0 marks an empty or rejected pair
+        self.rho = x.new_zeros(history, batch)  # 1 / (y.s); 0 marks an empty slot
         self.gamma = x.new_ones(batch)  # scale of the initial inverse Hessian, (s.y)/(y.y) of the newest pair
-        self.pairs = 0  # pairs stored so far (the ring buffer's write position is pairs % history)
+        self.stored = torch.zeros(batch, dtype=torch.long, device=x.device)  # pairs accepted so far, per image
+        self.offered = 0  # pairs offered so far: no image can have stored more
+        self.rows = torch.arange(batch, device=x.device)
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def step(self) -> None:
         x, g = self.x.detach().flatten(1), self.x.grad.detach().flatten(1)
-        if self.previous is None:
-            step_size = self.lr * FIRST_STEP / g.abs().amax(1).clamp_min(1e-30)
-        else:
+        if self.previous is not None:
             self._remember(x - self.previous[0], g - self.previous[1])
-            step_size = torch.full_like(self.gamma, self.lr)
+        without_pairs = self.lr * FIRST_STEP / g.abs().amax(1).clamp_min(1e-30)
+        step_size = torch.where(self.stored > 0, self.lr, without_pairs)
         direction = self._direction(g)
         self.previous = (x.clone(), g.clone())
         self.x.add_((direction * step_size[:, None]).view_as(self.x))
 
     def _remember(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Store each image's pair in its next slot, where it meets the curvature condition."""
         ys = (y * s).sum(1)
-        accepted = ys > 1e-10  # curvature condition; a pair failing it would make the Hessian indefinite
-        slot = self.pairs % self.history
-        self.s[slot], self.y[slot] = s, y
-        self.rho[slot] = torch.where(accepted, 1.0 / ys.clamp_min(1e-10), 0.0)
+        accepted = ys > CURVATURE_MIN
+        slot = self.stored % self.history
+        keep = accepted[:, None]
+        self.s[slot, self.rows] = torch.where(keep, s, self.s[slot, self.rows])
+        self.y[slot, self.rows] = torch.where(keep, y, self.y[slot, self.rows])
+        self.rho[slot, self.rows] = torch.where(accepted, 1.0 / ys.clamp_min(CURVATURE_MIN), self.rho[slot, self.rows])
         self.gamma = torch.where(accepted, ys / (y * y).sum(1).clamp_min(1e-30), self.gamma)
-        self.pairs += 1
+        self.stored += accepted
+        self.offered += 1
+
+    def _pair(self, age: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's pair stored `age` pairs before its newest (s, y, rho); rho is 0 where there is none,
+        since until its ring is full, the slots before an image's first pair are empty."""
+        slot = (self.stored - 1 - age) % self.history
+        return self.s[slot, self.rows], self.y[slot, self.rows], self.rho[slot, self.rows]
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
-        """-H g by the two-loop recursion, newest pair first; pairs with rho = 0 contribute nothing."""
-        newest_first = [(self.pairs - 1 - i) % self.history for i in range(min(self.pairs, self.history))]
-        q, alphas = g.neg(), {}
-        for i in newest_first:
-            alphas[i] = self.rho[i] * (self.s[i] * q).sum(1)
-            q = q - alphas[i][:, None] * self.y[i]
+        """-H g by the two-loop recursion, newest pair first; empty slots (rho = 0) contribute nothing. The
+        pairs are gathered again in the second loop rather than kept: keeping them would double the memory."""
+        ages = range(min(self.offered, self.history))
+        q, alphas = g.neg(), []
+        for age in ages:
+            s, y, rho = self._pair(age)
+            alphas.append(rho * (s * q).sum(1))
+            q = q - alphas[-1][:, None] * y
         r = q * self.gamma[:, None]
-        for i in reversed(newest_first):
-            beta = self.rho[i] * (self.y[i] * r).sum(1)
-            r = r + self.s[i] * (alphas[i] - beta)[:, None]
+        for age in reversed(ages):
+            s, y, rho = self._pair(age)
+            beta = rho * (y * r).sum(1)
+            r = r + s * (alphas[age] - beta)[:, None]
         return r
