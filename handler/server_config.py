@@ -14,6 +14,7 @@ class ServerConfig:
     deepest_layer: str = "relu5_1"  # the extractor is cut here; no request may use a deeper layer
     max_image_pixels: int = 40_000_000  # per uploaded image, checked before decoding (decompression bombs)
     max_styles: int = 4  # style images per request
+    max_style_pixels: int = 2_097_152  # per style image at the output scale, after style_scale (targets.check_job)
     max_batch_pixels: int = 1_048_576  # output pixels optimised together in one batch (memory grows with them)
     gram_cache_entries: int = 32  # style images whose Grams are kept (about 2.5 MB each with the default layers)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request parameter defaults

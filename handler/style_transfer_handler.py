@@ -102,7 +102,7 @@ class StyleTransferHandler:
         styles = tuple(decode_image(data, "style" if i == 0 else f"style_{i + 1}", max_pixels=limit)
                        for i, data in enumerate(request.styles))
         job = StyleJob(content, styles, style_params)
-        check_job(job, self.extractor)
+        check_job(job, self.extractor, self.config.max_style_pixels)
         return shrink_to_need(job), output_params  # what waits for its batch holds megabytes, not gigabytes
 
     def _run(self, jobs: list[StyleJob], callback) -> list[StyleResult | dict]:
@@ -123,7 +123,8 @@ class StyleTransferHandler:
     def _respond(self, context, index: int, result: StyleResult, output: OutputParams):
         image = encode_image(result.image, output.format, output.quality)
         headers = {"X-Style-Steps": str(result.steps), "X-Style-Seconds": f"{result.seconds:.3f}",
-                   "X-Style-Loss": f"{result.final_loss['total']:.6g}", "X-Style-Stop-Reason": result.stop_reason}
+                   "X-Style-Loss": f"{result.final_loss['total']:.6g}", "X-Style-Stop-Reason": result.stop_reason,
+                   "X-Style-Precision": result.precision}
         if self.config.random_weights:
             headers["X-Style-Weights"] = RANDOM_WEIGHTS_NOTE
         for name, value in headers.items():

@@ -1,17 +1,33 @@
 """The optimisation loop: what it converges to, when it stops, and that batching changes nothing."""
 
+import re
+
 import pytest
 import torch
 
-from style_engine import ImageError, ParamError, StyleJob, parse_params, stylize, stylize_batch
+from style_engine import ImageError, ParamError, StyleJob, TooLargeError, parse_params, stylize, stylize_batch
+from style_engine import precision, targets
 from style_engine.codec import encode_image
 from style_engine.color import match_colors, rgb_to_yiq
 from style_engine.optimize import scale_sizes
 from style_engine.resize import resize
+from style_engine.targets import GramCache, build_objective, check_job
+
+# bf16 only runs where the CPU has it natively (precision.py); emulated, a bf16 request runs in float32.
+needs_native_bf16 = pytest.mark.skipif(not precision.cpu_has_native_bf16(),
+                                       reason="this CPU has no native bf16: bf16 requests run in float32 here")
+PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_native_bf16)]
 
 
 def params(**overrides):
     return parse_params({"size": 64, "steps": 30, **overrides})[0]
+
+
+def total_loss(extractor, job: StyleJob, image: torch.Tensor, size: tuple[int, int]) -> float:
+    """The float32 total loss of `image` (3, h, w), resized to `size`, against `job` optimised at that size."""
+    objective = build_objective(extractor, [job], size, size, bf16=False)
+    images = resize(image, size)[None]
+    return objective(extractor(images, objective.layers, job.params.pooling), images).total.item()
 
 
 def test_style_equal_to_content_starting_from_content_has_zero_loss(extractor, content):
@@ -20,7 +36,7 @@ def test_style_equal_to_content_starting_from_content_has_zero_loss(extractor, c
     assert torch.equal(result.image, resize(content, (48, 64)))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_style_loss_falls_by_90_percent_within_30_lbfgs_steps(extractor, content, style, precision):
     result = stylize(extractor, content, [style], params(steps=30, early_stop_tol=0, precision=precision))
     assert result.steps == 30 and result.stop_reason == "steps"
@@ -28,7 +44,7 @@ def test_style_loss_falls_by_90_percent_within_30_lbfgs_steps(extractor, content
     assert result.image.shape == (3, 48, 64) and 0 <= result.image.min() and result.image.max() <= 1
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_same_inputs_give_the_same_bytes(extractor, content, style, precision):
     p = params(steps=8, init="noise", seed=7, precision=precision)
     first, second = (encode_image(stylize(extractor, content, [style], p).image) for _ in range(2))
@@ -87,11 +103,16 @@ def test_histogram_matching_gives_the_style_the_contents_colour_statistics(conte
 
 
 def test_time_budget_returns_the_best_image_so_far(extractor, content, style):
-    result = stylize(extractor, content, [style], params(steps=10_000, max_seconds=2.0, size=96, min_scale=48))
+    seen = []
+    result = stylize(extractor, content, [style], params(steps=10_000, max_seconds=2.0, size=96, min_scale=48),
+                     callback=seen.append)
     assert result.stop_reason == "max_seconds" and result.stopped_early
-    assert 0 < result.steps < 10_000 and result.seconds < 2.0 + 1.0  # overshoot: at most one step, one forward
+    # overshoot: at most one step and the float32 evaluation of the result, each well under a second at 96 px
+    # even on a slow, shared machine
+    assert 0 < result.steps < 10_000 and result.seconds < 2.0 + 1.0
     assert result.image.shape == (3, 72, 96)
-    assert result.final_loss["total"] < result.initial_loss["total"]
+    at_output = [p.loss["total"] for p in seen if p.size == (72, 96)]
+    assert result.final_loss["total"] == pytest.approx(min(at_output or [result.initial_loss["total"]]), rel=1e-6)
 
 
 def test_early_stop_when_the_loss_stops_improving(extractor, content, style):
@@ -116,14 +137,43 @@ def test_coarse_to_fine_scales_and_progress(extractor, content, style):
         + [(i, 3, (72, 96)) for i in range(9, 13)])
     assert all(s.steps == 12 and s.scales == 3 and s.item == 0 for s in seen)
     assert result.steps == 12 and result.image.shape == (3, 72, 96)
-    assert result.final_loss["total"] < result.initial_loss["total"]
+
+
+def test_a_finer_scale_starts_where_the_coarser_one_ended(extractor, content, style):
+    """What the coarse scale did is kept: the finer scale's first loss is no worse than the coarse result's own
+    loss at the finer size (its plain upsampling; ours carries the change onto the sharper content, so it does
+    better). Clamping the carried change to [0, 1] lost every darkening and started 10 times higher."""
+    p = params(size=96, min_scale=48, steps=60, early_stop_tol=0, precision="fp32")
+    seen = []
+    stylize(extractor, content, [style], p, callback=seen.append)
+    coarse_end = [progress for progress in seen if progress.scale == 1][-1]
+    fine_start = next(progress for progress in seen if progress.scale == 2)
+    coarse_at_fine_size = total_loss(extractor, StyleJob(content, (style,), p), coarse_end.image, fine_start.size)
+    assert fine_start.loss["total"] <= 1.5 * coarse_at_fine_size
+
+
+def test_progress_shows_the_best_image_and_its_loss(extractor, content, style):
+    """The streamed preview and the loss shown with it belong together: both are the best image's so far. An
+    Adam step of 0.3 overshoots often, so the latest image is often not the best."""
+    p = params(size=64, steps=8, optimizer="adam", lr=0.3, early_stop_tol=0, precision="fp32")
+    seen = []
+    stylize(extractor, content, [style], p, callback=lambda progress: seen.append(
+        (progress.loss["total"], progress.image.clone(), progress.size)))
+    for shown_loss, image, size in seen:
+        assert total_loss(extractor, StyleJob(content, (style,), p), image, size) == pytest.approx(shown_loss,
+                                                                                                  rel=1e-5)
+    assert len({loss for loss, _, _ in seen}) < len(seen)  # some steps overshot: the best stayed
 
 
 # Each image keeps its own Adam moments and its own L-BFGS history, so batching changes no arithmetic but
-# the convolutions' summation order. Under L-BFGS (a fixed step, no line search) those last-bit differences
-# grow with the iterations: pixels agree to 1e-4 over the first steps (a shared history would already differ
-# by far more at step 2), and the losses stay within 1 % later (README, "The method": Batching).
-@pytest.mark.parametrize("optimizer, steps, pixel_tolerance", [("adam", 10, 1e-4), ("lbfgs", 2, 1e-4),
+# the convolutions' summation order, which differs between batch sizes on some CPUs (AVX2 kernels) and not on
+# others. Those last-bit differences (about 1e-7 relative) move an Adam step (lr * m / sqrt(v)) by next to
+# nothing, except at the few pixels whose gradient is near zero, where its sign can flip: those may differ by
+# up to 2 * lr per step. So with Adam 99 % of the pixels agree to 1e-5 (seen: 2e-7, and 0.14 % of them over
+# 1e-4 on an AMD EPYC), all of them to 2 * lr * steps; images that swapped their targets would not. Under
+# L-BFGS's fixed steps the differences grow with the iterations: pixels agree to 1e-4 over the first two (a
+# shared history would already differ by far more there), and the losses stay within 1 % later.
+@pytest.mark.parametrize("optimizer, steps, pixel_tolerance", [("adam", 10, 1e-5), ("lbfgs", 2, 1e-4),
                                                                ("lbfgs", 10, None)])
 def test_a_batched_result_equals_the_solo_one(extractor, content, style, style2, optimizer, steps,
                                               pixel_tolerance):
@@ -133,14 +183,31 @@ def test_a_batched_result_equals_the_solo_one(extractor, content, style, style2,
     batched = stylize_batch(extractor, jobs)
     for job, together in zip(jobs, batched):
         alone = stylize_batch(extractor, [job])[0]
-        if pixel_tolerance is not None:
-            torch.testing.assert_close(together.image, alone.image, atol=pixel_tolerance, rtol=0)
+        difference = (together.image - alone.image).abs().flatten()
+        if optimizer == "adam":
+            assert difference.quantile(0.99) <= pixel_tolerance
+            assert difference.max() <= 2 * 0.02 * steps  # Adam's default lr here
+        elif pixel_tolerance is not None:
+            assert difference.max() <= pixel_tolerance
         assert together.final_loss["total"] == pytest.approx(alone.final_loss["total"], rel=1e-2)
+        assert together.steps == alone.steps == steps
+
+
+def test_in_a_batch_each_image_stops_as_it_would_alone(extractor, content, style):
+    """An image that has converged is held while the rest of its batch goes on: it returns what it would alone,
+    after as many iterations, instead of running as long as the slowest image."""
+    common = dict(size=64, steps=60, early_stop_window=5, early_stop_tol=0.01, precision="fp32")
+    done_at_once = StyleJob(content, (content,), params(**common))  # its loss is 0 from the start
+    slower = StyleJob(content, (style,), params(**common))
+    quick_alone, slow_alone = stylize_batch(extractor, [done_at_once])[0], stylize_batch(extractor, [slower])[0]
+    quick, slow = stylize_batch(extractor, [done_at_once, slower])
+    assert quick.stop_reason == quick_alone.stop_reason == "converged"
+    assert quick.steps == quick_alone.steps < slow.steps
+    assert torch.equal(quick.image, quick_alone.image) and quick.final_loss["total"] < 1e-9
+    assert slow.final_loss["total"] == pytest.approx(slow_alone.final_loss["total"], rel=1e-2)
 
 
 def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style):
-    from style_engine.targets import GramCache
-
     cache = GramCache(capacity=4)
     p = params(steps=3, size=64, min_scale=32, precision="fp32")  # two scales: two style sizes
     first = stylize(extractor, content, [style], p, gram_cache=cache)
@@ -152,10 +219,27 @@ def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style)
     stylize(extractor, content, [style], params(steps=1, size=64, min_scale=32, precision="fp32", pooling="avg"),
             gram_cache=cache)
     assert cache.misses == 4  # another pooling is another key
+    assert not torch.equal(first.image, again.image)
+
+
+@needs_native_bf16
+def test_bf16_grams_are_cached_apart_from_float32_ones(extractor, content, style):
+    cache = GramCache(capacity=4)
+    stylize(extractor, content, [style], params(steps=1, size=64, min_scale=64, precision="fp32"), gram_cache=cache)
     stylize(extractor, content, [style], params(steps=1, size=64, min_scale=64, precision="bf16"), gram_cache=cache)
     # bf16 Grams for the loop are a new key; the float32 ones for the reported losses are the first call's
-    assert (cache.hits, cache.misses) == (3, 5)
-    assert not torch.equal(first.image, again.image)
+    assert (cache.hits, cache.misses) == (1, 2)
+
+
+def test_each_style_image_is_hashed_once_per_request(extractor, content, style, style2, monkeypatch):
+    """The cache key of a style image is taken once per request, not at every scale: on a GPU each digest
+    copies the image to the host."""
+    hashed = []
+    digest = targets.image_digest
+    monkeypatch.setattr(targets, "image_digest", lambda image: hashed.append(image.shape) or digest(image))
+    p = params(steps=3, size=96, min_scale=24, precision="fp32")
+    stylize(extractor, content, [content.flip(-1), content.flip(-2)], p, gram_cache=GramCache())
+    assert len(hashed) == 2  # three scales, two style images
 
 
 def test_images_are_reduced_to_what_the_optimisation_uses(content, style):
@@ -168,10 +252,47 @@ def test_images_are_reduced_to_what_the_optimisation_uses(content, style):
     assert job.styles[1] is style  # 96 px wide already fits under 128: never enlarged
 
 
-def test_auto_precision_is_bf16_only_where_it_pays():
-    from style_engine.precision import cpu_has_native_bf16, use_bf16
+def test_style_images_are_bounded_in_pixels_at_the_output_scale(extractor, content, style):
+    """style_scale enlarges the style images before their Grams are taken, which no time budget interrupts:
+    past max_style_pixels a request is refused, and the message names the largest style_scale that fits."""
+    limit = 20_000
+    with pytest.raises(TooLargeError) as error:
+        check_job(StyleJob(content, (content.flip(-1), style), params(size=96, style_scale=4.0)), extractor, limit)
+    assert str(error.value).startswith("style_scale 4 makes style 384x288 = 110592 px at size 96")
+    with pytest.raises(TooLargeError) as error:
+        check_job(StyleJob(content, (style,), params(size=96, style_scale=4.0)), extractor, limit)
+    assert error.value.field == "style_scale" and error.value.status == 413
+    largest = float(re.search(r"style_scale at most ([0-9.]+)", str(error.value)).group(1))
+    check_job(StyleJob(content, (style,), params(size=96, style_scale=largest)), extractor, limit)
+    with pytest.raises(TooLargeError):
+        check_job(StyleJob(content, (style,), params(size=96, style_scale=largest + 0.01)), extractor, limit)
 
+
+def test_auto_precision_picks_bf16_only_on_devices_with_native_bf16(monkeypatch):
+    """A T4 (compute capability 7.5) emulates bf16, an A100 (8.0) runs it natively; each worker asks about its
+    own device, whichever is current."""
+    capabilities = {0: (7, 5), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[device.index])
+    large = 512 * 512
+    assert precision.use_bf16("auto", torch.device("cuda:1"), large) is True
+    assert precision.use_bf16("auto", torch.device("cuda:0"), large) is False
+    assert precision.use_bf16("bf16", torch.device("cuda:0"), large) is False  # emulated: float32 instead
+    assert precision.use_bf16("auto", torch.device("cuda:1"), 48 * 64) is False  # tiny: bf16 saves nothing
+    assert precision.use_bf16("fp32", torch.device("cuda:1"), large) is False
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_on_the_cpu_follows_its_bf16_support(monkeypatch, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert use_bf16("fp32", cpu, 10**6) is False and use_bf16("bf16", cpu, 16) is True
-    assert use_bf16("auto", cpu, 64 * 48) is False  # tiny outputs: no faster per step, and a second set of targets
-    assert use_bf16("auto", cpu, 256 * 192) is cpu_has_native_bf16()
+    assert precision.use_bf16("auto", cpu, 256 * 192) is native
+    assert precision.use_bf16("bf16", cpu, 256 * 192) is native
+    assert precision.use_bf16("auto", cpu, 64 * 48) is False
+
+
+def test_bf16_asked_for_without_native_bf16_runs_float32_and_says_so(extractor, content, style, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    asked = stylize(extractor, content, [style], params(steps=3, precision="bf16"))
+    plain = stylize(extractor, content, [style], params(steps=3, precision="fp32"))
+    assert asked.precision == plain.precision == "fp32"
+    assert torch.equal(asked.image, plain.image)

@@ -13,5 +13,6 @@ def result_fields(result: StyleResult, fmt: str) -> dict:
         "steps": result.steps,
         "seconds": round(result.seconds, 4),
         "stop_reason": result.stop_reason,
+        "precision": result.precision,
         "loss": {"initial": result.initial_loss, "final": result.final_loss},
     }

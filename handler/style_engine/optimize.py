@@ -17,9 +17,9 @@ from .lbfgs import BatchedLBFGS
 from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import extractor_precision, use_bf16
-from .resize import fit_longer_side, resize
+from .resize import fit_longer_side, resample, resize
 from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
-                      style_size)
+                      style_keys, style_size)
 from .vgg import VGGFeatures
 
 # Fields that may differ between the jobs of one batch: they only change a job's own targets or start image.
@@ -33,25 +33,26 @@ GPU_SYNC_EVERY = 10  # iterations between reads of the losses on a GPU (progress
 class Progress:
     """One optimiser iteration of one image, as passed to the progress callback."""
 
-    step: int  # iterations done, over all scales
+    step: int  # iterations this image has done, over all scales
     steps: int  # iteration budget over all scales (early stopping may end sooner)
     scale: int  # 1-based index of the current scale
     scales: int
     size: tuple[int, int]  # (height, width) being optimised at this scale
-    loss: dict[str, float]  # content, style, tv, total of the best image so far at this scale
+    loss: dict[str, float]  # content, style, tv, total of `image`
     seconds: float  # since the request's optimisation began
-    image: torch.Tensor  # (3, h, w) the image being optimised, after this iteration: a view, copy it to keep it
+    image: torch.Tensor  # (3, h, w) the best image so far at this scale: a view, copy it to keep it
     item: int = 0  # index of the image in its batch
 
 
 @dataclass(frozen=True)
 class StyleResult:
     image: torch.Tensor  # (3, H, W) float32 in [0, 1] on the CPU
-    steps: int  # iterations run
+    steps: int  # iterations run for this image
     seconds: float
     initial_loss: dict[str, float]  # of the initial image at the output size
     final_loss: dict[str, float]  # of the returned image before any colour preservation
     stop_reason: str  # "steps" (budget used), "converged", "max_seconds" or "target_loss"
+    precision: str  # the activations' precision the optimisation ran in: "fp32" or "bf16"
 
     @property
     def stopped_early(self) -> bool:
@@ -66,25 +67,27 @@ def batch_key(params: StyleParams) -> tuple:
 
 def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: StyleParams, *,
             callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
-            gram_cache: GramCache | None = None) -> StyleResult:
+            gram_cache: GramCache | None = None, deadline: float | None = None) -> StyleResult:
     """Stylise one content image (3, H, W) in [0, 1] with one or more style images; see stylize_batch."""
     return stylize_batch(extractor, [StyleJob(content, tuple(styles), params)], callback=callback,
-                         stop_below=stop_below, gram_cache=gram_cache)[0]
+                         stop_below=stop_below, gram_cache=gram_cache, deadline=deadline)[0]
 
 
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
                   callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
-                  gram_cache: GramCache | None = None) -> list[StyleResult]:
+                  gram_cache: GramCache | None = None, deadline: float | None = None) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
-    Jobs must share `batch_key` and output size. `stop_below` ends the optimisation once every image's total
-    loss at the output size, in float32, is at or below it (benchmarks time reaching a given loss with it).
-    `gram_cache` keeps style Grams across calls.
+    Jobs must share `batch_key` and output size. Each image stops by its own budget and convergence, as it
+    would alone (a stopped image is held still while the others go on). `stop_below` ends the optimisation once
+    every image's total loss at the output size, in float32, is at or below it (benchmarks time reaching a
+    given loss with it). `gram_cache` keeps style Grams across calls. `deadline`, a time.perf_counter() value,
+    ends the optimisation then at the latest, whatever the jobs' max_seconds.
     """
     start = time.perf_counter()
-    jobs = [_on_device(job, extractor.mean.device) for job in jobs]
+    jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
     output = _check_batch(jobs, extractor)
-    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache)
+    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
     evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
@@ -94,8 +97,9 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     final = best if not run.bf16 else run.confirmed or run.float32_losses(x)
     seconds = time.perf_counter() - start
     return [
-        StyleResult(image=_finish(job, x[i]), steps=run.step, seconds=seconds,
-                    initial_loss=initial.as_floats(i), final_loss=final.as_floats(i), stop_reason=run.stop_reason)
+        StyleResult(image=_finish(job, x[i]), steps=run.steps_done[i], seconds=seconds,
+                    initial_loss=initial.as_floats(i), final_loss=final.as_floats(i),
+                    stop_reason=run.stop_reasons[i], precision="bf16" if run.bf16 else "fp32")
         for i, job in enumerate(jobs)
     ]
 
@@ -114,8 +118,9 @@ def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int
     x, size = None, None
     for index, scale_size in enumerate(sizes := scale_sizes(run.jobs, output)):
         x0 = resize(init_full, scale_size)
-        if x is not None:  # carry over what the coarser scale changed, on top of this scale's own detail
-            x0 = (x0 + resize(x - resize(init_full, size), scale_size)).clamp(0, 1)
+        if x is not None:  # carry over what the coarser scale changed, on top of this scale's own detail;
+            # the change is signed: resampled without clamping, or every darkening would be lost
+            x0 = (x0 + resample(x - resize(init_full, size), scale_size)).clamp(0, 1)
         x, best = run.optimise(run.objective(scale_size), x0, index, sizes)
         size = scale_size
     return x, best
@@ -139,17 +144,22 @@ def scale_sizes(jobs: list[StyleJob], output: tuple[int, int]) -> list[tuple[int
 
 
 class _Run:
-    """State shared by the scales of one optimisation: objectives, step count, clock, reporting, stop reason."""
+    """State shared by the scales of one optimisation: objectives, clock, reporting, and per image the
+    iterations done and why it stopped."""
 
-    def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache):
+    def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline):
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
-        self.start, self.callback, self.stop_below, self.gram_cache = start, callback, stop_below, gram_cache
+        self.start, self.callback, self.stop_below = start, callback, stop_below
+        self.gram_cache, self.style_keys = gram_cache, style_keys
+        budget_end = math.inf if self.params.max_seconds is None else start + self.params.max_seconds
+        self.end = min(budget_end, math.inf if deadline is None else deadline)
         device = extractor.mean.device
         self.bf16 = use_bf16(self.params.precision, device, output[0] * output[1])
         self.sync_every = 1 if device.type == "cpu" else GPU_SYNC_EVERY
-        self.step, self.stop_reason = 0, "steps"
-        self.confirmed: Losses | None = None  # float32 losses of the image that met stop_below
-        self.first_losses: Losses | None = None  # of the first image evaluated
+        self.steps_done = [0] * len(jobs)
+        self.stop_reasons = ["steps"] * len(jobs)
+        self.confirmed: Losses | None = None  # float32 losses of the images that met stop_below
+        self.first_losses: Losses | None = None  # of the first images evaluated
         self._objectives: dict[tuple, StyleObjective] = {}
 
     def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
@@ -157,7 +167,7 @@ class _Run:
         bf16 = self.bf16 if bf16 is None else bf16
         if (size, bf16) not in self._objectives:
             self._objectives[size, bf16] = build_objective(self.extractor, self.jobs, size, self.output, bf16,
-                                                           self.gram_cache)
+                                                           self.gram_cache, self.style_keys)
         return self._objectives[size, bf16]
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
@@ -175,50 +185,46 @@ class _Run:
         return self.evaluate(self.objective(self.output, bf16=False), x, grad=False, bf16=False)
 
     def optimise(self, objective, x0, scale_index: int, sizes: list) -> tuple[torch.Tensor, Losses]:
-        """Run this scale's share of the iterations; returns the best image seen and its losses."""
-        params, scales = self.params, len(sizes)
-        steps = (params.steps - self.step) // (scales - scale_index)  # what a coarse scale leaves goes on
-        x = x0.clone().requires_grad_(True)
-        optimizer = _optimizer(params, x)
-        best_x, best = x0, None
-        history, pending = [], []  # best total loss after each iteration, per image; not yet read back
-        final_scale = scale_index == scales - 1
+        """Run this scale's share of each image's iterations; returns the best images seen and their losses."""
+        scales, final_scale = len(sizes), scale_index == len(sizes) - 1
+        # each image's share of what it has left: what a coarse scale leaves unused goes on to the next
+        budgets = [(self.params.steps - done) // (scales - scale_index) for done in self.steps_done]
+        scale = _Scale(x0, self.params, budgets)
         deadline = self._deadline(sizes[scale_index:])
-        for iteration in range(steps):
+        for iteration in range(max(budgets)):
             if time.perf_counter() >= deadline:
-                self.stop_reason = "max_seconds" if final_scale else self.stop_reason
+                self._stop(scale.stop_all(), "max_seconds", final_scale)
                 break
-            x.grad = None
-            losses = self.evaluate(objective, x, grad=True)
+            losses = self.evaluate(objective, scale.x, grad=True)
             self.first_losses = self.first_losses or losses
-            best_x, best = _keep_best(x.detach(), losses, best_x, best)
-            optimizer.step()
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            self.step += 1
-            pending.append(best.total)
-            if len(pending) < self.sync_every and iteration < steps - 1:
+            scale.step(losses)
+            for item in scale.stepped:
+                self.steps_done[item] += 1
+            if not scale.sync_due(self.sync_every):
                 continue  # on a GPU, reading losses back every step would stall it: read them in groups
-            history += torch.stack(pending).tolist()  # the loop's one host sync; L-BFGS needs none of its own
-            pending = []
-            self._report(best, x.detach(), scale_index, scales)
-            if final_scale and self._target_reached(best_x, history[-1]):
-                self.stop_reason = "target_loss"
+            scale.read_back()  # the loop's one host sync; L-BFGS needs none of its own
+            self._report(scale, scale_index, scales)
+            if final_scale and self._target_reached(scale):
+                self._stop(scale.stop_all(), "target_loss", final_scale)
                 break
-            if _converged(history, params.early_stop_window, params.early_stop_tol):
-                self.stop_reason = "converged" if final_scale else self.stop_reason
+            self._stop(scale.stop_converged(), "converged", final_scale)
+            if not scale.any_active:
                 break
-        if best is None:  # no iteration ran at this scale
-            best = self.evaluate(objective, x0, grad=False)
-        return best_x, best
+        return scale.best_x, scale.best or self.evaluate(objective, x0, grad=False)  # the last: no iteration ran
 
-    def _target_reached(self, best_x: torch.Tensor, best_totals: list[float]) -> bool:
+    def _stop(self, items: list[int], reason: str, final_scale: bool) -> None:
+        """At the output size, record why these images stopped; at a coarser scale they just go on to the next."""
+        if final_scale:
+            for item in items:
+                self.stop_reasons[item] = reason
+
+    def _target_reached(self, scale: "_Scale") -> bool:
         """Every image at or below stop_below, confirmed in float32 when optimising in bf16."""
-        if self.stop_below is None or max(best_totals) > self.stop_below:
+        if self.stop_below is None or max(scale.history[-1]) > self.stop_below:
             return False
         if not self.bf16:
             return True
-        losses = self.float32_losses(best_x)
+        losses = self.float32_losses(scale.best_x)
         if max(losses.total.tolist()) > self.stop_below:
             return False
         self.confirmed = losses
@@ -228,20 +234,85 @@ class _Run:
         """When this scale, sizes[0], must stop: of the time left it gets its share of the pixels still to
         optimise, which is also its share of the time under the even split of iterations (an iteration costs
         about its pixels). A half each, as first tried, made coarse to fine lose to one scale under a budget."""
-        if self.params.max_seconds is None:
+        if self.end == math.inf:
             return math.inf
-        now, end = time.perf_counter(), self.start + self.params.max_seconds
+        now = time.perf_counter()
         pixels = [height * width for height, width in sizes]
-        return now + (end - now) * pixels[0] / sum(pixels)
+        return now + (self.end - now) * pixels[0] / sum(pixels)
 
-    def _report(self, best: Losses, x: torch.Tensor, scale_index: int, scales: int) -> None:
+    def _report(self, scale: "_Scale", scale_index: int, scales: int) -> None:
         if self.callback is None:
             return
         seconds = time.perf_counter() - self.start
         for item in range(len(self.jobs)):
-            self.callback(Progress(step=self.step, steps=self.params.steps, scale=scale_index + 1, scales=scales,
-                                   size=tuple(x.shape[-2:]), loss=best.as_floats(item), seconds=seconds,
-                                   image=x[item], item=item))
+            self.callback(Progress(step=self.steps_done[item], steps=self.params.steps, scale=scale_index + 1,
+                                   scales=scales, size=tuple(scale.x.shape[-2:]), loss=scale.best.as_floats(item),
+                                   seconds=seconds, image=scale.best_x[item], item=item))
+
+
+class _Scale:
+    """The optimisation of a batch of images at one scale: the images, their optimiser, the best image of each
+    so far, and which images still run. A stopped image is held where it is and its best kept, so that it ends
+    as it would have alone; its gradient is still computed with the others' (the batch keeps its shape)."""
+
+    def __init__(self, x0: torch.Tensor, params: StyleParams, budgets: list[int]):
+        self.params, self.budgets = params, budgets
+        self.x = x0.clone().requires_grad_(True)
+        self.optimizer = _optimizer(params, self.x)
+        self.best_x, self.best = x0, None
+        self.active = [budget > 0 for budget in budgets]
+        self.iterations = 0
+        self.stepped: list[int] = []  # the images the latest step moved
+        self.history: list[list[float]] = []  # best total loss of every image after each iteration, read back
+        self.pending: list[torch.Tensor] = []  # the same, not yet read back
+
+    @property
+    def any_active(self) -> bool:
+        return any(self.active)
+
+    def step(self, losses: Losses) -> None:
+        """Keep each running image's best, then move the running images one optimiser step."""
+        running = None if all(self.active) else torch.tensor(self.active, device=self.x.device)
+        self.best_x, self.best = _keep_best(self.x.detach(), losses, self.best_x, self.best, running)
+        held = None if running is None else self.x.detach().clone()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.x.clamp_(0, 1)
+            if held is not None:
+                self.x.copy_(torch.where(running[:, None, None, None], self.x, held))
+        self.x.grad = None
+        self.iterations += 1
+        self.stepped = [item for item, running in enumerate(self.active) if running]
+        for item in self.stepped:
+            self.active[item] = self.iterations < self.budgets[item]
+        self.pending.append(self.best.total)
+
+    def sync_due(self, sync_every: int) -> bool:
+        """Read back every sync_every iterations, and whenever an image has just used up its budget."""
+        return len(self.pending) >= sync_every or any(self.iterations == self.budgets[i] for i in self.stepped)
+
+    def read_back(self) -> None:
+        self.history += torch.stack(self.pending).tolist()
+        self.pending = []
+
+    def stop_all(self) -> list[int]:
+        """Stop every running image; returns which."""
+        stopped = [item for item, running in enumerate(self.active) if running]
+        self.active = [False] * len(self.active)
+        return stopped
+
+    def stop_converged(self) -> list[int]:
+        """Stop the running images whose best loss improved by less than early_stop_tol (relative) over the last
+        early_stop_window iterations; returns which."""
+        tolerance, window = self.params.early_stop_tol, self.params.early_stop_window
+        if tolerance <= 0 or len(self.history) <= window:
+            return []
+        old, new = self.history[-1 - window], self.history[-1]
+        stopped = [item for item, running in enumerate(self.active)
+                   if running and old[item] - new[item] <= tolerance * abs(old[item])]
+        for item in stopped:
+            self.active[item] = False
+        return stopped
 
 
 def _optimizer(params: StyleParams, x: torch.Tensor):
@@ -251,26 +322,28 @@ def _optimizer(params: StyleParams, x: torch.Tensor):
     return torch.optim.Adam([x], lr=lr)
 
 
-def _keep_best(x: torch.Tensor, losses: Losses, best_x: torch.Tensor, best: Losses | None):
-    """Per image, keep whichever of (x, losses) and (best_x, best) has the lower total; no host sync."""
+def _keep_best(x: torch.Tensor, losses: Losses, best_x: torch.Tensor, best: Losses | None,
+               running: torch.Tensor | None):
+    """Per image, keep whichever of (x, losses) and (best_x, best) has the lower total, only for the images
+    `running` (a (B,) bool mask, None for all) marks; no host sync."""
     if best is None:
         return x.clone(), losses
     better = losses.total < best.total  # (B,)
+    if running is not None:
+        better &= running
     best_x = torch.where(better[:, None, None, None], x, best_x)
     return best_x, Losses(*(torch.where(better, new, old) for new, old in zip(losses.terms(), best.terms())))
 
 
-def _converged(history: list[list[float]], window: int, tolerance: float) -> bool:
-    """True when every image's best loss improved by less than `tolerance` (relative) over `window` steps."""
-    if tolerance <= 0 or len(history) <= window:
-        return False
-    return all(old - new <= tolerance * abs(old) for old, new in zip(history[-1 - window], history[-1]))
-
-
-def _on_device(job: StyleJob, device: torch.device) -> StyleJob:
-    job = shrink_to_need(job)  # before the copy to the device: less to copy
-    return StyleJob(job.content.to(device, torch.float32), tuple(s.to(device, torch.float32) for s in job.styles),
-                    job.params)
+def _on_device(jobs: list[StyleJob], device: torch.device, keyed: bool):
+    """The jobs with their images reduced to what the optimisation uses and moved to `device`, and, when
+    `keyed`, the digests that key each job's style Grams in a GramCache: taken here, once per request, from
+    the images still on the host."""
+    jobs = [shrink_to_need(job) for job in jobs]  # before the copy to the device: less to copy
+    keys = [style_keys(job) for job in jobs] if keyed else None
+    moved = [StyleJob(job.content.to(device, torch.float32),
+                      tuple(s.to(device, torch.float32) for s in job.styles), job.params) for job in jobs]
+    return moved, keys
 
 
 def _initial_image(job: StyleJob, size: tuple[int, int]) -> torch.Tensor:

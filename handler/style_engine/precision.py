@@ -7,7 +7,7 @@ slows L-BFGS, so after the same number of iterations a bf16 run ends at a higher
 the same time it did as well or better at 128 px (from 4 % above float32 to 59 % below, in four runs), and its
 steps save more at larger sizes. `precision=fp32` is for the last digits. Without native support bf16 is
 emulated and slower than float32; on tiny images it saves nothing per step while a bf16 run needs a second set
-of targets; `auto` keeps float32 in both cases.
+of targets; `auto` keeps float32 in both cases, and without native support so does `bf16`.
 
 float32 means float32 on a GPU too: cuDNN would otherwise run float32 convolutions in TF32 (PyTorch's default),
 whose 10-bit mantissa is nearer bf16's 7 bits than float32's 23, and the point of float32 is its last digits.
@@ -31,6 +31,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` itself runs bf16 arithmetic natively. On NVIDIA GPUs that is compute capability 8.0
+    (Ampere) and newer: torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (T4, V100), and it
+    asks about the current device, which need not be the worker's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 # Below this output size bf16 is not clearly faster per step here: at 48x36 px float32 was 15 % faster, and at
 # 64x48 the runs went from bf16 3 % slower to 1.5x faster, the second set of targets and the float32 check
 # eating much of that (2026-11-28); from 128 px up bf16 wins in every run.
@@ -39,14 +48,11 @@ BF16_MIN_PIXELS = 64 * 64
 
 def use_bf16(precision: str, device: torch.device, pixels: int) -> bool:
     """Whether to run the extractor under bf16 autocast for a request's `precision` (auto, fp32, bf16) and
-    output size in pixels."""
-    if precision != "auto":
-        return precision == "bf16"
-    if pixels < BF16_MIN_PIXELS:
+    output size in pixels. Only on a device with native bf16: emulated, bf16 is several times slower than
+    float32 and no more accurate, so even an explicit `bf16` runs in float32 there (the answer says which ran)."""
+    if precision == "fp32" or not has_native_bf16(device):
         return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
+    return precision == "bf16" or pixels >= BF16_MIN_PIXELS
 
 
 def extractor_precision(device: torch.device, bf16: bool):

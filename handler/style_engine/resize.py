@@ -1,4 +1,4 @@
-"""Image sizes and resampling for tensors in [0, 1]."""
+"""Image sizes and resampling."""
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +12,19 @@ def fit_longer_side(height: int, width: int, longer: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., 3, H, W) -> (..., 3, h, w), antialiased bicubic, clamped to [0, 1]; unchanged when already that size.
-
-    Returns a new tensor or `images` itself; it never writes into `images`.
-    """
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    batched = images.dim() == 4
-    out = F.interpolate(images if batched else images.unsqueeze(0), size=size, mode="bicubic",
-                        align_corners=False, antialias=True).clamp(0, 1)
+def resample(tensors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., C, H, W) -> (..., C, h, w), antialiased bicubic, values left as they come: for signed data such as
+    the change an optimisation made to an image. Returns `tensors` itself when already that size, else a new
+    tensor; it never writes into `tensors`."""
+    if tuple(tensors.shape[-2:]) == tuple(size):
+        return tensors
+    batched = tensors.dim() == 4
+    out = F.interpolate(tensors if batched else tensors.unsqueeze(0), size=size, mode="bicubic",
+                        align_corners=False, antialias=True)
     return out if batched else out.squeeze(0)
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images in [0, 1] resampled to `size` and clamped back into [0, 1] (bicubic overshoots at edges)."""
+    out = resample(images, size)
+    return out if out is images else out.clamp(0, 1)

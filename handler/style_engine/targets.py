@@ -1,6 +1,7 @@
 """What a request's optimisation aims at, computed once per request and scale, never per step."""
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 from .color import match_colors
 from .layers import deepest, poolings_before
 from .losses import StyleObjective, gram_matrix
-from .errors import ImageError, ParamError
+from .errors import ImageError, ParamError, TooLargeError
 from .params import StyleParams
 from .precision import extractor_precision
 from .resize import fit_longer_side, resize
@@ -57,8 +58,12 @@ def smallest_side(params: StyleParams) -> int:
     return 2 ** poolings_before(deepest([params.content_layer, *dict(params.style_layers)]))
 
 
-def check_job(job: StyleJob, extractor: VGGFeatures) -> None:
-    """Raise a RequestError for a request this extractor cannot serve, before any heavy work."""
+def check_job(job: StyleJob, extractor: VGGFeatures, max_style_pixels: int | None = None) -> None:
+    """Raise a RequestError for a request this extractor cannot serve, before any heavy work.
+
+    `max_style_pixels` bounds each style image's pixels at the output scale: the Gram targets are computed
+    before the optimisation starts, so no time budget can interrupt them, and style_scale can make a style
+    image many times larger than the output."""
     params = job.params
     if extractor.check_layers([params.content_layer]):
         raise ParamError("content_layer", f"content_layer {params.content_layer!r} is deeper than this "
@@ -76,17 +81,36 @@ def check_job(job: StyleJob, extractor: VGGFeatures) -> None:
                                     f"gives a {out[1]}x{out[0]} px output at size {params.size}; "
                                     f"both sides must be at least {needed} px")
     for i, style in enumerate(job.styles):
-        if min(style_size(style, out, params.style_scale)) < needed:
-            part = "style" if i == 0 else f"style_{i + 1}"
+        part = "style" if i == 0 else f"style_{i + 1}"
+        height, width = style_size(style, out, params.style_scale)
+        if min(height, width) < needed:
             raise ImageError(part, f"{part} image of {style.shape[-1]}x{style.shape[-2]} px is too narrow at "
                                    f"style_scale {params.style_scale:g}: both sides must reach {needed} px")
+        if max_style_pixels is not None and height * width > max_style_pixels:
+            largest = largest_style_scale(style, out, max_style_pixels)
+            raise TooLargeError("style_scale", f"style_scale {params.style_scale:g} makes {part} {width}x{height} "
+                                               f"= {height * width} px at size {params.size}; at most "
+                                               f"{max_style_pixels} px are allowed: style_scale at most "
+                                               f"{largest:g} for this image")
+
+
+def largest_style_scale(style: torch.Tensor, output: tuple[int, int], max_pixels: int) -> float:
+    """The largest style_scale, in hundredths, at which `style` has at most `max_pixels` px for this output."""
+    height, width = style.shape[-2:]
+    # pixels grow with the square of the scale; the sides' rounding moves the exact answer a little either way
+    estimate = math.sqrt(max_pixels / (height * width)) * max(height, width) / max(output)
+    scale = math.ceil(100 * estimate) / 100 + 0.02
+    while scale > 0.01 and math.prod(style_size(style, output, scale)) > max_pixels:
+        scale = round(scale - 0.01, 2)
+    return scale
 
 
 class GramCache:
     """Least-recently-used style Grams, so that a style image sent again costs no VGG forward pass.
 
-    Keyed by a digest of the exact image the extractor sees (after resizing and any colour matching), the
-    layers, pooling, precision and the extractor's weights; an entry holds about 2.5 MB for the default layers.
+    Keyed by a digest of the style image (and of the content, where the style is recoloured to it), the size
+    the extractor sees it at, the layers, pooling, precision and the extractor's weights; an entry holds about
+    2.5 MB for the default layers.
     """
 
     def __init__(self, capacity: int = 32):
@@ -105,32 +129,39 @@ class GramCache:
         return value
 
 
-def style_grams(extractor: VGGFeatures, style: torch.Tensor, size: tuple[int, int], params: StyleParams,
-                bf16: bool, cache: GramCache | None = None) -> dict[str, tuple[torch.Tensor, int]]:
-    """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of a style image resized to `size`."""
-    image = resize(style, size).unsqueeze(0)
+def image_digest(image: torch.Tensor) -> str:
+    """A digest of an image's exact values, which identifies it in a GramCache."""
+    return hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
-    def compute():
-        with torch.no_grad(), extractor_precision(image.device, bf16):
-            features = extractor(image, dict(params.style_layers), params.pooling)
-        return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
 
-    if cache is None:
-        return compute()
-    digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-    key = (digest, tuple(image.shape), params.style_layers, params.pooling, bf16, extractor.fingerprint,
-           str(image.device))
-    return cache.get(key, compute)
+def style_keys(job: StyleJob) -> tuple[tuple[str, str | None], ...]:
+    """What identifies each style image of a job in a GramCache, apart from sizes and settings: its digest and,
+    where it is recoloured to the content (preserve_color histogram), the content's."""
+    content = image_digest(job.content) if job.params.preserve_color == "histogram" else None
+    return tuple((image_digest(style), content) for style in job.styles)
+
+
+def style_grams(extractor: VGGFeatures, image: torch.Tensor, params: StyleParams,
+                bf16: bool) -> dict[str, tuple[torch.Tensor, int]]:
+    """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of one style image (3, h, w) as it is."""
+    with torch.no_grad(), extractor_precision(image.device, bf16):
+        features = extractor(image.unsqueeze(0), dict(params.style_layers), params.pooling)
+    return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
 
 
 def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
-                    output: tuple[int, int], bf16: bool, cache: GramCache | None = None) -> StyleObjective:
-    """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W)."""
+                    output: tuple[int, int], bf16: bool, cache: GramCache | None = None,
+                    keys: list[tuple] | None = None) -> StyleObjective:
+    """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W).
+
+    With a `cache`, `keys` holds style_keys(job) for each job, taken once per request (hashing an image
+    on the device would copy it to the host)."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
     with torch.no_grad(), extractor_precision(contents.device, bf16):
         content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer]
-    per_job = [_blended_grams(extractor, job, content, size, bf16, cache) for job, content in zip(jobs, contents)]
+    per_job = [_blended_grams(extractor, job, content, size, bf16, cache, job_keys)
+               for job, content, job_keys in zip(jobs, contents, keys or [None] * len(jobs))]
     style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
     return StyleObjective(
         content_target.float(), style_targets, content_layer=params.content_layer,
@@ -142,7 +173,8 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
     )
 
 
-def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache) -> dict[str, torch.Tensor]:
+def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache,
+                   keys) -> dict[str, torch.Tensor]:
     """The job's style targets for a target image of `size`: the style images' Grams blended by style_blend.
 
     An unnormalised Gram sums over positions, so a style image with more or fewer positions than the target
@@ -152,14 +184,29 @@ def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, 
     params = job.params
     blend = params.style_blend or (1.0,) * len(job.styles)
     blended: dict[str, torch.Tensor] = {}
-    for style, weight in zip(job.styles, blend):
-        if params.preserve_color == "histogram":
-            style = match_colors(style, content)
-        grams = style_grams(extractor, style, style_size(style, size, params.style_scale), params, bf16, cache)
+    for index, (style, weight) in enumerate(zip(job.styles, blend)):
+        grams = _style_grams_cached(extractor, style, content, size, params, bf16, cache,
+                                    None if keys is None else keys[index])
         for layer, (gram, positions) in grams.items():
             term = gram * ((weight / sum(blend)) * (_positions(layer, size) / positions))
             blended[layer] = term if layer not in blended else blended[layer] + term
     return blended
+
+
+def _style_grams_cached(extractor, style, content, size, params: StyleParams, bf16: bool, cache, key):
+    """style_grams of `style` as the optimisation at `size` sees it (recoloured to `content` with
+    preserve_color histogram, resized by style_scale), from `cache` under `key` when both are given."""
+    target = style_size(style, size, params.style_scale)
+
+    def compute():
+        image = match_colors(style, content) if params.preserve_color == "histogram" else style
+        return style_grams(extractor, resize(image, target), params, bf16)
+
+    if cache is None or key is None:
+        return compute()
+    recoloured_for = size if params.preserve_color == "histogram" else None  # the content is resized to `size`
+    return cache.get((key, target, recoloured_for, params.style_layers, params.pooling, bf16,
+                      extractor.fingerprint, str(style.device)), compute)
 
 
 def _positions(layer: str, size: tuple[int, int]) -> int:
