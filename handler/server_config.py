@@ -1,5 +1,6 @@
 """The server's own settings: the `handler:` section of the archive's model-config.yaml, read once and checked."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,20 +18,37 @@ class ServerConfig:
     max_style_pixels: int = 2_097_152  # per style image at the output scale, after style_scale (targets.check_job)
     max_batch_pixels: int = 1_048_576  # output pixels optimised together in one batch (memory grows with them)
     gram_cache_entries: int = 32  # style images whose Grams are kept (about 2.5 MB each with the default layers)
+    # Of TorchServe's responseTimeout, the time one call of the handler keeps back from the optimisation for
+    # decoding, encoding and the last iteration: every answer of the call must reach TorchServe before it
+    # gives up on the worker and restarts it.
+    reply_margin_seconds: float = 30.0
+    response_timeout: float = 120.0  # TorchServe's responseTimeout (s): read from the top level of model-config
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request parameter defaults
     maxima: Mapping[str, float] = field(default_factory=dict)  # upper bounds of numeric parameters
 
     @classmethod
     def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None) -> "ServerConfig":
-        section = dict((model_yaml or {}).get("handler") or {})
-        unknown = set(section) - set(cls.__dataclass_fields__)
+        model_yaml = model_yaml or {}
+        section = dict(model_yaml.get("handler") or {})
+        allowed = set(cls.__dataclass_fields__) - {"response_timeout"}  # TorchServe's own key, read below
+        unknown = set(section) - allowed
         if unknown:
             raise ValueError(f"model-config.yaml handler section: unknown keys {sorted(unknown)}")
-        config = cls(**section)
+        config = cls(**section, response_timeout=float(model_yaml.get("responseTimeout", cls.response_timeout)))
         if config.deepest_layer not in LAYER_INDEX:
             raise ValueError(f"model-config.yaml handler.deepest_layer: {config.deepest_layer!r} is no VGG19 layer")
         validate_server_config(config.defaults, config.maxima)
+        budget_cap = config.maxima.get("max_seconds", math.inf)
+        if budget_cap > config.seconds_per_call:
+            raise ValueError(f"model-config.yaml: handler.maxima.max_seconds ({budget_cap}) must leave "
+                             f"reply_margin_seconds ({config.reply_margin_seconds}) under responseTimeout "
+                             f"({config.response_timeout})")
         return config
+
+    @property
+    def seconds_per_call(self) -> float:
+        """How long one call of the handler may optimise, all its requests together."""
+        return self.response_timeout - self.reply_margin_seconds
 
     @property
     def random_weights(self) -> bool:

@@ -32,6 +32,7 @@ class ProgressStream:
     def __init__(self, context, index: int, preview: bool):
         self.context, self.index, self.preview = context, index, preview
         self.last_sent = self.last_preview = -float("inf")
+        self.started = False  # once a chunk has gone out, the status and content type can no longer change
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
@@ -51,3 +52,4 @@ class ProgressStream:
         request_id = self.context.request_ids[self.index]
         send_intermediate_predict_response({self.index: chunk}, {self.index: request_id}, "Intermediate response",
                                            200, self.context)
+        self.started = True

@@ -10,10 +10,12 @@ import base64
 import json
 import logging
 import os
+import time
 
 import torch
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
 from request_parsing import parse_request
@@ -32,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RANDOM_WEIGHTS_NOTE = "random: for tests only, the result shows no real style"
+DEVICE_FAILED = {"code": 503, "type": "DeviceFailure", "field": None,
+                 "message": "the worker's device failed and cannot recover; a new worker is starting: send the "
+                            "request again"}
+DEVICE_FAILED_EXIT_STATUS = 3  # a worker that ends on a failed device (TorchServe restarts it)
 OUT_OF_MEMORY = {"code": 507, "type": "OutOfMemory", "field": "size",
                  "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
 INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
@@ -57,36 +63,38 @@ class StyleTransferHandler:
         state_dict = load_features_state_dict(weights_path, self.config.deepest_layer)
         self.extractor = VGGFeatures(state_dict, self.config.deepest_layer).to(self.device)
         self.gram_cache = GramCache(self.config.gram_cache_entries)
+        self.device_failed = False  # set when the device can no longer run work: the worker then ends
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
-        logger.info("style_transfer: VGG19 up to %s on %s", self.config.deepest_layer, self.device)
+        logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s)", self.config.deepest_layer,
+                    self.device, gpu_id)
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list:
+        # One deadline for the whole call: TorchServe waits responseTimeout for all of its answers together.
+        deadline = time.perf_counter() + self.config.seconds_per_call
         responses: list = [None] * len(data)
         prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
         for index, row in enumerate(data):
             try:
                 prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
             except RequestError as error:
-                responses[index] = _error(context, index, error.status, error.to_json())
-        for indices in _batches(prepared, self.config.max_batch_pixels):
-            streams = {item: ProgressStream(context, index, prepared[index][1].preview)
-                       for item, index in enumerate(indices) if prepared[index][1].stream}
-            results = self._run([prepared[i][0] for i in indices], _dispatch(streams) if streams else None)
-            for index, outcome in zip(indices, results):
-                output = prepared[index][1]
-                if isinstance(outcome, StyleResult):
-                    responses[index] = self._respond(context, index, outcome, output)
-                else:
-                    error = _error(context, index, outcome["code"], outcome)
-                    responses[index] = json_line({"event": "error", **outcome}) if output.stream else error
+                responses[index] = _error(context, index, error.to_json())
+                _log_request(context, index, error.status, error=error.to_json())
+        groups = _batches(prepared, self.config.max_batch_pixels)
+        for position, indices in enumerate(groups):
+            share = _time_share(deadline, [_cost(prepared, group) for group in groups[position:]])
+            responses_of_group = self._serve(context, prepared, indices, share)
+            for index, response in zip(indices, responses_of_group):
+                responses[index] = response
         for index in range(len(data)):
             if _is_grpc(context, index):
                 # TorchServe 0.12's gRPC StreamPredictions reads this header without a null check and restarts
                 # the worker when a final response lacks it (GRPCJob.response). Not for REST, where "false"
                 # on an unstreamed response leaves the client waiting for a chunked end that never comes.
                 context.set_response_header(index, "ts_stream_next", "false")
+        if self.device_failed:
+            _answer_then_exit(context, responses)
         _raise_for_a_lone_grpc_error(context, responses)
         return responses
 
@@ -105,20 +113,57 @@ class StyleTransferHandler:
         check_job(job, self.extractor, self.config.max_style_pixels)
         return shrink_to_need(job), output_params  # what waits for its batch holds megabytes, not gigabytes
 
-    def _run(self, jobs: list[StyleJob], callback) -> list[StyleResult | dict]:
+    def _serve(self, context, prepared: dict, indices: list[int], deadline: float) -> list:
+        """Optimise one group of requests together; one response (or error) per request, in order."""
+        streams = {item: ProgressStream(context, index, prepared[index][1].preview)
+                   for item, index in enumerate(indices) if prepared[index][1].stream}
+        outcomes = self._run([prepared[i][0] for i in indices], _dispatch(streams) if streams else None, deadline)
+        responses = []
+        for item, (index, outcome) in enumerate(zip(indices, outcomes)):
+            job, output = prepared[index]
+            if isinstance(outcome, StyleResult):
+                responses.append(self._respond(context, index, outcome, output))
+                _log_request(context, index, 200, job, outcome, batch=len(indices))
+            else:
+                responses.append(_failure(context, index, outcome, streams.get(item)))
+                _log_request(context, index, outcome["code"], job, batch=len(indices), error=outcome)
+        return responses
+
+    def _run(self, jobs: list[StyleJob], callback, deadline: float) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
+        if self.device_failed:  # an earlier group of this call broke the device
+            return [DEVICE_FAILED] * len(jobs)
         try:
-            return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache)
+            return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
+                                 deadline=deadline)
         except Exception as error:
-            if not _is_out_of_memory(error):  # a bug, not the client's fault: answer 500, keep the worker
+            if not _is_out_of_memory(error):  # not the client's fault
                 logger.exception("style_transfer: optimisation failed")
-                return [INTERNAL_ERROR] * len(jobs)
+                if self._device_works():
+                    return [INTERNAL_ERROR] * len(jobs)  # a bug: answer 500, keep the worker
+                logger.critical("style_transfer: %s no longer works; this worker ends once it has answered "
+                                "and TorchServe starts a new one", self.device)
+                self.device_failed = True
+                return [DEVICE_FAILED] * len(jobs)
             logger.error("style_transfer: out of memory for %d request(s): %s", len(jobs), str(error))
         # Only here, after the except block, are the exception and the step's tensors its traceback held gone,
         # so that the allocator's cache can be handed back.
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return [OUT_OF_MEMORY] * len(jobs)
+
+    def _device_works(self) -> bool:
+        """Whether the device still runs work after a failure. Some CUDA errors (a device-side assert, an
+        illegal memory access) leave the process's CUDA context unusable: every later call fails as well, and
+        only a new process recovers. A tiny computation read back tells."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.ones(1, device=self.device).add_(1).cpu()
+            torch.cuda.synchronize(self.device)
+        except Exception:  # whatever the error, the device cannot be trusted with another request
+            return False
+        return True
 
     def _respond(self, context, index: int, result: StyleResult, output: OutputParams):
         image = encode_image(result.image, output.format, output.quality)
@@ -176,9 +221,23 @@ def _dispatch(streams: dict[int, ProgressStream]):
     return callback
 
 
+def _time_share(deadline: float, costs: list[float]) -> float:
+    """When the first of the call's remaining groups must end: its share of the time left by its cost. What a
+    group leaves unused goes to the next; each group's own max_seconds applies within its share."""
+    now = time.perf_counter()
+    return now + (deadline - now) * costs[0] / sum(costs)
+
+
+def _cost(prepared: dict, indices: list[int]) -> float:
+    """What a group costs, roughly: output pixels times iterations, for each of its images."""
+    job = prepared[indices[0]][0]
+    height, width = output_size(job)
+    return height * width * job.params.steps * len(indices)
+
+
 def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], max_pixels: int) -> list[list[int]]:
     """Request indices grouped so that each group can be optimised as one batch: same settings and output
-    size, and at most `max_pixels` output pixels together (memory grows with the batch)."""
+    size, and at most `max_pixels` output pixels together (memory grows with the batch); cheapest first."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
         groups.setdefault((batch_key(job.params), output_size(job)), []).append(index)
@@ -186,13 +245,53 @@ def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], max_pixels: int
     for (_, (height, width)), indices in groups.items():
         per_batch = max(1, max_pixels // (height * width))
         batches += [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
-    return batches
+    return sorted(batches, key=lambda batch: _cost(prepared, batch))  # the cheapest first: see _time_share
 
 
-def _error(context, index: int, status: int, body: dict) -> str:
-    context.set_response_status(status, body["type"], index)
+def _error(context, index: int, body: dict) -> str:
+    """An error answer: its status, and CONTRACT.md's JSON error as the body."""
+    context.set_response_status(body["code"], body["type"], index)
     context.set_response_content_type(index, "application/json")
     return json.dumps(body)
+
+
+def _failure(context, index: int, error: dict, stream: ProgressStream | None) -> str:
+    """The answer of a request whose optimisation failed. Once a stream has begun, its status (200) and
+    content type have gone out with the first chunk: the error then ends the stream as its last line."""
+    if stream is not None and stream.started:
+        context.set_response_content_type(index, STREAM_CONTENT_TYPE)
+        return json_line({"event": "error", **error})
+    return _error(context, index, error)
+
+
+def _log_request(context, index: int, status: int, job: StyleJob | None = None, result: StyleResult | None = None,
+                 batch: int | None = None, error: dict | None = None) -> None:
+    """One line per request for operators, as JSON: what was asked, what ran, how it ended. No image data."""
+    record: dict = {"request_id": context.request_ids[index], "status": status}
+    if job is not None:
+        height, width = output_size(job)
+        record.update(size=f"{width}x{height}", styles=len(job.styles), batch=batch)
+    if result is not None:
+        record.update(steps=result.steps, precision=result.precision, seconds=round(result.seconds, 3),
+                      stop_reason=result.stop_reason)
+    if error is not None:
+        record.update(error=error["type"], field=error["field"])
+    logger.info("style_transfer request %s", json.dumps(record))
+
+
+def _answer_then_exit(context, responses: list) -> None:
+    """Send this call's answers to TorchServe's frontend as its worker loop would, then end the worker
+    process: TorchServe starts a new one, with a new CUDA context, and until it is ready the model shows
+    unhealthy on /ping and to readiness probes."""
+    ids = context.request_ids
+    try:
+        _raise_for_a_lone_grpc_error(context, responses)
+        message = create_predict_response(responses, ids, "Prediction success", 200, context=context)
+    except PredictionException as error:
+        message = create_predict_response(None, ids, error.message, error.error_code)
+    context.cl_socket.sendall(message)
+    logging.shutdown()
+    os._exit(DEVICE_FAILED_EXIT_STATUS)
 
 
 def _record_metrics(context, index: int, result: StyleResult) -> None:

@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build(weights: str, export_path: Path) -> Path:
-    model_config = yaml.safe_load((HANDLER_DIR / "model-config.yaml").read_text())
-    handler_config = model_config["handler"]
+def build(weights: str, export_path: Path, *, handler: Path = HANDLER_DIR / "style_transfer_handler.py",
+          settings: dict | None = None) -> Path:
+    """The archive; `handler` is its entry module (importing the handler/ files beside it), `settings` replace
+    top-level keys of model-config.yaml (tests build archives with short time limits)."""
+    model_config = {**yaml.safe_load((HANDLER_DIR / "model-config.yaml").read_text()), **(settings or {})}
+    handler_config = model_config["handler"] = dict(model_config["handler"])  # never the caller's dict
     handler_config["weights"] = weights if weights in ("imagenet", "random") else Path(weights).name
     if weights == "random":
         print("build_mar: WARNING: RANDOM VGG19 weights: this archive is for tests only, its results show no "
@@ -55,16 +58,16 @@ def build(weights: str, export_path: Path) -> Path:
         torch.save(state_dict, files / handler_config["weights_file"])
         config_file = Path(staging) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
-        _archive(files, config_file, export_path, Path(staging))
+        _archive(handler, files, config_file, export_path, Path(staging))
     return export_path / f"{MODEL_NAME}.mar"
 
 
-def _archive(files: Path, config_file: Path, export_path: Path, staging: Path) -> None:
+def _archive(handler: Path, files: Path, config_file: Path, export_path: Path, staging: Path) -> None:
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
     config = ModelArchiverConfig(
-        model_name=MODEL_NAME, version=MODEL_VERSION, handler=str(HANDLER_DIR / "style_transfer_handler.py"),
+        model_name=MODEL_NAME, version=MODEL_VERSION, handler=str(handler),
         extra_files=str(files), config_file=str(config_file), export_path=str(export_path), force=True,
     )
     # The archiver stages in gettempdir()/<model name>: a private temp dir keeps concurrent builds apart.

@@ -115,7 +115,8 @@ def test_container_config_differs_from_the_repository_config_only_where_a_contai
     container, local = properties(DEPLOY / "config.properties"), properties(ROOT / "config.properties")
     assert differing_keys(container, local) == {
         "inference_address", "metrics_address", "grpc_inference_address", "model_store", "metrics_config",
-        "allowed_urls", "token_expiration_min"}
+        "allowed_urls", "token_expiration_min", "default_workers_per_model"}
+    assert "default_workers_per_model" not in container  # one worker per visible GPU (README, "Capacity")
     assert container["inference_address"] == "http://0.0.0.0:8080"
     assert container["management_address"].startswith("http://127.0.0.1:")
     assert container["disable_token_authorization"] == "false" and container["enable_model_api"] == "false"
@@ -127,7 +128,8 @@ def test_kserve_config_differs_from_the_repository_config_only_where_kserve_need
     local = properties(ROOT / "config.properties")
     assert differing_keys(kserve, local) == {
         "inference_address", "metrics_address", "model_store", "metrics_config", "allowed_urls",
-        "disable_token_authorization"}
+        "disable_token_authorization", "default_workers_per_model"}
+    assert "default_workers_per_model" not in kserve
     assert kserve["model_store"] == "/mnt/models/model-store"  # where KServe puts storageUri's model-store/
     assert kserve["management_address"].startswith("http://127.0.0.1:") and kserve["enable_model_api"] == "false"
 

@@ -1,5 +1,6 @@
 """Faults and load on a real TorchServe: a worker SIGKILLed mid-request, a full job queue, more clients than
-workers, and a request that runs out of its time budget."""
+workers, requests that run out of their time budget or ask for none, a batch whose groups together would
+outlast responseTimeout, and a device that fails for good."""
 
 import io
 import json
@@ -15,6 +16,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, SAMPLES
+from faulty_device_handler import FAULT_SEED
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +27,32 @@ LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0}  # runs until max_second
 RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait for a hung worker
 
 
-def predict(instance, params: dict) -> tuple[requests.Response, float]:
+# An archive whose limits make hours minutes: TorchServe gives up on a worker after 16 s, one call of the
+# handler may optimise for 10 s, and requests wait up to 1.5 s to be batched together. Its entry point is the
+# real handler on a device that can be made to fail (tests/faulty_device_handler.py).
+LIMITED = {"responseTimeout": 16, "maxBatchDelay": 1500,
+           "handler": {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
+                       "reply_margin_seconds": 6, "defaults": {"size": 256, "steps": 200, "max_seconds": 8},
+                       "maxima": {"size": 1024, "steps": 2000, "max_seconds": 10}}}
+LIMITED_CALL_SECONDS = 10
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    from build_mar import build
+    from torchserve_instance import TorchServeInstance
+
+    store = tmp_path_factory.mktemp("limited_store")
+    build("random", store, handler=ROOT / "tests" / "faulty_device_handler.py", settings=LIMITED)
+    with TorchServeInstance(store, tmp_path_factory.mktemp("limited_torchserve")) as instance:
+        yield instance
+
+
+def predict(instance, params: dict, **kwargs) -> tuple[requests.Response, float]:
     """The response and the monotonic time it arrived."""
     response = requests.post(instance.url("inference", "/predictions/style_transfer"), headers=instance.auth(),
                              files={"content": CONTENT, "style": STYLE}, data={"params": json.dumps(params)},
-                             timeout=120)
+                             timeout=120, **kwargs)
     return response, time.monotonic()
 
 
@@ -135,3 +158,56 @@ def test_the_largest_time_budget_ends_well_before_response_timeout(server):
                          timeout=10).json()[0]
     cap = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]["maxima"]["max_seconds"]
     assert model["responseTimeout"] == RESPONSE_TIMEOUT and RESPONSE_TIMEOUT - cap >= 30
+
+
+def test_a_null_time_budget_is_held_to_the_servers_cap(limited_server):
+    """null asks for no budget of the request's own: the server's cap (10 s here) still ends it, with its best
+    image, long before TorchServe would restart the worker (16 s)."""
+    (pid,) = limited_server.worker_pids()
+    started = time.monotonic()
+    response, arrived_at = predict(limited_server, {**LONG, "max_seconds": None})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Style-Stop-Reason"] == "max_seconds"
+    assert float(response.headers["X-Style-Seconds"]) <= LIMITED_CALL_SECONDS + 2  # + the last iteration
+    assert arrived_at - started < LIMITED["responseTimeout"]
+    assert limited_server.worker_pids() == [pid]
+
+
+def test_groups_of_one_batch_share_one_deadline(limited_server):
+    """Two requests of different sizes arrive in one batch but cannot share a pass through VGG19: the handler
+    optimises them one after the other. Each may use 10 s on its own, together they must still answer within
+    responseTimeout, or TorchServe restarts the worker and both are lost."""
+    (pid,) = limited_server.worker_pids()
+    sizes = (64, 80)
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(predict, limited_server, {**LONG, "size": size, "max_seconds": None})
+                   for size in sizes]
+        results = [future.result(timeout=120) for future in pending]
+    for (response, arrived_at), size in zip(results, sizes):
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size[0] == size
+        assert arrived_at - started < LIMITED["responseTimeout"]
+    (first, first_at), (second, second_at) = results
+    assert abs(first_at - second_at) < 1, "both in one batch: TorchServe answers a batch together"
+    engine_seconds = sum(float(response.headers["X-Style-Seconds"]) for response, _ in results)
+    assert engine_seconds <= LIMITED_CALL_SECONDS + 2
+    assert limited_server.worker_pids() == [pid]
+
+
+def test_a_device_that_fails_for_good_ends_its_worker_after_answering(limited_server):
+    """A failure that leaves the device unusable (on a GPU: a poisoned CUDA context) is answered, then the
+    worker ends so that TorchServe starts a fresh one, which serves the next request. The streamed request it
+    hit had begun: its status stays 200 and its last line is the error."""
+    (pid,) = limited_server.worker_pids()
+    response, _ = predict(limited_server, {"size": 64, "steps": 50, "early_stop_tol": 0, "seed": FAULT_SEED,
+                                           "stream": True, "precision": "fp32"}, stream=True)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/x-ndjson"
+    events = [json.loads(line) for line in response.iter_lines() if line]
+    assert events[0]["event"] == "progress"
+    assert events[-1] == {"event": "error", "code": 503, "type": "DeviceFailure", "field": None,
+                          "message": events[-1]["message"]}
+    new_pid = ready_worker(limited_server, not_pid=pid)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert_png(predict(limited_server, SHORT)[0])
+    assert limited_server.worker_pids() == [new_pid]

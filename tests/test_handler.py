@@ -110,3 +110,26 @@ def test_a_batch_answers_each_request_as_if_alone(served):
         assert float(alone_context.get_response_headers(0)["X-Style-Loss"]) == pytest.approx(
             together_losses[index], rel=1e-3)
     assert together[0] != together[1]
+
+
+def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
+    good = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2, "precision": "fp32"}}
+    bad = {"content": CONTENT, "style": STYLE, "params": {"steps": 0}}
+    with caplog.at_level("INFO", logger="style_transfer_handler"):
+        _, context = handle(served, good, bad)
+    lines = [record.getMessage() for record in caplog.records if "style_transfer request" in record.getMessage()]
+    records = [json.loads(line.split("style_transfer request ", 1)[1]) for line in lines]
+    assert len(records) == 2 and all(len(line) < 400 for line in lines)
+    served_record, refused_record = sorted(records, key=lambda record: record["status"])
+    assert served_record == {"request_id": context.request_ids[0], "status": 200, "size": "64x48", "styles": 1,
+                             "batch": 1, "steps": 2, "precision": "fp32", "seconds": served_record["seconds"],
+                             "stop_reason": "steps"}
+    assert refused_record == {"request_id": context.request_ids[1], "status": 400, "error": "InvalidParameter",
+                              "field": "steps"}
+
+
+def test_a_style_scale_past_the_style_pixel_limit_is_refused(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1024", "style_scale": "4"})
+    assert context.get_response_status(0)[0] == 413
+    error = json.loads(body)
+    assert error["field"] == "style_scale" and "style_scale at most" in error["message"]

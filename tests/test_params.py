@@ -79,6 +79,14 @@ def test_server_defaults_and_maxima():
         validate_server_config({}, {"optimizer": 1})
 
 
+def test_a_null_time_budget_is_the_servers_maximum():
+    """null asks for no budget of the request's own; it must not lift the server's cap."""
+    style, _ = parse_params({"max_seconds": None}, defaults={"max_seconds": 240}, maxima={"max_seconds": 270})
+    assert style.max_seconds == 270
+    assert parse_params({"max_seconds": None})[0].max_seconds is None  # the engine alone has no cap
+    assert parse_params({"lr": None}, maxima={"lr": 10})[0].lr is None  # null lr is the optimiser's default
+
+
 def test_every_parameter_is_described():
     described = {row["name"] for row in describe_params()}
     assert described == {*StyleParams.__dataclass_fields__, *OutputParams.__dataclass_fields__}

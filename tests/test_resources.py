@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import SAMPLES
 from handler_context import make_context, model_dir_with_weights, start_batch
+from streaming import ProgressStream
 from style_transfer_handler import StyleTransferHandler
 
 REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (SAMPLES / "starry_night.jpg").read_bytes(),
@@ -26,18 +27,21 @@ def fail_like_a_bug(device: torch.device) -> None:
 
 
 class FailsOnce:
-    """The handler's extractor, except that its next call first runs `failure` on the images' device."""
+    """The handler's extractor, except that its call number `after` + 1 first runs `failure` on the images'
+    device."""
 
-    def __init__(self, extractor, failure):
-        self.extractor, self.failure, self.armed = extractor, failure, True
+    def __init__(self, extractor, failure, after: int = 0):
+        self.extractor, self.failure, self.calls_left = extractor, failure, after
+        self.armed = True
 
     def __getattr__(self, name):
         return getattr(self.extractor, name)
 
     def __call__(self, images, *args, **kwargs):
-        if self.armed:
+        if self.armed and self.calls_left == 0:
             self.armed = False
             self.failure(images.device)
+        self.calls_left -= 1
         return self.extractor(images, *args, **kwargs)
 
 
@@ -67,11 +71,29 @@ def test_out_of_memory_is_a_507_and_the_next_request_is_served(handler_and_conte
     assert Image.open(io.BytesIO(body)).size == (64, 48)
 
 
-def test_a_streamed_request_that_runs_out_of_memory_ends_with_an_error_line(handler_and_context):
+def test_a_streamed_request_that_fails_before_its_first_chunk_gets_the_usual_error(handler_and_context):
     handler, context = handler_and_context
     handler.extractor = FailsOnce(handler.extractor, allocate_a_pebibyte)
-    line = json.loads(handle(handler, context, {**REQUEST, "params": {**REQUEST["params"], "stream": True}}))
+    body = handle(handler, context, {**REQUEST, "params": {**REQUEST["params"], "stream": True}})
+    assert context.get_response_status(0) == (507, "OutOfMemory")
+    assert context.get_response_content_type(0) == "application/json"
+    assert json.loads(body)["type"] == "OutOfMemory"
+
+
+def test_a_stream_that_fails_after_it_began_ends_with_an_error_line(handler_and_context, monkeypatch):
+    """Its status (200) and content type went out with the first chunk: the error is its last NDJSON line."""
+    chunks = []
+    monkeypatch.setattr(ProgressStream, "send", lambda stream, chunk: (chunks.append(chunk),
+                                                                      setattr(stream, "started", True)))
+    handler, context = handler_and_context
+    # the targets take 3 passes (content, style, float32 initial image), then each iteration one
+    handler.extractor = FailsOnce(handler.extractor, allocate_a_pebibyte, after=5)
+    params = {"size": 64, "steps": 20, "early_stop_tol": 0, "stream": True, "precision": "fp32"}
+    line = json.loads(handle(handler, context, {**REQUEST, "params": params}))
+    assert chunks and all(json.loads(chunk)["event"] == "progress" for chunk in chunks)
     assert (line["event"], line["code"], line["type"], line["field"]) == ("error", 507, "OutOfMemory", "size")
+    assert context.get_response_status(0)[0] in (None, 200)
+    assert context.get_response_content_type(0) == "application/x-ndjson"
 
 
 def test_other_runtime_errors_stay_internal_errors(handler_and_context):

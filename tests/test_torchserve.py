@@ -4,6 +4,8 @@ import base64
 import io
 import json
 import os
+import re
+import time
 
 import pytest
 import requests
@@ -96,6 +98,21 @@ def test_custom_metrics_reach_the_prometheus_endpoint(server):
         assert f'{name}{{ModelName="style_transfer",Level="Model"' in metrics, name
     assert 'StyleEarlyStops{ModelName="style_transfer",Level="Model",StopReason="converged"' in metrics
     assert "ts_inference_requests_total" in metrics  # TorchServe's own metrics stay
+
+
+def test_without_a_configured_worker_count_each_visible_gpu_gets_a_worker(model_store, tmp_path):
+    """As in the container (deploy/config.properties): no default_workers_per_model, so TorchServe starts one
+    worker per GPU it sees, each given its own device. TorchServe counts GPUs from CUDA_VISIBLE_DEVICES where it
+    is set; here there is no GPU behind the ids, so each worker runs on the CPU, but is told its own id."""
+    with TorchServeInstance(model_store, tmp_path, overrides={"default_workers_per_model": "0"},
+                            env={"CUDA_VISIBLE_DEVICES": "0,1"}) as instance:
+        deadline = time.monotonic() + 120
+        while len(instance.worker_pids(quiet=True)) < 2:
+            assert time.monotonic() < deadline, instance.log_tail()
+            time.sleep(0.5)
+        log = (tmp_path / "logs" / "model_log.log").read_text()
+    told = sorted(set(re.findall(r"TorchServe's gpu_id: (\d+)", log)))
+    assert told == ["0", "1"]
 
 
 def test_stopping_leaves_no_process_behind(model_store, tmp_path):

@@ -26,11 +26,14 @@ class Number:
     integer: bool = False
     lo_open: bool = False
     optional: bool = False  # null / None means "not set" (the engine then picks a value)
+    # For a limit such as a time budget, null means "no limit of my own": the server's maximum, where it sets
+    # one, still applies. Without this, null would slip past the maximum.
+    null_is_maximum: bool = False
 
     def parse(self, name: str, value: Any, hi: float | None = None) -> Any:
-        hi = self.hi if hi is None else hi
         if value is None and self.optional:
-            return None
+            return hi if self.null_is_maximum else None  # hi: the server's maximum, None where it sets none
+        hi = self.hi if hi is None else hi
         number = _to_number(value)
         if number is not None and self.integer and number != int(number):
             number = None
@@ -218,8 +221,10 @@ class StyleParams:
     # Stop a scale when the best total loss improved by less than this fraction over the last window.
     early_stop_tol: float = _param(1e-3, Number(0.0, 1.0), "relative improvement that counts as progress")
     early_stop_window: int = _param(20, Number(1, 10000, integer=True), "iterations the tolerance spans")
-    # Wall-clock budget of the optimisation; when it runs out the best image so far is returned.
-    max_seconds: float | None = _param(None, Number(0.0, 86400.0, lo_open=True, optional=True), "time budget, s")
+    # Wall-clock budget of the optimisation; when it runs out the best image so far is returned. null: none
+    # of the request's own, the server's maximum still applies.
+    max_seconds: float | None = _param(
+        None, Number(0.0, 86400.0, lo_open=True, optional=True, null_is_maximum=True), "time budget, s")
     # auto: bfloat16 activations where the hardware runs them natively (see precision.py), else float32.
     precision: str = _param("auto", Choice(("auto", "fp32", "bf16")), "activation precision")
 
