@@ -55,6 +55,7 @@ class StyleTransferHandler:
         self.initialized = False
 
     def initialize(self, context) -> None:
+        _record_worker_start(context)
         properties = context.system_properties
         self.config = ServerConfig.from_model_yaml(context.model_yaml_config)
         gpu_id = properties.get("gpu_id")
@@ -125,6 +126,8 @@ class StyleTransferHandler:
                 responses.append(self._respond(context, index, outcome, output))
                 _log_request(context, index, 200, job, outcome, batch=len(indices))
             else:
+                if outcome["type"] == OUT_OF_MEMORY["type"]:
+                    _record_out_of_memory(context, index, stage="run")
                 responses.append(_failure(context, index, outcome, streams.get(item)))
                 _log_request(context, index, outcome["code"], job, batch=len(indices), error=outcome)
         return responses
@@ -306,6 +309,32 @@ def _record_metrics(context, index: int, result: StyleResult) -> None:
     add("StyleStepsPerSecond", result.steps / max(result.seconds, 1e-9), "per_second", index, [], gauge)
     add("StyleFinalLoss", result.final_loss["total"], "loss", index, [], gauge)
     if result.stop_reason != "steps":
-        dimensions = [Dimension("ModelName", context.model_name), Dimension("Level", "Model"),
-                      Dimension("StopReason", result.stop_reason)]  # in metrics.yaml's order
-        add("StyleEarlyStops", 1, "count", index, dimensions, counter)
+        add("StyleEarlyStops", 1, "count", index, _dimensions(context, StopReason=result.stop_reason), counter)
+
+
+def _record_out_of_memory(context, index: int, stage: str) -> None:
+    """One StyleOutOfMemory count for a request answered 507 OutOfMemory; `stage` says when memory ran out."""
+    context.metrics.add_metric("StyleOutOfMemory", 1, "count", index, _dimensions(context, Stage=stage),
+                               MetricTypes.COUNTER)
+
+
+def _record_worker_start(context) -> None:
+    """At each worker start, before anything that could fail: count the start, set alerted counters to 0.
+
+    TorchServe 0.12 counts no worker restarts. Its WorkerLoadTime is a gauge set after a successful load, so
+    Prometheus would see a restart only as a changed value between two scrapes, missing a failed load, a second
+    restart within one scrape interval and a load that took the same milliseconds. The frontend sums
+    StyleWorkerStarts over the worker processes it starts, so its increase is the restarts.
+    """
+    add, counter = context.metrics.add_metric, MetricTypes.COUNTER
+    add("StyleWorkerStarts", 1, "count", None, _dimensions(context), counter)
+    # Counters whose increase the alert rules watch start at 0: the first sample of a new series is no increase
+    # to rate() or increase(), so the first success or out-of-memory answer of a server would go unseen.
+    add("StyleOptimizationSeconds", 0, "s", None, _dimensions(context), counter)
+    add("StyleOutOfMemory", 0, "count", None, _dimensions(context, Stage="run"), counter)
+
+
+def _dimensions(context, **extra: str) -> list[Dimension]:
+    """A new list each time (see _record_metrics), in metrics.yaml's order: ModelName, Level, then `extra`."""
+    return [Dimension("ModelName", context.model_name), Dimension("Level", "Model"),
+            *(Dimension(name, value) for name, value in extra.items())]

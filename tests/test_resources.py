@@ -3,6 +3,8 @@ handler serves the next request. (The wall-clock budget is tested over HTTP, in 
 
 import io
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -58,6 +60,13 @@ def handle(handler, context, row, grpc=False):
     return handler.handle([row], context)[0]
 
 
+def metric_samples(caplog, name: str) -> list[tuple[str, str]]:
+    """(value, dimensions) of the worker's metric log lines for `name`, the lines TorchServe's frontend turns into
+    Prometheus samples: `[METRICS]name.unit:value|#dimension:value,…|#type:…`."""
+    lines = (re.match(r"\[METRICS\](\w+)\.\w+:([^|]+)\|#([^|]*)\|", r.getMessage()) for r in caplog.records)
+    return [(line[2], line[3]) for line in lines if line and line[1] == name]
+
+
 def test_out_of_memory_is_a_507_and_the_next_request_is_served(handler_and_context):
     handler, context = handler_and_context
     handler.extractor = FailsOnce(handler.extractor, allocate_a_pebibyte)
@@ -69,6 +78,27 @@ def test_out_of_memory_is_a_507_and_the_next_request_is_served(handler_and_conte
     body = handle(handler, context, REQUEST)  # the same handler; its extractor now allocates normally
     assert context.get_response_status(0)[0] in (None, 200) and not handler.extractor.armed
     assert Image.open(io.BytesIO(body)).size == (64, 48)
+
+
+def test_an_out_of_memory_answer_is_counted_by_stage_and_other_failures_are_not(handler_and_context, caplog):
+    handler, context = handler_and_context
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    handler.extractor = FailsOnce(handler.extractor, fail_like_a_bug)
+    handle(handler, context, REQUEST)
+    assert metric_samples(caplog, "StyleOutOfMemory") == []
+    handler.extractor = FailsOnce(handler.extractor.extractor, allocate_a_pebibyte)
+    handle(handler, context, REQUEST)
+    assert metric_samples(caplog, "StyleOutOfMemory") == [("1", "ModelName:style_transfer,Level:Model,Stage:run")]
+
+
+def test_a_worker_start_is_counted_and_sets_the_alerted_counters_to_zero(tmp_path, random_state_dict, caplog):
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    context = make_context(model_dir_with_weights(tmp_path, random_state_dict), {"weights": "random"})
+    StyleTransferHandler().initialize(context)
+    model = "ModelName:style_transfer,Level:Model"
+    assert metric_samples(caplog, "StyleWorkerStarts") == [("1", model)]
+    assert metric_samples(caplog, "StyleOptimizationSeconds") == [("0", model)]
+    assert metric_samples(caplog, "StyleOutOfMemory") == [("0", f"{model},Stage:run")]
 
 
 def test_a_streamed_request_that_fails_before_its_first_chunk_gets_the_usual_error(handler_and_context):
