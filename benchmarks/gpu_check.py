@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     extractor = VGGFeatures(load_features_state_dict(args.weights)).to(device)
     content = load_image_file(str(ROOT / "samples" / "tubingen.jpg"))
-    style = load_image_file(str(ROOT / "samples" / "starry_night.jpg"))
+    style = load_image_file(str(ROOT / "samples" / "styles" / "starry_night.jpg"))
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "size": args.size, "steps": args.steps}
     fixed = {"size": args.size, "steps": args.steps, "min_scale": args.size, "early_stop_tol": 0}

@@ -44,7 +44,7 @@ MODES = {
     # smoke: only checks that everything runs, with default requests cut to `request_steps` iterations
     "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5, "budgets": (5,), "request_steps": 10},
 }
-CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "starry_night.jpg"
+CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "styles" / "starry_night.jpg"
 
 
 def log(message: str) -> None:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=330, help="seconds per request")
     parser.add_argument("--content", type=Path, default=ROOT / "samples" / "tubingen.jpg")
-    parser.add_argument("--style", type=Path, default=ROOT / "samples" / "starry_night.jpg")
+    parser.add_argument("--style", type=Path, default=ROOT / "samples" / "styles" / "starry_night.jpg")
     args = parser.parse_args(argv)
     token = os.environ.get(TOKEN_VARIABLE)
     if not token:

@@ -11,6 +11,7 @@ from style_engine.resize import fit_longer_side, resize
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
+STYLES = SAMPLES / "styles"  # the paintings: the archive's presets by default (scripts/build_mar.py --styles)
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +37,12 @@ def content():
 
 @pytest.fixture(scope="session")
 def style():
-    return sample("starry_night.jpg", 96)
+    return sample("styles/starry_night.jpg", 96)
 
 
 @pytest.fixture(scope="session")
 def style2():
-    return sample("woman-with-hat-matisse.jpg", 96)
+    return sample("styles/woman-with-hat-matisse.jpg", 96)
 
 
 @pytest.fixture(scope="session")

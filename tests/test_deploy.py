@@ -23,7 +23,7 @@ import yaml
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, STYLES
 from local_cluster import find_nginx
 from torchserve_instance import TorchServeInstance
 
@@ -241,7 +241,7 @@ def test_autoscaler_follows_the_metric_the_adapter_derives_from_torchserve():
 def test_torchserve_serves_the_series_the_autoscaler_uses(server):
     response = requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
                              files={"content": (SAMPLES / "tubingen.jpg").read_bytes(),
-                                    "style": (SAMPLES / "starry_night.jpg").read_bytes()},
+                                    "style": (STYLES / "starry_night.jpg").read_bytes()},
                              data={"size": "64", "steps": "1"}, timeout=120)
     assert response.status_code == 200
     metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text

@@ -15,13 +15,13 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, STYLES
 from faulty_device_handler import FAULT_SEED
 
 pytestmark = pytest.mark.integration
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 SHORT = {"size": 64, "steps": 2}
 LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0}  # runs until max_seconds stops it
 RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait for a hung worker

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from ts.utils.util import PredictionException
 
-from conftest import SAMPLES
+from conftest import SAMPLES, STYLES
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_transfer_handler import StyleTransferHandler
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")

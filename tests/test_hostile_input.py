@@ -12,13 +12,13 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SAMPLES
+from conftest import SAMPLES, STYLES
 from image_files import encode, jpeg_declaring, png, png_rows
 
 pytestmark = pytest.mark.integration
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 BOMB = png(100_000, 100_000, 8, 2, png_rows(b"\x00" * 3))  # 67 bytes declaring 10^10 pixels
 MAX_REQUEST_SIZE = 64 * 1024 * 1024  # config.properties
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, STYLES
 from torchserve_instance import TorchServeInstance
 
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -166,7 +166,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
 # --- against a real TorchServe ----------------------------------------------------------------------------------
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 # early_stop_tol 0.9 over 1 step: the optimisation stops as converged at once (StyleEarlyStops)
 STOPS_EARLY = {"size": "64", "steps": "20", "early_stop_tol": "0.9", "early_stop_window": "1"}
 # One scale at the largest size: its first pass through VGG19 needs hundreds of MB at once

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SAMPLES
+from conftest import SAMPLES, STYLES
 from handler_context import make_context, model_dir_with_weights, start_batch
 from streaming import ProgressStream
 from style_transfer_handler import StyleTransferHandler
 
-REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (SAMPLES / "starry_night.jpg").read_bytes(),
+REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (STYLES / "starry_night.jpg").read_bytes(),
            "params": {"size": 64, "steps": 2}}
 
 

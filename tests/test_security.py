@@ -20,14 +20,14 @@ import requests
 import torch
 from google.protobuf import empty_pb2
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, STYLES
 from handler_context import make_context
 from style_engine import load_features_state_dict
 from style_engine.vgg import WeightsError
 from style_transfer_handler import StyleTransferHandler
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 integration = pytest.mark.integration
 
 

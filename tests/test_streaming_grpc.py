@@ -11,12 +11,12 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, STYLES
 
 pytestmark = pytest.mark.integration
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 SEEDED = {"size": 64, "steps": 8, "init": "noise", "seed": 5}
 
 
@@ -100,7 +100,7 @@ def test_grpc_stream_param_is_refused_without_harming_the_worker(server, stub):
 
 def run_client(server, tmp_path, *options):
     command = [sys.executable, str(ROOT / "scripts" / "stylize.py"), str(SAMPLES / "tubingen.jpg"),
-               str(SAMPLES / "starry_night.jpg"), "-o", str(tmp_path / "out.png"),
+               str(STYLES / "starry_night.jpg"), "-o", str(tmp_path / "out.png"),
                "--key-file", str(server.workdir / "key_file.json"), *options]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 

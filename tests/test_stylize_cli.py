@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SAMPLES, sample
+from conftest import ROOT, SAMPLES, STYLES, sample
 from reference_loss import contract_losses, random_vgg19_features
 from style_engine.resize import resize
 
@@ -18,7 +18,7 @@ CLI = [sys.executable, str(ROOT / "scripts" / "stylize.py")]
 def same_shape_style(tmp_path):
     """starry_night cropped to tubingen's 4:3, so that at any size both have the same shape as in the seed."""
     path = tmp_path / "style.png"
-    Image.open(SAMPLES / "starry_night.jpg").crop((0, 0, 424, 318)).save(path)
+    Image.open(STYLES / "starry_night.jpg").crop((0, 0, 424, 318)).save(path)
     return path
 
 
@@ -44,7 +44,7 @@ def test_local_run_prints_losses_that_match_the_contract(tmp_path, same_shape_st
 
 
 def test_a_refused_request_exits_1_with_the_message(tmp_path):
-    run = subprocess.run([*CLI, str(SAMPLES / "tubingen.jpg"), str(SAMPLES / "starry_night.jpg"), "-o",
+    run = subprocess.run([*CLI, str(SAMPLES / "tubingen.jpg"), str(STYLES / "starry_night.jpg"), "-o",
                           str(tmp_path / "out.png"), "--local", "--weights", "random", "--set", "steps=0"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1

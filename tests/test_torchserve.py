@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SAMPLES, sample
+from conftest import SAMPLES, STYLES, sample
 from style_engine.codec import decode_image
 from style_engine.resize import resize
 from torchserve_instance import TorchServeInstance
@@ -19,7 +19,7 @@ from torchserve_instance import TorchServeInstance
 pytestmark = pytest.mark.integration
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (SAMPLES / "starry_night.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
 
 
 def predict(server, *, headers=None, **kwargs):
