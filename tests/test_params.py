@@ -48,6 +48,8 @@ def test_json_values_and_aliases():
     ("style_layers", "[1, 2", "not valid JSON"), ("style_layers", [1, 2], "object of VGG19 layer names"),
     ("style_blend", [], "one weight >= 0 per style image"), ("style_blend", [1, -1], "at least 0"),
     ("style_blend", [0, 0], "positive sum"), ("style_blend", "nan", "one weight"), ("style_blend", "[NaN]", "a number"),
+    ("presets", 5, "a list of names"), ("presets", ["starry_night", 1], "a list of names"),
+    ("presets", ["a", " "], "a list of names"), ("presets", '["a",', "not valid JSON"), ("init", "photo", '"image"'),
 ])
 def test_every_invalid_value_names_its_field(field, value, allowed):
     with pytest.raises(ParamError) as error:
@@ -91,3 +93,20 @@ def test_every_parameter_is_described():
     described = {row["name"] for row in describe_params()}
     assert described == {*StyleParams.__dataclass_fields__, *OutputParams.__dataclass_fields__}
     assert all(row["doc"] and row["allowed"] for row in describe_params())
+
+
+def test_presets_are_a_list_or_a_comma_separated_form_field_in_lower_case():
+    assert parse_params({"presets": ["Starry_Night", "shipwreck"]})[0].presets == ("starry_night", "shipwreck")
+    assert parse_params({"presets": " starry_night , Shipwreck"})[0].presets == ("starry_night", "shipwreck")
+    assert parse_params({"presets": '["starry_night"]'})[0].presets == ("starry_night",)
+    assert parse_params({"presets": ""})[0].presets == parse_params({})[0].presets == ()
+
+
+def test_a_servers_description_of_the_parameters_applies_its_defaults_and_maxima():
+    described = {row["name"]: row for row in describe_params(defaults={"size": 128, "max_seconds": 240},
+                                                               maxima={"size": 512, "max_seconds": 270})}
+    assert (described["size"]["default"], described["max_seconds"]["default"]) == (128, 240)
+    assert described["size"]["allowed"] == "an integer at least 32 and at most 512"
+    assert described["steps"]["allowed"] == "an integer at least 1 and at most 10000"  # no maximum: the engine's
+    assert described["style_layers"]["default"] == dict(SEED_STYLE_LAYERS)  # JSON values, not their text
+    assert (described["presets"]["default"], described["style_blend"]["default"]) == ([], None)

@@ -29,6 +29,22 @@ _KEYED_TRANSPARENCY = {"1": "LA", "L": "LA", "RGB": "RGBA", "P": "RGBA"}
 
 def decode_image(data: bytes, part: str, *, max_pixels: int) -> torch.Tensor:
     """Image file bytes -> (3, H, W) float32 RGB in [0, 1]. Raises ImageError (400) or TooLargeError (413)."""
+    return _to_tensor(_decode(data, part, max_pixels))
+
+
+def decode_mask(data: bytes, part: str, *, max_pixels: int) -> torch.Tensor:
+    """Image file bytes -> (1, H, W) float32 grey in [0, 1]: white 1, black 0, exactly. Decoded as any image
+    (transparency over white, colours to sRGB), then reduced to its luma as Pillow's "L" mode does."""
+    return _to_tensor(_decode(data, part, max_pixels).convert("L"))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(image))
+    return (pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None]).float().div_(255)
+
+
+def _decode(data: bytes, part: str, max_pixels: int) -> Image.Image:
+    """The decoded image in sRGB, its declared size checked before any pixel is decoded."""
     if not data:
         raise ImageError(part, f"{part} is empty (0 bytes); send an image file: {ALLOWED}")
     image = _open_header(data, part, max_pixels)
@@ -45,7 +61,7 @@ def decode_image(data: bytes, part: str, *, max_pixels: int) -> torch.Tensor:
     except ValueError as error:  # a colour mode Pillow cannot convert to RGB
         raise ImageError(part, f"{part} has colour mode {image.mode}, which cannot be converted to RGB "
                                f"({error}); send an RGB, greyscale or CMYK image") from None
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255)
+    return rgb
 
 
 def _open_header(data: bytes, part: str, max_pixels: int) -> Image.Image:
@@ -120,3 +136,9 @@ def load_image_file(path: str, *, max_pixels: int = 10**9) -> torch.Tensor:
     """An image file from disk as (3, H, W) in [0, 1]."""
     with open(path, "rb") as file:
         return decode_image(file.read(), path, max_pixels=max_pixels)
+
+
+def load_mask_file(path: str, *, max_pixels: int = 10**9) -> torch.Tensor:
+    """A mask image file from disk as (1, H, W) in [0, 1] (decode_mask)."""
+    with open(path, "rb") as file:
+        return decode_mask(file.read(), path, max_pixels=max_pixels)

@@ -7,7 +7,7 @@ Progress goes to an optional callback; the engine never prints, saves or exits.
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -23,7 +23,7 @@ from .targets import (GramCache, StyleJob, build_objective, check_job, output_si
 from .vgg import VGGFeatures
 
 # Fields that may differ between the jobs of one batch: they only change a job's own targets or start image.
-PER_JOB_FIELDS = frozenset({"style_blend", "style_scale", "init", "seed", "preserve_color"})
+PER_JOB_FIELDS = frozenset({"style_blend", "presets", "style_scale", "init", "seed", "preserve_color"})
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 LBFGS_HISTORY = 20  # curvature pairs kept per image; more helped no faster in benchmarks/ and costs memory
 GPU_SYNC_EVERY = 10  # iterations between reads of the losses on a GPU (progress, early stop); 1 on the CPU
@@ -60,17 +60,24 @@ class StyleResult:
         return self.stop_reason == "max_seconds"
 
 
-def batch_key(params: StyleParams) -> tuple:
-    """Jobs whose parameters give the same key (and whose outputs have the same size) can share a batch."""
-    return tuple(getattr(params, f.name) for f in fields(params) if f.name not in PER_JOB_FIELDS)
+def batch_key(job: StyleJob) -> tuple:
+    """Jobs with the same key (and output size) can share a batch, being one stacked objective: the same
+    parameters but for PER_JOB_FIELDS, and the same shape of style targets. Without masks that is one blended
+    Gram per image, whatever its number of styles; with masks, one guided Gram and mask per style, so only
+    jobs with masks and as many styles go together."""
+    settings = tuple(getattr(job.params, f.name) for f in fields(job.params) if f.name not in PER_JOB_FIELDS)
+    return settings, len(job.styles) if job.masks else None
 
 
-def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: StyleParams, *,
-            callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
-            gram_cache: GramCache | None = None, deadline: float | None = None) -> StyleResult:
-    """Stylise one content image (3, H, W) in [0, 1] with one or more style images; see stylize_batch."""
-    return stylize_batch(extractor, [StyleJob(content, tuple(styles), params)], callback=callback,
-                         stop_below=stop_below, gram_cache=gram_cache, deadline=deadline)[0]
+def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: StyleParams, *, masks=(),
+            init_image: torch.Tensor | None = None, callback: Callable[[Progress], None] | None = None,
+            stop_below: float | None = None, gram_cache: GramCache | None = None,
+            deadline: float | None = None) -> StyleResult:
+    """Stylise one content image (3, H, W) in [0, 1] with one or more style images, optionally each in the
+    region of its mask (1, H, W); see StyleJob and stylize_batch."""
+    job = StyleJob(content, tuple(styles), params, tuple(masks), init_image)
+    return stylize_batch(extractor, [job], callback=callback, stop_below=stop_below, gram_cache=gram_cache,
+                         deadline=deadline)[0]
 
 
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
@@ -107,9 +114,9 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
 def _check_batch(jobs: list[StyleJob], extractor: VGGFeatures) -> tuple[int, int]:
     for job in jobs:
         check_job(job, extractor)
-    params, output = jobs[0].params, output_size(jobs[0])
-    if any(batch_key(job.params) != batch_key(params) or output_size(job) != output for job in jobs):
-        raise ValueError("jobs of one batch must share output size and batch_key(params)")
+    key, output = batch_key(jobs[0]), output_size(jobs[0])
+    if any(batch_key(job) != key or output_size(job) != output for job in jobs):
+        raise ValueError("jobs of one batch must share output size and batch_key")
     return output
 
 
@@ -341,9 +348,14 @@ def _on_device(jobs: list[StyleJob], device: torch.device, keyed: bool):
     the images still on the host."""
     jobs = [shrink_to_need(job) for job in jobs]  # before the copy to the device: less to copy
     keys = [style_keys(job) for job in jobs] if keyed else None
-    moved = [StyleJob(job.content.to(device, torch.float32),
-                      tuple(s.to(device, torch.float32) for s in job.styles), job.params) for job in jobs]
+    moved = [replace(job, content=_to(job.content, device), styles=tuple(_to(s, device) for s in job.styles),
+                     masks=tuple(_to(mask, device) for mask in job.masks), init_image=_to(job.init_image, device))
+             for job in jobs]
     return moved, keys
+
+
+def _to(image: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if image is None else image.to(device, torch.float32)
 
 
 def _initial_image(job: StyleJob, size: tuple[int, int]) -> torch.Tensor:
@@ -351,6 +363,8 @@ def _initial_image(job: StyleJob, size: tuple[int, int]) -> torch.Tensor:
         return resize(job.content, size)
     if job.params.init == "style":
         return resize(job.styles[0], size)  # stretched to the output's shape
+    if job.params.init == "image":
+        return resize(job.init_image, size)  # likewise
     generator = torch.Generator().manual_seed(job.params.seed)  # on the CPU: the same noise on every device
     return torch.rand((3, *size), generator=generator).to(job.content.device)
 

@@ -154,6 +154,23 @@ class Weights:
 _WEIGHT = Number(0.0, 1e12)
 
 
+@dataclass(frozen=True)
+class Names:
+    """A list of names, lower case; a string is a JSON list or names separated by commas ("a, b"), as a plain
+    form field carries them. Which names exist is the server's to say (presets.PresetLibrary)."""
+
+    def parse(self, name: str, value: Any, hi: float | None = None) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = _json_if_string(name, value, self.allowed()) if value.lstrip().startswith("[") else [
+                part for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item.strip() for item in value):
+            raise ParamError(name, f"{name} must be {self.allowed()}; got {value!r}")
+        return tuple(item.strip().lower() for item in value)
+
+    def allowed(self, hi: float | None = None) -> str:
+        return 'a list of names such as ["starry_night"], or in a form field "starry_night,shipwreck"'
+
+
 def _json_if_string(name: str, value: Any, allowed: str) -> Any:
     """Form fields carry objects and lists as JSON text."""
     return parse_json(value, name, name, f"it must be {allowed}") if isinstance(value, str) else value
@@ -203,10 +220,15 @@ class StyleParams:
     # The seed's notebook reads conv4_2 after torchvision's in-place ReLU has overwritten it: relu4_2.
     content_layer: str = _param("relu4_2", Layer(), "layer whose activations the content term compares")
     style_layers: tuple[tuple[str, float], ...] = _param(SEED_STYLE_LAYERS, LayerWeights(), "layer -> weight")
-    style_blend: tuple[float, ...] | None = _param(None, Weights(), "one weight per style image")
+    # Without masks the styles' Gram targets are blended, style_blend normalised to a sum of 1; with masks each
+    # style has a term of its own, which its weight multiplies (null: 1 each). See targets.py.
+    style_blend: tuple[float, ...] | None = _param(None, Weights(), "one weight per style (uploads, then presets)")
+    # Styles stored in the archive, after the uploaded ones (GET /models/style_transfer?customized=true).
+    presets: tuple[str, ...] = _param((), Names(), "names of the server's preset styles to use")
     # Style image's longer side relative to `size`: smaller gives coarser, larger finer brush strokes.
     style_scale: float = _param(1.0, Number(0.05, 4.0), "style image size relative to the output")
-    init: str = _param("content", Choice(("content", "noise", "style")), "starting image")
+    # image: the image part init_image, e.g. an earlier result to refine, or a smaller one to enlarge
+    init: str = _param("content", Choice(("content", "noise", "style", "image")), "starting image")
     seed: int = _param(0, Number(0, 2**31 - 1, integer=True), "seed of the noise initialisation")
     preserve_color: str = _param(
         "none",
@@ -280,12 +302,23 @@ def validate_server_config(defaults: Mapping[str, Any], maxima: Mapping[str, flo
     parse_params(defaults, maxima=maxima)
 
 
-def describe_params() -> list[dict[str, str]]:
-    """Name, default, allowed values and meaning of every parameter (for README and error messages)."""
+def describe_params(defaults: Mapping[str, Any] | None = None,
+                    maxima: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Name, default (a JSON value), allowed values and meaning of every parameter, with a server's `defaults`
+    and `maxima` applied where given (the README's table, and the model description of a running server)."""
+    maxima = maxima or {}
+    parsed = parse_params({}, defaults=defaults, maxima=maxima)
     return [
-        {"name": f.name, "default": json.dumps(dict(f.default) if f.name == "style_layers" else f.default),
-         "allowed": f.metadata["check"].allowed(),
-         "doc": f.metadata["doc"]}
-        for f in PARAM_FIELDS.values()
+        {"name": f.name, "default": _json_value(getattr(parsed[PARAM_CLASSES.index(cls)], f.name)),
+         "allowed": f.metadata["check"].allowed(maxima.get(f.name)), "doc": f.metadata["doc"]}
+        for cls in PARAM_CLASSES for f in fields(cls)
     ]
+
+
+def _json_value(value: Any) -> Any:
+    """A parsed parameter as JSON writes it: style_layers' pairs as an object, other tuples as lists."""
+    if isinstance(value, tuple):
+        pairs = all(isinstance(item, tuple) for item in value) and value
+        return dict(value) if pairs else list(value)
+    return value
 
