@@ -1,4 +1,4 @@
-"""One TorchServe request -> image bytes and raw parameters (CONTRACT.md, "Request").
+"""One TorchServe request -> image bytes and raw parameters (CONTRACT.md, "Request"), then a StyleJob.
 
 TorchServe hands the handler one dict per request. Multipart and form fields and gRPC input-map entries
 arrive under their own names (JSON parts already parsed, text parts as str, the rest bytes); a raw body
@@ -11,13 +11,19 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from style_engine.codec import decode_image, decode_mask
 from style_engine.errors import ImageError, ParamError, TooLargeError
-from style_engine.params import parse_json
+from style_engine.params import StyleParams, parse_json
+from style_engine.presets import PresetLibrary
+from style_engine.targets import StyleJob
 
 STYLE_PART = re.compile(r"style(?:_([1-9][0-9]*))?")
-JSON_BODY_KEYS = ("content", "style", "params")
-USAGE = ('send multipart/form-data with file parts "content" and "style" (and "style_2"...), or a JSON body '
-         '{"content": "<base64>", "style": "<base64>" or ["<base64>", ...], "params": {...}}')
+MASK_PART = re.compile(r"mask_([1-9][0-9]*)")
+JSON_BODY_KEYS = ("content", "style", "masks", "init_image", "params")
+USAGE = ('send multipart/form-data with the file part "content", style images as "style" (and "style_2"...) '
+         'or preset names in "presets", optional "mask_1"... and "init_image"; or a JSON body {"content": '
+         '"<base64>", "style": "<base64>" or ["<base64>", ...], "masks": ["<base64>", ...], "init_image": '
+         '"<base64>", "params": {...}}')
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class RawRequest:
     content: bytes
     styles: tuple[bytes, ...]
     params: dict[str, Any]  # not yet validated: style_engine.parse_params does that
+    masks: tuple[bytes, ...] = ()
+    init_image: bytes | None = None
 
 
 def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
@@ -34,28 +42,49 @@ def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     return _parse_fields(row, max_styles)
 
 
+def decode_job(request: RawRequest, params: StyleParams, presets: PresetLibrary, max_pixels: int) -> StyleJob:
+    """The request's images decoded, its presets' images after its uploaded styles. Raises ParamError for an
+    unknown preset (before any image is decoded), ImageError or TooLargeError naming the part at fault."""
+    named = presets.images(params.presets)
+    content = decode_image(request.content, "content", max_pixels=max_pixels)
+    uploads = tuple(decode_image(data, _style_part_name(i + 1), max_pixels=max_pixels)
+                    for i, data in enumerate(request.styles))
+    masks = tuple(decode_mask(data, f"mask_{i + 1}", max_pixels=max_pixels) for i, data in enumerate(request.masks))
+    init_image = None if request.init_image is None else decode_image(request.init_image, "init_image",
+                                                                      max_pixels=max_pixels)
+    return StyleJob(content, uploads + named, params, masks, init_image)
+
+
 def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
-    styles, params = {}, {}
+    styles, masks, params = {}, {}, {}
     for name, value in row.items():
-        match = STYLE_PART.fullmatch(name)
-        if match:
-            styles[int(match.group(1) or 1)] = _image_bytes(name, value)
+        style, mask = STYLE_PART.fullmatch(name), MASK_PART.fullmatch(name)
+        if style:
+            styles[int(style.group(1) or 1)] = _image_bytes(name, value)
+        elif mask:
+            masks[int(mask.group(1))] = _image_bytes(name, value)
         elif name == "params":
             for key, param in _params_object(value).items():
                 params.setdefault(key, param)
-        elif name != "content":
+        elif name not in ("content", "init_image"):
             params[name] = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
     if "content" not in row:
         raise ImageError("content", f"the content image is missing: {USAGE}")
-    if not styles:
-        raise ImageError("style", f"the style image is missing: {USAGE}")
     _check_style_count(len(styles), max_styles)
-    for number in range(1, len(styles) + 1):
-        if number not in styles:
-            part = _style_part_name(max(styles))
-            raise ImageError(part, f"{part} was sent without {_style_part_name(number)}: number style parts "
-                                   f"style, style_2, style_3, ... without gaps")
-    return RawRequest(_image_bytes("content", row["content"]), tuple(styles[n] for n in sorted(styles)), params)
+    _check_mask_count(len(masks), max_styles)
+    init_image = _image_bytes("init_image", row["init_image"]) if "init_image" in row else None
+    return RawRequest(_image_bytes("content", row["content"]), _numbered(styles, _style_part_name), params,
+                      _numbered(masks, lambda number: f"mask_{number}"), init_image)
+
+
+def _numbered(parts: dict[int, bytes], part_name) -> tuple[bytes, ...]:
+    """The parts numbered 1, 2, ... in order; an ImageError naming the last when a number is missing."""
+    for number in range(1, len(parts) + 1):
+        if number not in parts:
+            last = part_name(max(parts))
+            raise ImageError(last, f"{last} was sent without {part_name(number)}: number the parts {part_name(1)}, "
+                                   f"{part_name(2)}, {part_name(3)}, ... without gaps")
+    return tuple(parts[number] for number in sorted(parts))
 
 
 def _parse_json_body(body: Any, max_styles: int) -> RawRequest:
@@ -67,18 +96,24 @@ def _parse_json_body(body: Any, max_styles: int) -> RawRequest:
     if unknown:
         raise ParamError(unknown[0], f"unknown key {unknown[0]!r} in the JSON body; allowed: "
                                      f"{', '.join(JSON_BODY_KEYS)} (parameters go inside params)")
-    for part in ("content", "style"):
-        if part not in body:
-            raise ImageError(part, f"the {part} image is missing: {USAGE}")
-    styles = body["style"] if isinstance(body["style"], list) else [body["style"]]
-    if not styles:
-        raise ImageError("style", "style must be a base64 string or a non-empty list of them")
+    if "content" not in body:
+        raise ImageError("content", f"the content image is missing: {USAGE}")
+    styles, masks = _base64_list(body, "style"), _base64_list(body, "masks")
     _check_style_count(len(styles), max_styles)
+    _check_mask_count(len(masks), max_styles)
     return RawRequest(
         _base64_image("content", body["content"]),
         tuple(_base64_image(_style_part_name(i + 1), style) for i, style in enumerate(styles)),
         _params_object(body.get("params")),
+        tuple(_base64_image(f"mask_{i + 1}", mask) for i, mask in enumerate(masks)),
+        _base64_image("init_image", body["init_image"]) if "init_image" in body else None,
     )
+
+
+def _base64_list(body: dict, key: str) -> list:
+    """body[key] as a list: a single base64 string is a list of one, an absent key an empty list."""
+    value = body.get(key, [])
+    return value if isinstance(value, list) else [value]
 
 
 def _params_object(value: Any) -> dict[str, Any]:
@@ -111,6 +146,14 @@ def _base64_image(part: str, value: Any) -> bytes:
 def _check_style_count(count: int, max_styles: int) -> None:
     if count > max_styles:
         raise TooLargeError("style", f"{count} style images sent; at most {max_styles} are allowed")
+
+
+def _check_mask_count(count: int, max_styles: int) -> None:
+    """Before any mask is decoded: no request has more styles than max_styles, so none may have more masks.
+    (check_job, once the styles are known, holds the masks to one per style.)"""
+    if count > max_styles:
+        raise ImageError(f"mask_{max_styles + 1}", f"{count} masks sent: more masks than styles (one mask per "
+                                                   f"style at most, and at most {max_styles} styles)")
 
 
 def _style_part_name(number: int) -> str:

@@ -18,6 +18,9 @@ class ServerConfig:
     max_style_pixels: int = 2_097_152  # per style image at the output scale, after style_scale (targets.check_job)
     max_batch_pixels: int = 1_048_576  # output pixels optimised together in one batch (memory grows with them)
     gram_cache_entries: int = 32  # style images whose Grams are kept (about 2.5 MB each with the default layers)
+    # Grams of presets, kept apart from the uploads' so that uploads never evict them: an entry per preset and
+    # output scale, style_scale, layer set, pooling and precision that requests have used
+    preset_gram_cache_entries: int = 64
     # Of TorchServe's responseTimeout, the time one call of the handler keeps back from the optimisation for
     # decoding, encoding and the last iteration: every answer of the call must reach TorchServe before it
     # gives up on the worker and restarts it.
@@ -53,3 +56,8 @@ class ServerConfig:
     @property
     def random_weights(self) -> bool:
         return self.weights == "random"
+
+    def limits(self) -> dict[str, Any]:
+        """What a request may ask for, as the model description reports it."""
+        return {"max_image_pixels": self.max_image_pixels, "max_styles": self.max_styles,
+                "max_style_pixels": self.max_style_pixels, "maxima": dict(self.maxima)}

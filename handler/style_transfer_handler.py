@@ -3,7 +3,9 @@
 Its own `initialize` (not BaseHandler's): the archive holds a weights file rather than a serialized model,
 and BaseHandler runs inference under torch.inference_mode(), where no gradient can flow to the image.
 Every request in a batch gets its own answer: bad input is that request's 4xx JSON error (CONTRACT.md),
-never an exception that would fail the others or the worker.
+never an exception that would fail the others or the worker. The management API's describe call
+(`GET /models/style_transfer?customized=true`) reaches `handle` too, as a request of its own (see
+_asks_for_description), and is answered with the model's description.
 """
 
 import base64
@@ -18,16 +20,17 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
-from request_parsing import parse_request
+from request_parsing import decode_job, parse_request
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from streaming import ProgressStream, json_line
 from style_engine import (ParamError, RequestError, StyleJob, VGGFeatures, batch_key, load_features_state_dict,
                           parse_params)
 from style_engine.api import result_fields
-from style_engine.codec import decode_image, encode_image
+from style_engine.codec import encode_image
 from style_engine.optimize import StyleResult, stylize_batch
-from style_engine.params import OutputParams
+from style_engine.params import OutputParams, describe_params
+from style_engine.presets import ARCHIVE_DIR, PresetLibrary
 from style_engine.targets import GramCache, check_job, output_size, shrink_to_need
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,12 @@ class StyleTransferHandler:
         weights_path = os.path.join(properties["model_dir"], self.config.weights_file)
         state_dict = load_features_state_dict(weights_path, self.config.deepest_layer)
         self.extractor = VGGFeatures(state_dict, self.config.deepest_layer).to(self.device)
-        self.gram_cache = GramCache(self.config.gram_cache_entries)
+        self.gram_cache = GramCache(self.config.gram_cache_entries, self.config.preset_gram_cache_entries)
+        self.presets = PresetLibrary.load(os.path.join(properties["model_dir"], ARCHIVE_DIR),
+                                          self.config.max_image_pixels)
+        self.description = json.dumps({
+            "presets": self.presets.describe(), "parameters": describe_params(self.config.defaults, self.config.maxima),
+            "limits": self.config.limits(), "weights": self.config.weights, "device": str(self.device)})
         self.device_failed = False  # set when the device can no longer run work: the worker then ends
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
@@ -77,6 +85,10 @@ class StyleTransferHandler:
         responses: list = [None] * len(data)
         prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
         for index, row in enumerate(data):
+            if _asks_for_description(context, index):
+                context.set_response_content_type(index, "application/json")
+                responses[index] = self.description
+                continue
             try:
                 prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
             except RequestError as error:
@@ -106,12 +118,8 @@ class StyleTransferHandler:
                                                    maxima=self.config.maxima)
         if grpc and output_params.stream:
             raise ParamError("stream", GRPC_STREAM_REFUSED)
-        limit = self.config.max_image_pixels
-        content = decode_image(request.content, "content", max_pixels=limit)
-        styles = tuple(decode_image(data, "style" if i == 0 else f"style_{i + 1}", max_pixels=limit)
-                       for i, data in enumerate(request.styles))
-        job = StyleJob(content, styles, style_params)
-        check_job(job, self.extractor, self.config.max_style_pixels)
+        job = decode_job(request, style_params, self.presets, self.config.max_image_pixels)
+        check_job(job, self.extractor, self.config.max_style_pixels, self.config.max_styles)
         return shrink_to_need(job), output_params  # what waits for its batch holds megabytes, not gigabytes
 
     def _serve(self, context, prepared: dict, indices: list[int], deadline: float) -> list:
@@ -196,6 +204,15 @@ def _is_out_of_memory(error: Exception) -> bool:
         isinstance(error, RuntimeError) and any(text in str(error) for text in CPU_ALLOCATION_FAILED))
 
 
+def _asks_for_description(context, index: int) -> bool:
+    """Whether request `index` is the management API's describe call with customized=true. TorchServe 0.12's
+    frontend (ManagementRequestHandler.handleDescribeModel, and gRPC's DescribeModel) queues it as a job of
+    the model, with no body and the header "describe" set to "True", and puts what the worker returns into
+    the description's customizedMetadata. It is no control command, so it may share a batch with predictions:
+    BaseHandler looks at the first request only and answers the batch with one description; we answer each."""
+    return context.get_request_header(index, "describe") == "True"
+
+
 def _is_grpc(context, index: int) -> bool:
     """gRPC requests reach the handler with no HTTP header, only the per-parameter content types (dicts)."""
     return not any(isinstance(value, str) for value in context.get_all_request_header(index).values())
@@ -243,7 +260,7 @@ def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], max_pixels: int
     size, and at most `max_pixels` output pixels together (memory grows with the batch); cheapest first."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
-        groups.setdefault((batch_key(job.params), output_size(job)), []).append(index)
+        groups.setdefault((batch_key(job), output_size(job)), []).append(index)
     batches = []
     for (_, (height, width)), indices in groups.items():
         per_batch = max(1, max_pixels // (height * width))

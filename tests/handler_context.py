@@ -8,14 +8,17 @@ import yaml
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from conftest import ROOT
+from build_mar import stage_presets
+from conftest import ROOT, STYLES
 
 HANDLER_DIR = ROOT / "handler"
 
 
 def model_dir_with_weights(directory: Path, state_dict: dict) -> Path:
-    """What TorchServe unpacks the archive into, minus the code (already importable here)."""
+    """What TorchServe unpacks the archive into, minus the code (already importable here): the weights, and
+    the presets as scripts/build_mar.py stores them (the sample paintings)."""
     torch.save(state_dict, directory / "vgg19_features.pth")
+    stage_presets(STYLES, directory)
     return directory
 
 
@@ -29,10 +32,12 @@ def make_context(model_dir: Path, handler_overrides: dict | None = None) -> Cont
                    model_yaml_config=model_yaml)
 
 
-def start_batch(context: Context, size: int, grpc: bool = False) -> None:
+def start_batch(context: Context, size: int, grpc: bool = False, describe: tuple[int, ...] = ()) -> None:
     """Per-batch state TorchServe's service sets before calling handle(). REST requests carry HTTP headers
-    (strings); gRPC ones only per-parameter content types (dicts), as TorchServe 0.12 passes them."""
+    (strings); gRPC ones only per-parameter content types (dicts), as TorchServe 0.12 passes them. The indices
+    in `describe` are the management API's describe calls: HTTP headers and "describe": "True"."""
     headers = {"content": {"content-type": ""}} if grpc else {"Content-Type": "multipart/form-data", "url_path": ""}
     context.request_ids = {i: str(uuid.uuid4()) for i in range(size)}
-    context.request_processor = [RequestProcessor(dict(headers)) for _ in range(size)]
+    context.request_processor = [RequestProcessor({"Accept": "*/*", "describe": "True"} if i in describe
+                                                  else dict(headers)) for i in range(size)]
     context.metrics.set_request_ids(context.request_ids)

@@ -26,10 +26,23 @@ def served(tmp_path_factory, random_state_dict):
     return handler, context
 
 
-def handle(served, *rows, grpc=False):
+def handle(served, *rows, grpc=False, describe=()):
     handler, context = served
-    start_batch(context, len(rows), grpc)
+    start_batch(context, len(rows), grpc, describe)
     return handler.handle(list(rows), context), context
+
+
+def png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_png(white_from: float = 0.0) -> bytes:
+    """An 8x6 mask, white from the fraction `white_from` of its width to the right edge."""
+    image = Image.new("L", (8, 6), 0)
+    image.paste(255, (round(8 * white_from), 0, 8, 6))
+    return png_of(image)
 
 
 def test_multipart_fields_give_a_png_with_headers(served):
@@ -133,3 +146,54 @@ def test_a_style_scale_past_the_style_pixel_limit_is_refused(served):
     assert context.get_response_status(0)[0] == 413
     error = json.loads(body)
     assert error["field"] == "style_scale" and "style_scale at most" in error["message"]
+
+
+def test_a_preset_needs_no_upload_and_masks_and_a_start_image_go_with_it(served):
+    (body,), context = handle(served, {"content": CONTENT, "presets": "starry_night", "size": "64", "steps": "2"})
+    assert context.get_response_status(0)[0] == 200 and Image.open(io.BytesIO(body)).size == (64, 48)
+    row = {"content": CONTENT, "style": STYLE, "mask_1": mask_png(), "mask_2": mask_png(0.5),
+           "init_image": CONTENT, "params": {"presets": ["shipwreck"], "init": "image", "size": 64, "steps": 2}}
+    (body,), context = handle(served, row)
+    assert context.get_response_status(0)[0] == 200, body
+
+
+def test_a_json_body_carries_masks_and_the_start_image(served):
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    body = {"content": b64(CONTENT), "masks": [b64(mask_png())], "init_image": b64(CONTENT),
+            "params": {"presets": ["starry_night"], "init": "image", "size": 64, "steps": 2, "response": "json"}}
+    (answer,), context = handle(served, {"body": body})
+    assert context.get_response_status(0)[0] == 200 and json.loads(answer)["steps"] == 2
+
+
+def test_the_describe_call_is_answered_with_the_models_description(served):
+    """TorchServe's management API asks the worker with a request of its own whose header "describe" is
+    "True" (tests/test_creative_controls.py asks a real TorchServe); in a batch with predictions, each gets
+    its own answer."""
+    prediction = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 1}}
+    (image, description), context = handle(served, prediction, {}, describe=(1,))
+    assert context.get_response_content_type(1) == "application/json"
+    assert Image.open(io.BytesIO(image)).size == (64, 48)
+    described = json.loads(description)
+    assert described["presets"] == [{"name": "shipwreck", "width": 512, "height": 353},
+                                    {"name": "starry_night", "width": 512, "height": 320},
+                                    {"name": "woman-with-hat-matisse", "width": 378, "height": 512}]
+    parameters = {row["name"]: row for row in described["parameters"]}
+    assert parameters["size"] == {"name": "size", "default": 256, "allowed": "an integer at least 32 and at most 1024",
+                                  "doc": "longer side of the output, px"}
+    assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
+    assert described["limits"] == {"max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,
+                                   "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
+    assert (described["weights"], described["device"]) == ("random", "cpu")
+
+
+def test_masked_and_unmasked_requests_never_share_a_batch(served):
+    from style_transfer_handler import _batches
+
+    handler, _ = served
+    white = mask_png()
+    row = {"content": CONTENT, "style": STYLE, "style_2": STYLE, "params": {"size": 64, "steps": 2}}
+    prepared = {0: handler._prepare(dict(row), grpc=False), 1: handler._prepare({**row, "mask_1": white}, grpc=False),
+                2: handler._prepare({**row, "mask_2": white, "mask_1": white}, grpc=False),
+                3: handler._prepare({"content": CONTENT, "style": STYLE, "mask_1": white, "params": row["params"]},
+                                    grpc=False)}
+    assert sorted(_batches(prepared, max_pixels=10**6)) == [[0], [1, 2], [3]]

@@ -81,7 +81,7 @@ NARROW = encode(Image.new("RGB", (64, 8), "gray"), "PNG")  # 8 px high: relu5_1 
      "5 style images sent; at most 4 are allowed"),
     ({"content": CONTENT, "style": STYLE, "style_3": STYLE}, 400, "InvalidImage", "style_3",
      "style_3 was sent without style_2"),
-    ({"content": CONTENT}, 400, "InvalidImage", "style", "the style image is missing"),
+    ({"content": CONTENT}, 400, "InvalidImage", "style", "no style image: send one as the part style"),
 ], ids=["empty", "text", "svg", "pdf", "ico", "truncated jpeg", "json part", "png bomb", "jpeg bomb",
         "narrow content", "narrow style", "too many styles", "gap in styles", "no style"])
 def test_bad_image_parts(server, worker, files, status, kind, field, says):
