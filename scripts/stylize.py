@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Stylise CONTENT with one or more STYLE images and write the result to -o OUT.
+"""Stylise CONTENT with style images and presets and write the result to -o OUT; or list the presets.
 
     python scripts/stylize.py content.jpg style.jpg -o out.png --url http://127.0.0.1:8080 --set size=256
     python scripts/stylize.py content.jpg style.jpg -o out.png --grpc 127.0.0.1:7070
     python scripts/stylize.py content.jpg style.jpg -o out.png --local --weights imagenet --json
+    python scripts/stylize.py content.jpg -o out.png --url http://127.0.0.1:8080 --preset starry_night
+    python scripts/stylize.py content.jpg a.jpg --preset shipwreck --mask sky.png --mask town.png -o out.png ...
+    python scripts/stylize.py --list-presets [--management http://127.0.0.1:8081]
 
 --url calls the REST API and streams progress (--no-stream turns that off); --grpc calls gRPC StreamPredictions
 (TorchServe 0.12 cannot stream progress over gRPC, so the bar only shows that it waits); --local runs the engine
-in this process. The token comes from --token, else from --key-file (TorchServe's key_file.json).
+in this process, its presets read from --styles (default samples/styles/, as build_mar.py packs them). The
+styles are the STYLE files, then the --preset names, in order; --mask files pair with them in that order
+(README, "Creative controls"); --init-image starts from that image (init=image). The token comes from --token,
+else from --key-file (TorchServe's key_file.json).
 --set key=value sets any request parameter (README, "Parameters"); values are read as JSON where they parse
 (`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise. A progress bar goes to stderr; --json
-prints the result's fields (those of `response=json`, without the image) to stdout. Exit status 0 on success;
-1 when the request is refused (the server's error is printed as it came) or the server cannot be reached;
-2 on a usage error.
+prints the result's fields (those of `response=json`, without the image) to stdout.
+--list-presets prints each preset's name and size: from the server's model description (the management API,
+--management, with the management token from --management-token or --key-file), or with --local from
+--styles; with --json as a JSON list. Exit status 0 on success; 1 when the request is refused (the server's
+error is printed as it came) or the server cannot be reached; 2 on a usage error.
 """
 
 import argparse
@@ -25,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 
 from style_engine import RequestError, VGGFeatures, WeightsError, load_features_state_dict, parse_params, stylize  # noqa: E402
 from style_engine.api import result_fields  # noqa: E402
-from style_engine.codec import encode_image, load_image_file  # noqa: E402
+from style_engine.codec import encode_image, load_image_file, load_mask_file  # noqa: E402
+from style_engine.presets import PresetLibrary  # noqa: E402
 
 MODEL_NAME = "style_transfer"
+PROJECT_STYLES = Path(__file__).resolve().parent.parent / "samples" / "styles"  # build_mar.py's default
 
 
 class Refused(Exception):
@@ -35,11 +45,16 @@ class Refused(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _arguments().parse_args(argv)
-    run = _run_local if args.local else _run_rest if args.url else _run_grpc
+    parser = _arguments()
+    args = parser.parse_args(argv)
+    _check_usage(parser, args)
     try:
-        image, fields = run(args, _settings(args.set))
-    except (RequestError, WeightsError) as error:
+        if args.list_presets:
+            _print_presets(_presets_local(args) if args.local else _presets_of_server(args), args.json)
+            return 0
+        run = _run_local if args.local else _run_rest if args.url else _run_grpc
+        image, fields = run(args, _request_params(args))
+    except (RequestError, WeightsError, OSError) as error:  # OSError: an input file that cannot be read
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Refused as error:
@@ -53,10 +68,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("content", help="content image file")
-    parser.add_argument("styles", nargs="+", metavar="style", help="style image file(s), blended by style_blend")
-    parser.add_argument("-o", "--output", required=True, help="where to write the stylised image")
-    where = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("content", nargs="?", help="content image file")
+    parser.add_argument("styles", nargs="*", metavar="style", help="style image file(s); none where presets are "
+                                                                   "given")
+    parser.add_argument("-o", "--output", help="where to write the stylised image")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME", dest="presets",
+                        help="a preset style of the server (or of --styles with --local), after the STYLE files")
+    parser.add_argument("--mask", action="append", default=[], metavar="FILE", dest="masks",
+                        help="where the next style applies (white: fully), paired with the styles in order")
+    parser.add_argument("--init-image", metavar="FILE", help="start from this image (init=image)")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--management", default="http://127.0.0.1:8081", metavar="URL",
+                        help="with --list-presets: TorchServe management address (default: %(default)s)")
+    parser.add_argument("--management-token", metavar="TOKEN", help="management token (default: read from --key-file)")
+    parser.add_argument("--styles", default=str(PROJECT_STYLES), dest="styles_dir", metavar="DIR",
+                        help="with --local: directory of the presets (default: the project's samples/styles/)")
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
     where.add_argument("--grpc", metavar="HOST:PORT", help="TorchServe gRPC inference address, e.g. 127.0.0.1:7070")
     where.add_argument("--local", action="store_true", help="run the engine in this process")
@@ -69,6 +96,28 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a request parameter")
     parser.add_argument("--json", action="store_true", help="print the result's fields as JSON to stdout")
     return parser
+
+
+def _check_usage(parser: argparse.ArgumentParser, args) -> None:
+    """What argparse alone cannot say; exits with status 2 like argparse."""
+    if args.list_presets:
+        if args.url or args.grpc:
+            parser.error("--list-presets asks the management API (--management) or, with --local, --styles")
+        return
+    if not (args.content and args.output and (args.url or args.grpc or args.local)):
+        parser.error("CONTENT, -o OUT and one of --url, --grpc or --local are required")
+    if not (args.styles or args.presets):
+        parser.error("give at least one style: a STYLE file or --preset NAME")
+
+
+def _request_params(args) -> dict:
+    """The request's parameters: --set, with the presets and init=image that --preset and --init-image ask for."""
+    params = _settings(args.set)
+    if args.presets:
+        params["presets"] = args.presets
+    if args.init_image:
+        params.setdefault("init", "image")
+    return params
 
 
 def _settings(pairs: list[str]) -> dict:
@@ -92,6 +141,9 @@ def _run_local(args, raw_params: dict) -> tuple[bytes, dict]:
     style_params, output_params = parse_params(raw_params)
     content = load_image_file(args.content)
     styles = [load_image_file(path) for path in args.styles]
+    styles += PresetLibrary.load(Path(args.styles_dir)).images(style_params.presets)
+    masks = [load_mask_file(path) for path in args.masks]
+    init_image = load_image_file(args.init_image) if args.init_image else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.weights == "random":
         print("warning: random VGG19 weights: for tests only, the result shows no real style", file=sys.stderr)
@@ -99,7 +151,8 @@ def _run_local(args, raw_params: dict) -> tuple[bytes, dict]:
     with tqdm(total=style_params.steps, unit="step", file=sys.stderr, leave=False) as bar:
         def show(progress):
             _advance(bar, progress.step, progress.steps, progress.loss["total"], progress.scale, progress.scales)
-        result = stylize(extractor, content, styles, style_params, callback=show)
+        result = stylize(extractor, content, styles, style_params, masks=masks, init_image=init_image,
+                         callback=show)
     image = encode_image(result.image, output_params.format, output_params.quality)
     return image, result_fields(result, output_params.format)
 
@@ -111,21 +164,56 @@ def _advance(bar, step: int, steps: int, loss: float, scale: int, scales: int) -
 
 
 def _parts(args, params: dict) -> dict[str, bytes]:
-    """The request's parts as CONTRACT.md names them: content, style, style_2, ..., params (JSON)."""
+    """The request's parts as CONTRACT.md names them: content, style, style_2, ..., mask_1, ..., init_image,
+    params (JSON)."""
     parts = {"content": Path(args.content).read_bytes()}
     for i, path in enumerate(args.styles):
         parts["style" if i == 0 else f"style_{i + 1}"] = Path(path).read_bytes()
+    for i, path in enumerate(args.masks):
+        parts[f"mask_{i + 1}"] = Path(path).read_bytes()
+    if args.init_image:
+        parts["init_image"] = Path(args.init_image).read_bytes()
     parts["params"] = json.dumps(params).encode()
     return parts
 
 
-def _token(args) -> str | None:
-    if args.token:
-        return args.token
+def _token(args, kind: str = "inference") -> str | None:
+    """The `kind` token ("inference" or "management"): given on the command line, else from the key file."""
+    given = args.token if kind == "inference" else args.management_token
+    if given:
+        return given
     try:
-        return json.loads(Path(args.key_file).read_text())["inference"]["key"]
+        return json.loads(Path(args.key_file).read_text())[kind]["key"]
     except (OSError, ValueError, KeyError):
         return None  # the server will say that a token is needed
+
+
+def _presets_local(args) -> list[dict]:
+    return PresetLibrary.load(Path(args.styles_dir)).describe()
+
+
+def _presets_of_server(args) -> list[dict]:
+    """The presets in the server's model description (GET /models/style_transfer?customized=true)."""
+    import requests
+
+    token = _token(args, "management")
+    url = f"{args.management.rstrip('/')}/models/{MODEL_NAME}?customized=true"
+    try:
+        response = requests.get(url, headers={"Authorization": f"Bearer {token}"} if token else {},
+                                timeout=args.timeout)
+    except requests.RequestException as error:
+        raise Refused(f"error: cannot reach {url}: {error}") from None
+    if response.status_code != 200:
+        raise Refused(response.text)
+    return response.json()[0]["customizedMetadata"]["presets"]
+
+
+def _print_presets(presets: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(presets))
+        return
+    for preset in presets:
+        print(f"{preset['name']}\t{preset['width']}x{preset['height']}")
 
 
 def _run_rest(args, params: dict) -> tuple[bytes, dict]:

@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import subprocess
+import sys
 
 import grpc
 import inference_pb2
@@ -12,7 +14,7 @@ import requests
 import torch
 from PIL import Image
 
-from conftest import SAMPLES, STYLES, sample
+from conftest import ROOT, SAMPLES, STYLES, sample
 from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params
 from style_engine.codec import decode_image, decode_mask
 from style_engine.targets import build_objective
@@ -28,7 +30,8 @@ OUTPUT = (48, 64)  # tubingen at size 64
 def mask_png(white_columns: slice, size=(64, 48)) -> bytes:
     """A mask white in `white_columns` of its width, black elsewhere."""
     image = Image.new("L", size, 0)
-    image.paste(255, (white_columns.start or 0, 0, white_columns.stop or size[0], size[1]))
+    start, stop, _ = white_columns.indices(size[0])
+    image.paste(255, (start, 0, stop, size[1]))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -156,3 +159,29 @@ def test_a_json_body_and_grpc_name_the_same_fields(server):
         grpc_predict(server, {"content": CONTENT, "presets": b"mona_lisa"})
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert json.loads(error.value.details().split("\n")[0])["field"] == "presets"
+
+
+@pytest.mark.parametrize("transport", ["url", "grpc"])
+def test_the_client_sends_presets_and_masks(server, tmp_path, transport):
+    """The preset's mask is black: no region, so no style term, and the content's start is already optimal."""
+    address = server.url("inference") if transport == "url" else server.grpc_target
+    (tmp_path / "left.png").write_bytes(LEFT)
+    (tmp_path / "black.png").write_bytes(mask_png(slice(0, 0)))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "stylize.py"), str(SAMPLES / "tubingen.jpg"),
+                          str(STYLES / "shipwreck.jpg"), "--preset", "starry_night", "--mask",
+                          str(tmp_path / "left.png"), "--mask", str(tmp_path / "black.png"), "-o",
+                          str(tmp_path / "out.png"), f"--{transport}", address, "--key-file",
+                          str(server.workdir / "key_file.json"), "--set", "size=64", "--set", "steps=3",
+                          "--set", "style_blend=[0, 1]", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    fields = json.loads(run.stdout)
+    assert fields["loss"]["initial"]["total"] == 0 and Image.open(tmp_path / "out.png").size == (64, 48)
+
+
+def test_the_client_lists_the_servers_presets(server):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "stylize.py"), "--list-presets", "--management",
+                          server.url("management"), "--key-file", str(server.workdir / "key_file.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["shipwreck\t512x353", "starry_night\t512x320",
+                                      "woman-with-hat-matisse\t378x512"]

@@ -50,3 +50,38 @@ def test_a_refused_request_exits_1_with_the_message(tmp_path):
     assert run.returncode == 1
     assert "steps must be an integer at least 1" in run.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_local_presets_masks_and_a_start_image(tmp_path):
+    """A preset is the painting of --styles; an all-white --mask changes nothing; --init-image of the content
+    starts where init=content does: the same losses as the plain request."""
+    white = tmp_path / "white.png"
+    Image.new("L", (10, 10), 255).save(white)
+    common = ["-o", str(tmp_path / "out.png"), "--local", "--weights", "random", "--set", "size=64", "--set",
+              "steps=3", "--json"]
+    plain = subprocess.run([*CLI, str(SAMPLES / "tubingen.jpg"), str(STYLES / "starry_night.jpg"), *common],
+                           capture_output=True, text=True, timeout=300)
+    creative = subprocess.run([*CLI, str(SAMPLES / "tubingen.jpg"), "--preset", "starry_night", "--mask", str(white),
+                               "--init-image", str(SAMPLES / "tubingen.jpg"), *common],
+                              capture_output=True, text=True, timeout=300)
+    assert plain.returncode == creative.returncode == 0, creative.stderr
+    for when in ("initial", "final"):
+        assert json.loads(creative.stdout)["loss"][when] == pytest.approx(json.loads(plain.stdout)["loss"][when],
+                                                                         rel=1e-5)
+
+
+def test_list_presets_of_a_directory(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "Dots.png")
+    run = subprocess.run([*CLI, "--list-presets", "--local", "--styles", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert (run.returncode, run.stdout) == (0, "dots\t40x30\n")
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["CONTENT", "-o", "out.png", "--local"], "give at least one style"),
+    (["CONTENT", "STYLE", "--local"], "CONTENT, -o OUT and one of --url, --grpc or --local are required"),
+    (["--list-presets", "--url", "http://127.0.0.1:8080"], "--list-presets asks the management API"),
+])
+def test_usage_errors_exit_2(arguments, says):
+    run = subprocess.run([*CLI, *arguments], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and says in run.stderr
