@@ -1,12 +1,14 @@
 """Every GPU figure of the benchmarks in one run, driving the engine directly (no TorchServe, no Java there).
 
     bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU; see that script
-    python benchmarks/gpu_check.py --device cpu --size 64 --steps 3 --batch-size 64 --max-batch 2   # smoke test
+    python benchmarks/gpu_check.py --device cpu --size 64 --steps 3 --batch-size 64 --max-batch 2 \
+        --memory-sizes 64   # smoke test
 
 Measures, each the median of --repeats runs: the engine at --size px for --steps iterations in float32 (strict:
 no TF32) and in the fast mode (bf16 autocast, what `auto` picks on a GPU), as seconds per run, iterations per
 second, effective TFLOP/s and peak memory, and whether the fast mode's final loss is within 1 % of float32's; a
-default request at --size px; and images per second for batches of 1, 2, 4, 8 at --batch-size px.
+default request at --size px; images per second for batches of 1, 2, 4, 8 at --batch-size px; and the memory
+model's estimate against the measured peak at --memory-sizes px (up to 4096: the largest size a GPU serves).
 """
 
 import argparse
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT / "handler"))
 
 from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params, stylize_batch  # noqa: E402
 from style_engine.codec import load_image_file  # noqa: E402
+from style_engine.memory import peak_bytes, workload  # noqa: E402
 
 MACS_PER_PIXEL = 3.6e5  # VGG19 up to relu5_1, forward; the backward pass to the image costs about as much
 
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
                                          {"size": args.batch_size, "steps": args.steps, "early_stop_tol": 0},
                                          args.repeats)
                           for batch in (1, 2, 4, 8) if batch <= args.max_batch}
+    report["memory_model"] = {size: memory_check(extractor, content, style, size) for size in args.memory_sizes}
     show(report)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,8 @@ def _arguments():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256, help="image size of the batching sweep, px")
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[512, 1024, 2048, 4096],
+                        help="sizes at which memory.py's estimate is checked against the measured peak")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", help="write the figures as JSON here")
@@ -94,6 +100,26 @@ def measure(extractor, pairs, raw_params: dict, repeats: int) -> dict:
             "final_loss": results[0].final_loss["total"], "stop_reason": results[0].stop_reason}
 
 
+def memory_check(extractor, content, style, size: int) -> dict:
+    """Peak memory of two iterations at `size` (one scale) in float32 and the fast mode: style_engine/memory.py's
+    estimate and, on a GPU, the measured peak allocated beyond what was allocated before (MiB)."""
+    device = extractor.mean.device
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        params, _ = parse_params({"size": size, "steps": 2, "min_scale": size, "early_stop_tol": 0,
+                                  "precision": precision})
+        job = StyleJob(content, (style,), params)
+        measured = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            stylize_batch(extractor, [job])
+            measured = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        rows[precision] = {"estimated_mib": peak_bytes(workload([job], device)) / 2**20, "measured_mib": measured}
+    return rows
+
+
 def _pixel_iterations(reports: list[tuple[int, int]]) -> int:
     """Pixels times iterations over all scales. On a GPU the engine reports every few iterations, but always
     at the last one of a scale, so each report's iterations ran at its own scale's size."""
@@ -120,6 +146,10 @@ def show(report: dict) -> None:
     for batch, row in report["batching"].items():
         print(f"batch of {batch}: {row['images_per_second']:.2f} images/s, {row['effective_tflops']:.1f} TFLOP/s, "
               f"peak {row['peak_memory_mib'] or 0:.0f} MiB")
+    for size, rows in report["memory_model"].items():
+        for precision, row in rows.items():
+            print(f"memory at {size} px {precision}: estimated {row['estimated_mib']:.0f} MiB, "
+                  f"measured {row['measured_mib'] or 0:.0f} MiB")
 
 
 if __name__ == "__main__":

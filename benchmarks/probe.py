@@ -1,53 +1,76 @@
-"""Measurements that need a fresh process: benchmarks/run.py calls them.
+"""Measurements that need a fresh process: benchmarks/run.py and tests/test_memory.py call them.
 
-    python benchmarks/probe.py memory WEIGHTS SIZE CONTENT STYLE   -> MiB
+    python benchmarks/probe.py memory WEIGHTS CONTENT STYLE PARAMS_JSON [--checkpoint] [--masks N]   -> JSON
 
-memory: what one request adds to the process at its peak. On the CPU, the resident set is sampled every
-millisecond during the request (the kernel's high-water mark would also count the model's loading), after
-glibc has returned freed memory; on a GPU, peak allocated memory. A few iterations per scale suffice: memory
-per iteration does not grow with their number.
+memory: what one request adds to the process at its peak, measured, beside memory.py's estimate of it. On the
+CPU, the kernel's high-water mark of the resident set, reset just before the request (after glibc has handed
+freed memory back), less the resident set then; on a GPU, peak allocated memory less what was allocated
+before. A few iterations per scale suffice: memory per iteration does not grow with their number. --masks N
+makes it N styles (STYLE each time), each in its own vertical strip of the image.
 """
 
+import argparse
 import ctypes
 import json
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 
-from style_engine import VGGFeatures, load_features_state_dict, parse_params, stylize  # noqa: E402
+from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params, stylize_batch  # noqa: E402
 from style_engine.codec import load_image_file  # noqa: E402
+from style_engine.memory import peak_bytes, workload  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def memory(weights: str, size: str, content: str, style: str) -> float:
+def memory(weights: str, content: str, style: str, raw_params: str, checkpoint: bool, masks: int) -> dict:
     extractor = VGGFeatures(load_features_state_dict(weights)).to(DEVICE)
-    images = load_image_file(content), load_image_file(style)
-    params, _ = parse_params({"size": int(size), "steps": 9, "early_stop_tol": 0})
+    content_image, style_image = load_image_file(content), load_image_file(style)
+    job = StyleJob(content_image, (style_image,) * max(1, masks), parse_params(json.loads(raw_params))[0],
+                   _strips(masks, *content_image.shape[-2:]))
+    estimated = peak_bytes(workload([job], DEVICE, checkpoint))
+    before = _start_measuring()
+    stylize_batch(extractor, [job], checkpoint=checkpoint)
+    return {"measured": _peak() - before, "estimated": estimated}
+
+
+def _strips(count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """`count` masks, each white in its own vertical strip."""
+    columns = torch.arange(width) * count // width
+    return tuple((columns == k).float().expand(1, height, width).clone() for k in range(count))
+
+
+def _start_measuring() -> int:
     if DEVICE.type == "cuda":
-        stylize(extractor, images[0], [images[1]], params)
-        return torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        return torch.cuda.memory_allocated(DEVICE)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    process, peak, done = psutil.Process(), [0], threading.Event()
-    before = process.memory_info().rss
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    return _status_bytes("VmRSS")
 
-    def sample():
-        while not done.wait(0.001):
-            peak[0] = max(peak[0], process.memory_info().rss)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    stylize(extractor, images[0], [images[1]], params)
-    done.set()
-    sampler.join()
-    return (peak[0] - before) / 2**20
+def _peak() -> int:
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated(DEVICE)
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
 
 
 if __name__ == "__main__":
-    command, *arguments = sys.argv[1:]
-    print(json.dumps({"memory": memory}[command](*arguments)))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["memory"])
+    parser.add_argument("weights")
+    parser.add_argument("content")
+    parser.add_argument("style")
+    parser.add_argument("params", help="request parameters as a JSON object")
+    parser.add_argument("--checkpoint", action="store_true", help="recompute VGG19's blocks in the backward pass")
+    parser.add_argument("--masks", type=int, default=0, help="this many styles, each with a mask of its own")
+    args = parser.parse_args()
+    print(json.dumps(memory(args.weights, args.content, args.style, args.params, args.checkpoint, args.masks)))

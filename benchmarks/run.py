@@ -5,11 +5,13 @@
     .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about 25 minutes on 2 cores
 
 Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
-coarse to fine reaches within a time budget, against one scale; the loss a default request reaches in bf16
-against float32; TorchServe's overhead on one request at 128 px; throughput of 1, 2, 4 and 8 concurrent requests
-through TorchServe's dynamic batching; peak memory of one request at 256 and 512 px. Times are medians of
---repeats runs, the compared runs taking turns. Results go to benchmarks/results/<mode>.json with a
-loss-against-time plot beside it; --json also prints them to stdout.
+coarse to fine reaches within time budgets and in a default request, against other schedules; the loss a
+default request reaches in bf16 against float32 (where bf16 is native); TorchServe's overhead on one request at
+128 px; throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic batching; peak memory of one
+request at 256, 512 and 1024 px, measured against the memory model's estimate, plain and checkpointed; what
+checkpointing costs per iteration; a default request at 1024 px. Times are medians of --repeats runs, the
+compared runs taking turns. Results go to benchmarks/results/<mode>.json with a loss-against-time plot beside
+it; --json also prints them to stdout.
 """
 
 import argparse
@@ -39,10 +41,13 @@ MODES = {
     # seed_size/seed_steps: the seed's run whose final loss our engine must reach (the issue's yardsticks)
     # budgets: time budgets of the coarse-to-fine comparison at 256 px, in iterations at that size, so that
     # they mean the same on a fast machine and a slow one
-    "quick": {"seed_size": 64, "seed_steps": 300, "server_steps": 60, "budgets": (10, 20)},
-    "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None, "budgets": (10, 20, 40, 80)},
+    # large_size: the default request at a large size, with the server's default time budget
+    "quick": {"seed_size": 64, "seed_steps": 300, "server_steps": 60, "budgets": (10, 20), "large_size": 512},
+    "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None, "budgets": (10, 20, 40, 80),
+             "large_size": 1024},
     # smoke: only checks that everything runs, with default requests cut to `request_steps` iterations
-    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5, "budgets": (5,), "request_steps": 10},
+    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5, "budgets": (5,), "request_steps": 10,
+              "large_size": 96},
 }
 CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "styles" / "starry_night.jpg"
 
@@ -69,8 +74,9 @@ def main(argv=None) -> int:
         torch.save(state_dict, weights_file)
         if not args.skip_server:
             report.update(through_torchserve(args.weights, extractor, settings, args.repeats))
-        report["peak_memory_mib"] = {size: peak_memory(weights_file, size)
-                                     for size in ((64,) if args.smoke else (256, 512))}
+        report["peak_memory"] = peak_memory(weights_file, (64,) if args.smoke else (256, 512, 1024))
+    report["memory_saving"] = memory_saving(extractor, 64 if args.smoke else 512, args.repeats)
+    report["large_request"] = large_request(extractor, settings["large_size"], settings.get("request_steps"))
     report["summary"] = summary(report)
     write(report, Path(args.output_dir), mode)
     if args.json:
@@ -337,11 +343,65 @@ def _post(server, files, params):
 # --- memory --------------------------------------------------------------------------------------------------------
 
 
-def peak_memory(weights_file: Path, size: int) -> float:
-    """Peak memory one request adds to a fresh process (CUDA: peak allocated), MiB."""
-    mib = float(_probe("memory", weights_file, size, CONTENT, STYLE))
-    log(f"peak memory of one request at {size} px: {mib:.0f} MiB")
-    return mib
+def peak_memory(weights_file: Path, sizes: tuple[int, ...]) -> dict:
+    """Peak memory a request (a few iterations per scale) adds to a fresh process, measured and as
+    style_engine/memory.py estimates it, plain and with checkpointing, in MiB."""
+    result = {}
+    for size in sizes:
+        for checkpoint in (False, True):
+            raw = {"size": size, "steps": 4, "early_stop_tol": 0}
+            peak = json.loads(_probe("memory", weights_file, CONTENT, STYLE, json.dumps(raw),
+                                     *(["--checkpoint"] if checkpoint else [])))
+            mib = {key: value / 2**20 for key, value in peak.items()}
+            result[f"{size}{' checkpointed' if checkpoint else ''}"] = mib
+            log(f"peak memory at {size} px{' checkpointed' if checkpoint else ''}: {mib['measured']:.0f} MiB "
+                f"measured, {mib['estimated']:.0f} MiB estimated ({mib['estimated'] / mib['measured']:.2f})")
+    return result
+
+
+def memory_saving(extractor, size: int, repeats: int, steps: int = 6) -> dict:
+    """What checkpointing costs in time: median seconds per iteration at `size`, plain and checkpointed,
+    taking turns."""
+    content, style = images(size)
+    params, _ = parse_params({"size": size, "steps": steps, "min_scale": size, "early_stop_tol": 0})
+    times = {False: [], True: []}
+    for _ in range(repeats):
+        for checkpoint, runs in times.items():
+            stamps = []
+            stylize(extractor, content, [style], params, checkpoint=checkpoint,
+                    callback=lambda progress: stamps.append(time.perf_counter()))
+            runs += _gaps(stamps)
+    result = {"size": size, "plain": statistics.median(times[False]), "checkpointed": statistics.median(times[True])}
+    result["time_ratio"] = result["checkpointed"] / result["plain"]
+    log(f"per iteration at {size} px: plain {result['plain']:.3f} s, checkpointed {result['checkpointed']:.3f} s "
+        f"({result['time_ratio']:.2f}x)")
+    return result
+
+
+def large_request(extractor, size: int, request_steps: int | None) -> dict:
+    """A default request at a large size, as a server runs it (its default time budget included): the coarse
+    scales do most of the iterations, the output scale refines."""
+    from style_engine.params import StyleParams
+
+    content, style = images(size)
+    raw = {"size": size, "max_seconds": _server_default("max_seconds"),
+           **({"steps": request_steps} if request_steps else {})}
+    per_scale = {}  # iterations done by the end of each scale
+    result = stylize(extractor, content, [style], parse_params(raw)[0], callback=lambda progress: per_scale.update(
+        {f"{progress.size[1]}x{progress.size[0]}": progress.step}))
+    report = {"size": size, "seconds": result.seconds, "steps": result.steps, "stop_reason": result.stop_reason,
+              "initial_loss": result.initial_loss["total"], "final_loss": result.final_loss["total"],
+              "steps_by_scale": per_scale, "precision": result.precision, "default_steps": StyleParams().steps}
+    log(f"default request at {size} px: {result.seconds:.1f} s, {result.steps} iterations ({per_scale}), "
+        f"{result.stop_reason}, loss {report['initial_loss']:.4g} -> {report['final_loss']:.4g}")
+    return report
+
+
+def _server_default(name: str):
+    """A request default of the archive's model-config.yaml (what a server applies)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]["defaults"][name]
 
 
 def _probe(*arguments) -> str:

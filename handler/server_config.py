@@ -1,4 +1,9 @@
-"""The server's own settings: the `handler:` section of the archive's model-config.yaml, read once and checked."""
+"""The server's own settings: the `handler:` section of the archive's model-config.yaml, read once and checked.
+
+Settings may differ by the kind of device the worker runs on: `device_overrides: {cpu: {...}, cuda: {...}}`
+replaces settings for that kind (key by key inside `defaults` and `maxima`), so that one archive serves
+small images within the time budget on CPU hosts and posters on GPUs.
+"""
 
 import math
 from dataclasses import dataclass, field
@@ -16,7 +21,6 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000  # per uploaded image, checked before decoding (decompression bombs)
     max_styles: int = 4  # style images per request
     max_style_pixels: int = 2_097_152  # per style image at the output scale, after style_scale (targets.check_job)
-    max_batch_pixels: int = 1_048_576  # output pixels optimised together in one batch (memory grows with them)
     gram_cache_entries: int = 32  # style images whose Grams are kept (about 2.5 MB each with the default layers)
     # Grams of presets, kept apart from the uploads' so that uploads never evict them: an entry per preset and
     # output scale, style_scale, layer set, pooling and precision that requests have used
@@ -26,17 +30,28 @@ class ServerConfig:
     # gives up on the worker and restarts it.
     reply_margin_seconds: float = 30.0
     response_timeout: float = 120.0  # TorchServe's responseTimeout (s): read from the top level of model-config
+    # Memory the worker lets requests use (memory.py estimates each before it runs): this many bytes, or with 0
+    # the device's free memory when the worker starts, less memory_margin of it (for the estimate's error, the
+    # allocator's slack and, on a CPU host, everything else the host runs).
+    memory_budget_bytes: int = 0
+    memory_margin: float = 0.25
+    # A request that would not fit otherwise runs VGG19's blocks again in each backward pass instead of keeping
+    # their activations (a third more time); false refuses it instead.
+    save_memory: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request parameter defaults
     maxima: Mapping[str, float] = field(default_factory=dict)  # upper bounds of numeric parameters
+    device_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by device type, see above
 
     @classmethod
-    def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None) -> "ServerConfig":
+    def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None, device_type: str = "cpu") -> "ServerConfig":
         model_yaml = model_yaml or {}
         section = dict(model_yaml.get("handler") or {})
-        allowed = set(cls.__dataclass_fields__) - {"response_timeout"}  # TorchServe's own key, read below
-        unknown = set(section) - allowed
-        if unknown:
-            raise ValueError(f"model-config.yaml handler section: unknown keys {sorted(unknown)}")
+        settings = set(cls.__dataclass_fields__) - {"response_timeout"}  # TorchServe's own key, read below
+        _check_keys(section, settings, "handler")
+        by_device = dict(section.get("device_overrides") or {})
+        for kind, overrides in by_device.items():
+            _check_keys(overrides, settings - {"device_overrides"}, f"handler.device_overrides.{kind}")
+        section = _with_overrides(section, by_device.get(device_type, {}))
         config = cls(**section, response_timeout=float(model_yaml.get("responseTimeout", cls.response_timeout)))
         if config.deepest_layer not in LAYER_INDEX:
             raise ValueError(f"model-config.yaml handler.deepest_layer: {config.deepest_layer!r} is no VGG19 layer")
@@ -61,3 +76,16 @@ class ServerConfig:
         """What a request may ask for, as the model description reports it."""
         return {"max_image_pixels": self.max_image_pixels, "max_styles": self.max_styles,
                 "max_style_pixels": self.max_style_pixels, "maxima": dict(self.maxima)}
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(section) - allowed
+    if unknown:
+        raise ValueError(f"model-config.yaml {where}: unknown keys {sorted(unknown)}")
+
+
+def _with_overrides(section: dict, overrides: Mapping[str, Any]) -> dict:
+    """`section` with `overrides` in place: merged key by key where both are mappings, replaced otherwise."""
+    merged = dict(section)
+    for key, value in overrides.items():
+        merged[key] = {**section.get(key, {}), **value} if isinstance(value, Mapping) else value
+    return merged

@@ -24,10 +24,11 @@ from request_parsing import decode_job, parse_request
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from streaming import ProgressStream, json_line
-from style_engine import (ParamError, RequestError, StyleJob, VGGFeatures, batch_key, load_features_state_dict,
-                          parse_params)
+from style_engine import (NotEnoughMemory, ParamError, RequestError, StyleJob, VGGFeatures, batch_key,
+                          load_features_state_dict, parse_params)
 from style_engine.api import result_fields
 from style_engine.codec import encode_image
+from style_engine.memory import admit, fitting_mode, free_bytes
 from style_engine.optimize import StyleResult, stylize_batch
 from style_engine.params import OutputParams, describe_params
 from style_engine.presets import ARCHIVE_DIR, PresetLibrary
@@ -60,23 +61,27 @@ class StyleTransferHandler:
     def initialize(self, context) -> None:
         _record_worker_start(context)
         properties = context.system_properties
-        self.config = ServerConfig.from_model_yaml(context.model_yaml_config)
         gpu_id = properties.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu")
+        self.config = ServerConfig.from_model_yaml(context.model_yaml_config, self.device.type)
         weights_path = os.path.join(properties["model_dir"], self.config.weights_file)
         state_dict = load_features_state_dict(weights_path, self.config.deepest_layer)
         self.extractor = VGGFeatures(state_dict, self.config.deepest_layer).to(self.device)
         self.gram_cache = GramCache(self.config.gram_cache_entries, self.config.preset_gram_cache_entries)
         self.presets = PresetLibrary.load(os.path.join(properties["model_dir"], ARCHIVE_DIR),
                                           self.config.max_image_pixels)
+        # after the weights are on the device: what is free then is what requests may use
+        self.memory_budget = self.config.memory_budget_bytes or int(
+            free_bytes(self.device) * (1 - self.config.memory_margin))
         self.description = json.dumps({
             "presets": self.presets.describe(), "parameters": describe_params(self.config.defaults, self.config.maxima),
-            "limits": self.config.limits(), "weights": self.config.weights, "device": str(self.device)})
+            "limits": {**self.config.limits(), "memory_budget_bytes": self.memory_budget},
+            "weights": self.config.weights, "device": str(self.device)})
         self.device_failed = False  # set when the device can no longer run work: the worker then ends
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
-        logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s)", self.config.deepest_layer,
-                    self.device, gpu_id)
+        logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s), %.2f GiB for requests",
+                    self.config.deepest_layer, self.device, gpu_id, self.memory_budget / 2**30)
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list:
@@ -92,9 +97,11 @@ class StyleTransferHandler:
             try:
                 prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
             except RequestError as error:
+                if isinstance(error, NotEnoughMemory):
+                    _record_out_of_memory(context, index, stage="admission")
                 responses[index] = _error(context, index, error.to_json())
                 _log_request(context, index, error.status, error=error.to_json())
-        groups = _batches(prepared, self.config.max_batch_pixels)
+        groups = _batches(prepared, self._fit_as_they_are)
         for position, indices in enumerate(groups):
             share = _time_share(deadline, [_cost(prepared, group) for group in groups[position:]])
             responses_of_group = self._serve(context, prepared, indices, share)
@@ -120,33 +127,43 @@ class StyleTransferHandler:
             raise ParamError("stream", GRPC_STREAM_REFUSED)
         job = decode_job(request, style_params, self.presets, self.config.max_image_pixels)
         check_job(job, self.extractor, self.config.max_style_pixels, self.config.max_styles)
-        return shrink_to_need(job), output_params  # what waits for its batch holds megabytes, not gigabytes
+        job = shrink_to_need(job)  # what waits for its batch holds megabytes, not gigabytes
+        admit(job, self.device, self.memory_budget, self.config.save_memory)
+        return job, output_params
+
+    def _fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
+        """Whether these jobs fit the memory budget optimised together without checkpointing."""
+        return fitting_mode(jobs, self.device, self.memory_budget, save_memory=False) is not None
 
     def _serve(self, context, prepared: dict, indices: list[int], deadline: float) -> list:
         """Optimise one group of requests together; one response (or error) per request, in order."""
         streams = {item: ProgressStream(context, index, prepared[index][1].preview)
                    for item, index in enumerate(indices) if prepared[index][1].stream}
-        outcomes = self._run([prepared[i][0] for i in indices], _dispatch(streams) if streams else None, deadline)
+        jobs = [prepared[i][0] for i in indices]
+        # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
+        checkpoint = not self._fit_as_they_are(jobs)
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint)
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
             if isinstance(outcome, StyleResult):
                 responses.append(self._respond(context, index, outcome, output))
-                _log_request(context, index, 200, job, outcome, batch=len(indices))
+                _log_request(context, index, 200, job, outcome, batch=len(indices), checkpoint=checkpoint)
             else:
                 if outcome["type"] == OUT_OF_MEMORY["type"]:
                     _record_out_of_memory(context, index, stage="run")
                 responses.append(_failure(context, index, outcome, streams.get(item)))
-                _log_request(context, index, outcome["code"], job, batch=len(indices), error=outcome)
+                _log_request(context, index, outcome["code"], job, batch=len(indices), checkpoint=checkpoint,
+                             error=outcome)
         return responses
 
-    def _run(self, jobs: list[StyleJob], callback, deadline: float) -> list[StyleResult | dict]:
+    def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
         if self.device_failed:  # an earlier group of this call broke the device
             return [DEVICE_FAILED] * len(jobs)
         try:
             return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
-                                 deadline=deadline)
+                                 deadline=deadline, checkpoint=checkpoint)
         except Exception as error:
             if not _is_out_of_memory(error):  # not the client's fault
                 logger.exception("style_transfer: optimisation failed")
@@ -255,16 +272,23 @@ def _cost(prepared: dict, indices: list[int]) -> float:
     return height * width * job.params.steps * len(indices)
 
 
-def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], max_pixels: int) -> list[list[int]]:
+def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], fit) -> list[list[int]]:
     """Request indices grouped so that each group can be optimised as one batch: same settings and output
-    size, and at most `max_pixels` output pixels together (memory grows with the batch); cheapest first."""
+    size, and together within the memory budget as they are (`fit(jobs)`); a request that needs
+    checkpointing runs alone. Cheapest first."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
         groups.setdefault((batch_key(job), output_size(job)), []).append(index)
     batches = []
-    for (_, (height, width)), indices in groups.items():
-        per_batch = max(1, max_pixels // (height * width))
-        batches += [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
+    for indices in groups.values():
+        batch = [indices[0]]
+        for index in indices[1:]:
+            if fit([prepared[i][0] for i in (*batch, index)]):
+                batch.append(index)
+            else:
+                batches.append(batch)
+                batch = [index]
+        batches.append(batch)
     return sorted(batches, key=lambda batch: _cost(prepared, batch))  # the cheapest first: see _time_share
 
 
@@ -285,12 +309,12 @@ def _failure(context, index: int, error: dict, stream: ProgressStream | None) ->
 
 
 def _log_request(context, index: int, status: int, job: StyleJob | None = None, result: StyleResult | None = None,
-                 batch: int | None = None, error: dict | None = None) -> None:
+                 batch: int | None = None, checkpoint: bool = False, error: dict | None = None) -> None:
     """One line per request for operators, as JSON: what was asked, what ran, how it ended. No image data."""
     record: dict = {"request_id": context.request_ids[index], "status": status}
     if job is not None:
         height, width = output_size(job)
-        record.update(size=f"{width}x{height}", styles=len(job.styles), batch=batch)
+        record.update(size=f"{width}x{height}", styles=len(job.styles), batch=batch, checkpoint=checkpoint)
     if result is not None:
         record.update(steps=result.steps, precision=result.precision, seconds=round(result.seconds, 3),
                       stop_reason=result.stop_reason)
@@ -348,7 +372,8 @@ def _record_worker_start(context) -> None:
     # Counters whose increase the alert rules watch start at 0: the first sample of a new series is no increase
     # to rate() or increase(), so the first success or out-of-memory answer of a server would go unseen.
     add("StyleOptimizationSeconds", 0, "s", None, _dimensions(context), counter)
-    add("StyleOutOfMemory", 0, "count", None, _dimensions(context, Stage="run"), counter)
+    for stage in ("admission", "run"):
+        add("StyleOutOfMemory", 0, "count", None, _dimensions(context, Stage=stage), counter)
 
 
 def _dimensions(context, **extra: str) -> list[Dimension]:

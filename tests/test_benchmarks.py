@@ -26,10 +26,11 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     output = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "32",
                           "--steps", "2", "--batch-size", "32", "--max-batch", "2", "--repeats", "1",
-                          "--output", str(output)], capture_output=True, text=True, timeout=300)
+                          "--memory-sizes", "32", "--output", str(output)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(output.read_text())
     assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
+    assert report["memory_model"]["32"]["fp32"]["estimated_mib"] > 0
     assert abs(report["fast_loss_vs_fp32"]) < 0.5
     assert "TFLOP/s" in run.stdout
     fp32 = report["fp32"]  # 2 iterations at 32x24 px (the 4:3 sample), 2 FLOP per multiply-add, forward + backward

@@ -5,6 +5,7 @@ outlast responseTimeout, and a device that fails for good."""
 import io
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import requests
+import torch
 import yaml
 from PIL import Image
 
@@ -211,3 +213,58 @@ def test_a_device_that_fails_for_good_ends_its_worker_after_answering(limited_se
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert_png(predict(limited_server, SHORT)[0])
     assert limited_server.worker_pids() == [new_pid]
+
+
+def memory_server(tmp_path_factory, name: str, save_memory: bool, budget: int):
+    """A private TorchServe whose worker has `budget` bytes for requests, with or without the memory-saving
+    path."""
+    from build_mar import build
+    from torchserve_instance import TorchServeInstance
+
+    handler = {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
+               "memory_budget_bytes": budget, "save_memory": save_memory}
+    store = tmp_path_factory.mktemp(f"{name}_store")
+    build("random", store, settings={"handler": handler})
+    return TorchServeInstance(store, tmp_path_factory.mktemp(name))
+
+
+# Single scale, two iterations: 512 px needs more than the budget as it is, less with checkpointing.
+LARGE = {"size": 512, "min_scale": 512, "steps": 2, "precision": "fp32"}
+
+
+def large_request_budget() -> int:
+    from style_engine import StyleJob, parse_params
+    from style_engine.codec import decode_image
+    from style_engine.memory import peak_bytes, workload
+    from style_engine.targets import shrink_to_need
+
+    job = shrink_to_need(StyleJob(decode_image(CONTENT, "content", max_pixels=10**8),
+                                  (decode_image(STYLE, "style", max_pixels=10**8),), parse_params(LARGE)[0]))
+    plain, checkpointed = (peak_bytes(workload([job], torch.device("cpu"), c)) for c in (False, True))
+    return (plain + checkpointed) // 2
+
+
+def test_a_request_over_the_memory_budget_is_refused_at_once_and_a_smaller_one_served(tmp_path_factory):
+    with memory_server(tmp_path_factory, "tight_memory", save_memory=False, budget=large_request_budget()) as server:
+        (pid,) = server.worker_pids()
+        started = time.monotonic()
+        refused, refused_at = predict(server, LARGE)
+        assert refused.status_code == 413 and refused_at - started < 5, "refused before any work"
+        error = refused.json()
+        assert (error["type"], error["field"]) == ("TooLarge", "size")
+        largest = int(re.search(r"size at most (\d+) fits", error["message"]).group(1))
+        assert 256 <= largest < 512
+        served, _ = predict(server, {**LARGE, "size": largest})
+        assert served.status_code == 200, served.text
+        assert server.worker_pids() == [pid]
+        metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
+        assert re.search(r'StyleOutOfMemory\{[^}]*Stage="admission"[^}]*\} 1\.0', metrics)
+
+
+def test_with_the_memory_saving_path_the_same_request_is_served(tmp_path_factory):
+    with memory_server(tmp_path_factory, "saving_memory", save_memory=True, budget=large_request_budget()) as server:
+        response, _ = predict(server, LARGE)
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size == (512, 384)
+        log = (server.workdir / "logs" / "model_log.log").read_text()
+    assert '"size": "512x384"' in log and '"checkpoint": true' in log

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from ts.utils.util import PredictionException
 
@@ -30,6 +31,10 @@ def handle(served, *rows, grpc=False, describe=()):
     handler, context = served
     start_batch(context, len(rows), grpc, describe)
     return handler.handle(list(rows), context), context
+
+
+def handler_of(served) -> StyleTransferHandler:
+    return served[0]
 
 
 def png_of(image: Image.Image) -> bytes:
@@ -95,7 +100,8 @@ def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
     assert context.get_response_headers(0)["ts_stream_next"] == "false"  # see the handler: gRPC streams need it
 
 
-def test_requests_of_the_same_size_and_settings_share_a_batch_within_the_pixel_cap(served):
+def test_requests_of_the_same_size_and_settings_share_a_batch_as_far_as_memory_allows(served):
+    from style_engine.memory import peak_bytes, workload
     from style_transfer_handler import _batches
 
     handler, _ = served
@@ -103,8 +109,14 @@ def test_requests_of_the_same_size_and_settings_share_a_batch_within_the_pixel_c
     prepared = {i: handler._prepare(dict(row), grpc=False) for i in range(5)}
     prepared[5] = handler._prepare({**row, "params": {"size": 96, "steps": 2}}, grpc=False)
     prepared[6] = handler._prepare({**row, "params": {"size": 64, "steps": 3}}, grpc=False)
-    assert sorted(_batches(prepared, max_pixels=10**6)) == [[0, 1, 2, 3, 4], [5], [6]]
-    assert sorted(_batches(prepared, max_pixels=2 * 64 * 48)) == [[0, 1], [2, 3], [4], [5], [6]]
+    cpu = torch.device("cpu")
+    two_fit = peak_bytes(workload([prepared[0][0]] * 2, cpu))
+
+    def within(budget):
+        return lambda jobs: peak_bytes(workload(jobs, cpu)) <= budget
+
+    assert sorted(_batches(prepared, within(10 * two_fit))) == [[0, 1, 2, 3, 4], [5], [6]]
+    assert sorted(_batches(prepared, within(two_fit))) == [[0, 1], [2, 3], [4], [5], [6]]
 
 
 def test_a_batch_answers_each_request_as_if_alone(served):
@@ -135,8 +147,8 @@ def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     assert len(records) == 2 and all(len(line) < 400 for line in lines)
     served_record, refused_record = sorted(records, key=lambda record: record["status"])
     assert served_record == {"request_id": context.request_ids[0], "status": 200, "size": "64x48", "styles": 1,
-                             "batch": 1, "steps": 2, "precision": "fp32", "seconds": served_record["seconds"],
-                             "stop_reason": "steps"}
+                             "batch": 1, "checkpoint": False, "steps": 2, "precision": "fp32",
+                             "seconds": served_record["seconds"], "stop_reason": "steps"}
     assert refused_record == {"request_id": context.request_ids[1], "status": 400, "error": "InvalidParameter",
                               "field": "steps"}
 
@@ -181,8 +193,11 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert parameters["size"] == {"name": "size", "default": 256, "allowed": "an integer at least 32 and at most 1024",
                                   "doc": "longer side of the output, px"}
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
-    assert described["limits"] == {"max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,
-                                   "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
+    limits = described["limits"]
+    assert limits["memory_budget_bytes"] == handler_of(served).memory_budget > 0
+    assert {key: limits[key] for key in limits if key != "memory_budget_bytes"} == {
+        "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
+        "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
     assert (described["weights"], described["device"]) == ("random", "cpu")
 
 
@@ -196,4 +211,4 @@ def test_masked_and_unmasked_requests_never_share_a_batch(served):
                 2: handler._prepare({**row, "mask_2": white, "mask_1": white}, grpc=False),
                 3: handler._prepare({"content": CONTENT, "style": STYLE, "mask_1": white, "params": row["params"]},
                                     grpc=False)}
-    assert sorted(_batches(prepared, max_pixels=10**6)) == [[0], [1, 2], [3]]
+    assert sorted(_batches(prepared, lambda jobs: True)) == [[0], [1, 2], [3]]  # memory no bound here

@@ -5,6 +5,7 @@ import torch
 
 from style_engine import StyleJob, batch_key, stylize, stylize_batch
 from style_engine.codec import encode_image
+from style_engine import losses
 from style_engine.losses import gram_matrix
 from style_engine.resize import resize, resize_mask
 from style_engine.targets import GramCache, build_objective, mask_at_layer
@@ -115,11 +116,31 @@ def test_resized_masks_keep_white_and_black_exact_and_stay_in_range():
 def test_guided_grams_are_float32_under_bf16_autocast():
     features, masks = torch.randn(2, 4, 5, 6), torch.rand(2, 3, 5, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        grams = gram_matrix(features.bfloat16(), masks)
+        grams = gram_matrix(features.bfloat16(), masks.square())
     assert grams.dtype == torch.float32 and grams.shape == (2, 3, 4, 4)
     flat = features.bfloat16().float().reshape(2, 4, 30)
     expected = torch.einsum("bcp,bkp,bdp->bkcd", flat, masks.reshape(2, 3, 30) ** 2, flat)
     torch.testing.assert_close(grams, expected)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_tiled_grams_gradient_is_autograds(monkeypatch, guided):
+    """Over several tiles: at 4 channels, 32 bytes of float32 are 2 positions per tile."""
+    monkeypatch.setattr(losses, "GRAM_TILE_BYTES", 32)
+    features = torch.randn(2, 4, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    masks = torch.rand(2, 3, 3, 5) if guided else None
+    upstream = torch.randn(2, 3, 4, 4) if guided else torch.randn(2, 4, 4)
+    (gram_matrix(features, None if masks is None else masks.square()) * upstream).sum().backward()
+    ours = features.grad.clone()
+    features.grad = None
+    flat = features.reshape(2, 4, 15)
+    if guided:
+        weighted = flat.unsqueeze(1) * masks.reshape(2, 3, 1, 15)  # F * m_k
+        reference = weighted @ weighted.transpose(-2, -1)
+    else:
+        reference = flat @ flat.transpose(-2, -1)
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(ours, features.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_jobs_share_a_batch_only_with_masked_jobs_of_as_many_styles(content, style, style2):

@@ -39,5 +39,9 @@ class TooLargeError(RequestError):
     kind = "TooLarge"
 
 
+class NotEnoughMemory(TooLargeError):
+    """A request whose estimated peak memory exceeds what the worker has for one (memory.py)."""
+
+
 def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... (cut at {limit} characters)"

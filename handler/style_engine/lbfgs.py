@@ -20,12 +20,13 @@ import torch
 
 FIRST_STEP = 0.05  # largest change of any pixel value (in [0, 1]) of a step without curvature pairs, times lr
 CURVATURE_MIN = 1e-10  # y.s at or below this fails the curvature condition: the pair would make H indefinite
+HISTORY = 20  # curvature pairs kept per image; more helped no faster in benchmarks/ and costs memory (memory.py)
 
 
 class BatchedLBFGS:
     """Minimises over `x` (B, ...), one image per row; call `step()` after each backward pass fills x.grad."""
 
-    def __init__(self, x: torch.Tensor, lr: float = 1.0, history: int = 20):
+    def __init__(self, x: torch.Tensor, lr: float = 1.0, history: int = HISTORY):
         self.x, self.lr, self.history = x, lr, history
         batch, n = x.shape[0], x[0].numel()
         self.s = x.new_zeros(history, batch, n)  # past steps x_{k+1} - x_k, image b's newest in slot stored[b]-1

@@ -25,7 +25,6 @@ from .vgg import VGGFeatures
 # Fields that may differ between the jobs of one batch: they only change a job's own targets or start image.
 PER_JOB_FIELDS = frozenset({"style_blend", "presets", "style_scale", "init", "seed", "preserve_color"})
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
-LBFGS_HISTORY = 20  # curvature pairs kept per image; more helped no faster in benchmarks/ and costs memory
 GPU_SYNC_EVERY = 10  # iterations between reads of the losses on a GPU (progress, early stop); 1 on the CPU
 
 
@@ -70,31 +69,31 @@ def batch_key(job: StyleJob) -> tuple:
 
 
 def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: StyleParams, *, masks=(),
-            init_image: torch.Tensor | None = None, callback: Callable[[Progress], None] | None = None,
-            stop_below: float | None = None, gram_cache: GramCache | None = None,
-            deadline: float | None = None) -> StyleResult:
+            init_image: torch.Tensor | None = None, **options) -> StyleResult:
     """Stylise one content image (3, H, W) in [0, 1] with one or more style images, optionally each in the
     region of its mask (1, H, W); see StyleJob and stylize_batch."""
     job = StyleJob(content, tuple(styles), params, tuple(masks), init_image)
-    return stylize_batch(extractor, [job], callback=callback, stop_below=stop_below, gram_cache=gram_cache,
-                         deadline=deadline)[0]
+    return stylize_batch(extractor, [job], **options)[0]
 
 
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
                   callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
-                  gram_cache: GramCache | None = None, deadline: float | None = None) -> list[StyleResult]:
+                  gram_cache: GramCache | None = None, deadline: float | None = None,
+                  checkpoint: bool = False) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
     Jobs must share `batch_key` and output size. Each image stops by its own budget and convergence, as it
     would alone (a stopped image is held still while the others go on). `stop_below` ends the optimisation once
     every image's total loss at the output size, in float32, is at or below it (benchmarks time reaching a
     given loss with it). `gram_cache` keeps style Grams across calls. `deadline`, a time.perf_counter() value,
-    ends the optimisation then at the latest, whatever the jobs' max_seconds.
+    ends the optimisation then at the latest, whatever the jobs' max_seconds. `checkpoint` runs VGG19's blocks
+    again in each backward pass instead of keeping their activations: the same results, in about a third
+    more time and less memory (memory.py).
     """
     start = time.perf_counter()
     jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
     output = _check_batch(jobs, extractor)
-    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline)
+    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
     evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
@@ -154,8 +153,10 @@ class _Run:
     """State shared by the scales of one optimisation: objectives, clock, reporting, and per image the
     iterations done and why it stopped."""
 
-    def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline):
+    def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline,
+                 checkpoint):
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
+        self.checkpoint = checkpoint
         self.start, self.callback, self.stop_below = start, callback, stop_below
         self.gram_cache, self.style_keys = gram_cache, style_keys
         budget_end = math.inf if self.params.max_seconds is None else start + self.params.max_seconds
@@ -181,8 +182,9 @@ class _Run:
         """Losses of images x; with grad=True also fills x.grad."""
         with torch.set_grad_enabled(grad):
             with extractor_precision(x.device, self.bf16 if bf16 is None else bf16):
-                features = self.extractor(x, objective.layers, self.params.pooling)
+                features = self.extractor(x, objective.layers, self.params.pooling, checkpoint=self.checkpoint)
             losses = objective(features, x)
+            del features  # the loss keeps what its backward pass needs; the rest may go before that pass
             if grad:
                 losses.total.sum().backward()  # a sum keeps each image's gradient its own
         return Losses(*(term.detach() for term in losses.terms()))
@@ -325,7 +327,7 @@ class _Scale:
 def _optimizer(params: StyleParams, x: torch.Tensor):
     lr = params.lr if params.lr is not None else DEFAULT_LR[params.optimizer]
     if params.optimizer == "lbfgs":
-        return BatchedLBFGS(x, lr=lr, history=LBFGS_HISTORY)
+        return BatchedLBFGS(x, lr=lr)
     return torch.optim.Adam([x], lr=lr)
 
 

@@ -221,7 +221,8 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
         stacked = {layer: [torch.stack(part) for part in zip(*(guided[layer] for guided in per_job))]
                    for layer in per_job[0]}
         style_targets = {layer: targets for layer, (targets, _, _) in stacked.items()}
-        guidance = {layer: (masks, weights) for layer, (_, masks, weights) in stacked.items()}
+        guidance = {layer: (position_weights, term_weights)
+                    for layer, (_, position_weights, term_weights) in stacked.items()}
     else:
         per_job = [_blended_grams(extractor, job, content, size, bf16, cache, job_keys)
                    for job, content, job_keys in zip(jobs, contents, keys)]
@@ -257,8 +258,9 @@ def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, 
 
 def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache,
                     keys) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """With masks, per layer: each style's own target (K, C, C), its mask at the layer's resolution (K, h, w)
-    and its term weight (K,), for a target image of `size` (Gatys et al. 2017, spatial control).
+    """With masks, per layer: each style's own target (K, C, C), the square of its mask at the layer's
+    resolution (K, h, w: what the guided Gram weighs each position by) and its term weight (K,), for a target
+    image of `size` (Gatys et al. 2017, spatial control).
 
     The mask goes to each layer by area averaging that follows the network's own halvings: each 2x2 pooling
     halves with floor, so a position of a layer after k poolings stands for a 2^k x 2^k block of pixels, the
@@ -286,7 +288,7 @@ def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16,
         positions = layer_masks.shape[-2] * layer_masks.shape[-1]
         targets = torch.stack([style[layer][0] * (area / style[layer][1]) for style, area in zip(grams, areas)])
         weights = [blend[k] * positions / area if area > 0 else 0.0 for k, area in enumerate(areas)]
-        guided[layer] = (targets, layer_masks, torch.tensor(weights, device=content.device))
+        guided[layer] = (targets, layer_masks.square(), torch.tensor(weights, device=content.device))
     return guided
 
 

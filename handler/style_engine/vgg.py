@@ -1,5 +1,6 @@
 """The frozen VGG19 feature extractor and the three ways to get its weights (CONTRACT.md, "Weights")."""
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable
@@ -84,6 +85,12 @@ def _checked_features(state: dict, deepest_layer: str, source: str) -> dict[str,
     return kept
 
 
+def _blocks(last: int) -> list[tuple[int, int]]:
+    """Module index ranges (first, last) of the blocks up to module `last`: each ends with its pooling."""
+    ends = [index for index, name in enumerate(LAYER_NAMES[:last]) if name.startswith("pool")] + [last]
+    return [(start, end) for start, end in zip([0] + [end + 1 for end in ends[:-1]], ends)]
+
+
 class VGGFeatures(nn.Module):
     """torchvision's VGG19 `features` up to `deepest_layer`, frozen, with ImageNet normalisation inside.
 
@@ -114,20 +121,38 @@ class VGGFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
 
-    def forward(self, images: torch.Tensor, layers: Iterable[str], pooling: str = "max") -> dict[str, torch.Tensor]:
-        """images: (B, 3, H, W) in [0, 1] -> {layer: (B, C, h, w)} for each requested layer."""
+    def forward(self, images: torch.Tensor, layers: Iterable[str], pooling: str = "max",
+                checkpoint: bool = False) -> dict[str, torch.Tensor]:
+        """images: (B, 3, H, W) in [0, 1] -> {layer: (B, C, h, w)} for each requested layer.
+
+        checkpoint=True trades compute for memory when gradients flow: each block (up to and including its
+        pooling) keeps only its input for the backward pass and runs again there, instead of keeping every
+        activation; the results and gradients are the same (memory.py says how much it saves).
+        """
         wanted = set(layers)
         last = max(LAYER_INDEX[name] for name in wanted)
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         out = {}
-        for index, module in enumerate(self.layers[: last + 1]):
+        checkpointed = checkpoint and torch.is_grad_enabled()
+        for start, end in _blocks(last) if checkpointed else [(0, last)]:
+            names = [LAYER_NAMES[i] for i in range(start, end + 1) if LAYER_NAMES[i] in wanted]
+            run = functools.partial(self._run, start=start, end=end, names=names, pooling=pooling)
+            x, *kept = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if checkpointed else run(x)
+            out.update(zip(names, kept))
+        return out
+
+    def _run(self, x: torch.Tensor, start: int, end: int, names: list[str], pooling: str) -> tuple:
+        """Layers start..end on x: (their output, then the outputs of the layers `names`, in order)."""
+        kept = {}
+        for index in range(start, end + 1):
+            module = self.layers[index]
             if isinstance(module, nn.MaxPool2d) and pooling == "avg":
                 x = F.avg_pool2d(x, kernel_size=2, stride=2)
             else:
                 x = module(x)
-            if LAYER_NAMES[index] in wanted:
-                out[LAYER_NAMES[index]] = x
-        return out
+            if LAYER_NAMES[index] in names:
+                kept[LAYER_NAMES[index]] = x
+        return (x, *(kept[name] for name in names))
 
     def check_layers(self, layers: Iterable[str]) -> str | None:
         """The first layer this extractor cannot produce (deeper than the one it was cut at), or None."""

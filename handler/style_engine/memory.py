@@ -1,0 +1,263 @@
+"""How much memory a batch of requests needs at its peak, from the layer shapes, before it runs.
+
+The handler refuses what cannot fit (413) and forms batches by it; benchmarks and tests check it against
+measured peaks. Every term below is counted from the shapes of VGG19's activations at the output size, so it
+holds for any size, batch and layer choice; where a term depends on the device's libraries, the comment says
+which and why.
+
+The peak of a request is the largest of its phases:
+- optimising at the output size (the largest scale; coarser scales need a quarter as much and less):
+  the state that lives through the scale (the images, the optimiser's history, the targets), plus one
+  iteration's forward and backward pass, whose peak is where the backward pass begins: every activation the
+  backward pass needs is still kept, and the loss has just produced a gradient for each loss layer;
+- computing the style targets: each style image through VGG19 at its size, without gradients.
+
+With masks, each style adds its masks (at the output size and, squared, at each style layer's resolution) and
+its own targets, and the guided Grams' float32 tiles of weighted activations (losses.py).
+
+With `checkpoint`, each block of VGG19 keeps only its input during the forward pass and runs again in the
+backward pass (vgg.py): the forward pass then keeps the block inputs and the loss layers' activations, and the
+peak moves to the backward pass of the first block, which holds that block's activations again.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .errors import NotEnoughMemory
+from .layers import CONV_CHANNELS, LAYER_INDEX, LAYER_NAMES, deepest, poolings_before
+from .lbfgs import HISTORY
+from .losses import GRAM_TILE_BYTES
+from .params import PARAM_FIELDS
+from .precision import use_bf16
+from .targets import StyleJob, output_size, style_size
+
+FLOAT32 = 4
+INDEX = 8  # max pooling keeps the position of each maximum as an int64 for its backward pass
+# Images of the size of the output that live through a scale, per image: the image being optimised and its
+# gradient, the best image so far, the scale's start, the initial image at the output size, and a copy of the
+# images held still in a batch.
+IMAGE_COPIES = 6
+# L-BFGS keeps `HISTORY` pairs (s, y) and the previous image and gradient; a step adds the direction, the
+# recursion's running vector and one gathered pair (s, y). Adam keeps two moments.
+OPTIMIZER_IMAGES = {"lbfgs": 2 * HISTORY + 2 + 4, "adam": 2}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a batch asks of the memory: everything the estimate depends on."""
+
+    output: tuple[int, int]  # (height, width) of the output
+    style_sizes: tuple[tuple[int, int], ...]  # (height, width) of each style image of each job at the output size
+    batch: int  # images optimised together
+    content_layer: str
+    style_layers: tuple[str, ...]
+    pooling: str  # "max" or "avg"
+    optimizer: str  # "lbfgs" or "adam"
+    bf16: bool  # activations in bfloat16
+    checkpoint: bool  # blocks run again in the backward pass
+    device_type: str  # "cpu" or "cuda"
+    guided_styles: int = 0  # with masks, the styles of each job (each with its mask and guided Gram), else 0
+
+
+def workload(jobs: list[StyleJob], device: torch.device, checkpoint: bool = False) -> Workload:
+    """The Workload of optimising `jobs` (which could share a batch) together on `device`."""
+    params, output = jobs[0].params, output_size(jobs[0])
+    return Workload(
+        output=output, batch=len(jobs),
+        style_sizes=tuple(style_size(style, output, job.params.style_scale) for job in jobs for style in job.styles),
+        content_layer=params.content_layer, style_layers=tuple(dict(params.style_layers)),
+        pooling=params.pooling, optimizer=params.optimizer,
+        bf16=use_bf16(params.precision, device, output[0] * output[1]), checkpoint=checkpoint,
+        device_type=device.type, guided_styles=len(jobs[0].styles) if jobs[0].masks else 0)
+
+
+def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_memory: bool = True) -> bool | None:
+    """How `jobs` fit in `budget` bytes optimised together: False as they are, True with checkpointing (only
+    where save_memory allows it), None not at all."""
+    for checkpoint in (False, True) if save_memory else (False,):
+        if peak_bytes(workload(jobs, device, checkpoint)) <= budget:
+            return checkpoint
+    return None
+
+
+def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = True) -> bool:
+    """Whether `job` alone needs checkpointing to fit in `budget` bytes; raises NotEnoughMemory naming `size`
+    and the largest size that fits, before any work, where it does not fit at all."""
+    checkpoint = fitting_mode([job], device, budget, save_memory)
+    if checkpoint is not None:
+        return checkpoint
+    needed = peak_bytes(workload([job], device, save_memory))
+    fits, too_large = 0, job.params.size  # the largest size known to fit, the smallest known not to
+    while too_large - fits > 1:
+        size = (fits + too_large) // 2
+        if fitting_mode([replace(job, params=replace(job.params, size=size))], device, budget, save_memory) is None:
+            too_large = size
+        else:
+            fits = size
+    smallest = PARAM_FIELDS["size"].metadata["check"].lo
+    largest = f"size at most {fits} fits" if fits >= smallest else "no size fits"
+    raise NotEnoughMemory("size", f"size {job.params.size} with these images and settings needs about "
+                                  f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} "
+                                  f"GiB for a request: {largest}")
+
+
+def peak_bytes(work: Workload) -> int:
+    """The bytes a batch adds to the device at its peak, beyond the extractor's weights."""
+    targets = max((_targets_bytes(work, size) for size in work.style_sizes), default=0)
+    return max(_optimisation_bytes(work), targets) + _library_bytes(work)
+
+
+def _optimisation_bytes(work: Workload) -> int:
+    height, width = work.output
+    pixels = height * width
+    state = (IMAGE_COPIES + OPTIMIZER_IMAGES[work.optimizer]) * 3 * pixels * FLOAT32
+    content_target = _elements(work.content_layer, work.output) * FLOAT32
+    step = _checkpointed_step(work) if work.checkpoint else _plain_step(work)
+    return work.batch * (state + content_target + step + _guidance_bytes(work))
+
+
+def _guidance_bytes(work: Workload) -> int:
+    """With masks, per image and style: its mask at the output size and the squares of it at each style layer's
+    resolution, and its Gram target at each style layer, which live through the scale; and the guided Gram's
+    float32 tiles of weighted activations, the backward pass's two at a time."""
+    if not work.guided_styles:
+        return 0
+    masks = _pixels(work.output) + sum(_elements(name, work.output) // _channels(name) for name in work.style_layers)
+    targets = sum(_channels(name) ** 2 for name in work.style_layers)
+    return work.guided_styles * ((masks + targets) * FLOAT32 + 2 * GRAM_TILE_BYTES)
+
+
+def _plain_step(work: Workload) -> int:
+    """Per image: where the backward pass begins, every activation kept for it, plus each loss layer's
+    gradient, plus the content term's float32 difference (kept by its square)."""
+    return _kept_activations(work, _modules(work)) + _loss_gradients(work) + _content_difference(work)
+
+
+def _checkpointed_step(work: Workload) -> int:
+    """Per image, the larger of: where the backward pass begins (the block inputs, the loss layers'
+    activations and their gradients), and the backward pass through the first block, which holds its input,
+    its activations again, the gradient the loss gave its loss layers, and the gradient flowing through it
+    (out of one layer and into the next)."""
+    activation = 2 if work.bf16 else FLOAT32
+    loss_layers = _loss_layers(work)
+    block_inputs = 3 * _pixels(work.output) * activation + sum(
+        _elements(name, work.output) * activation for name in _modules(work)
+        if name.startswith("pool") and LAYER_INDEX[name] < LAYER_INDEX[_deepest(work)])
+    kept_for_loss = sum(_elements(name, work.output) * activation for name in loss_layers)
+    start = block_inputs + kept_for_loss + _loss_gradients(work) + _content_difference(work)
+    first_block = [name for name in _modules(work) if poolings_before(name) == 0 or name == "pool1"]
+    widest = max(_elements(name, work.output) for name in first_block) * activation
+    pending = sum(_elements(name, work.output) * activation for name in loss_layers if name in first_block)
+    first = block_inputs + _kept_activations(work, first_block) + pending + 2 * widest
+    return max(start, first)
+
+
+def _kept_activations(work: Workload, modules: list[str]) -> int:
+    """What the forward pass through `modules` keeps for the backward pass: the input (as the first
+    convolution sees it), each ReLU's output (which the next convolution and pooling also use), each
+    pooling's output and, for max pooling, the positions of its maxima; and any requested convolution output,
+    which the loss keeps."""
+    activation = 2 if work.bf16 else FLOAT32
+    kept = 3 * _pixels(work.output) * activation if modules and modules[0] == LAYER_NAMES[0] else 0
+    for name in modules:
+        elements = _elements(name, work.output)
+        if name.startswith("relu") or (name.startswith("conv") and name in _loss_layers(work)):
+            kept += elements * activation
+        elif name.startswith("pool"):
+            kept += elements * (activation + (INDEX if work.pooling == "max" else 0))
+    return kept
+
+
+def _loss_gradients(work: Workload) -> int:
+    """The gradient the loss gives each loss layer, in the activations' dtype."""
+    activation = 2 if work.bf16 else FLOAT32
+    return sum(_elements(name, work.output) * activation for name in _loss_layers(work))
+
+
+def _content_difference(work: Workload) -> int:
+    return _elements(work.content_layer, work.output) * FLOAT32
+
+
+def _targets_bytes(work: Workload, size: tuple[int, int]) -> int:
+    """One style image of `size` through VGG19 without gradients: the style layers' activations are kept for
+    their Grams while the widest pair of consecutive activations (a layer's input and output) is live."""
+    activation = 2 if work.bf16 else FLOAT32
+    modules = LAYER_NAMES[: LAYER_INDEX[deepest(work.style_layers)] + 1]
+    kept = sum(_elements(name, size) * activation for name in work.style_layers)
+    widest = max(_elements(name, size) for name in modules) * activation
+    return kept + 2 * widest + 3 * _pixels(size) * FLOAT32
+
+
+def _library_bytes(work: Workload) -> int:
+    """What the device's libraries add once per batch. On the CPU, oneDNN reorders the convolution weights
+    into its own layout for the backward pass (a copy of them); bf16 autocast keeps a bf16 copy of the weights
+    on any device. cuDNN's workspace is bounded by PyTorch's choice of algorithms, not counted here: the
+    handler's margin covers it."""
+    weights = sum(in_channels * out_channels * 9 + out_channels
+                  for index, (in_channels, out_channels) in CONV_CHANNELS.items()
+                  if index <= LAYER_INDEX[_deepest(work)])
+    copies = (FLOAT32 if work.device_type == "cpu" else 0) + (2 if work.bf16 else 0)
+    return weights * copies
+
+
+def _modules(work: Workload) -> list[str]:
+    return list(LAYER_NAMES[: LAYER_INDEX[_deepest(work)] + 1])
+
+
+def _deepest(work: Workload) -> str:
+    return deepest([work.content_layer, *work.style_layers])
+
+
+def _loss_layers(work: Workload) -> set[str]:
+    return {work.content_layer, *work.style_layers}
+
+
+def _elements(name: str, size: tuple[int, int]) -> int:
+    """Elements of one image's activation at layer `name` for an image of `size`."""
+    halvings = poolings_before(name)
+    channels = 3 if name == "input" else _channels(name)
+    return channels * (size[0] >> halvings) * (size[1] >> halvings)
+
+
+def _channels(name: str) -> int:
+    """Output channels of a layer: those of the last convolution at or before it."""
+    index = LAYER_INDEX[name]
+    return CONV_CHANNELS[max(i for i in CONV_CHANNELS if i <= index)][1]
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on `device` now: on a GPU what CUDA reports; on a CPU the kernel's MemAvailable, or less
+    where a cgroup (a container's memory limit) leaves less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = _meminfo_bytes("MemAvailable")
+    return min(available, _cgroup_room() or available)
+
+
+def _meminfo_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+# cgroup v2, then v1: (limit, usage)
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_room() -> int | None:
+    """What this process's memory cgroup still allows, or None where it sets no limit."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 2**62:  # v1 writes a huge number for "no limit", v2 "max"
+            return max(0, int(limit) - int(usage))
+        return None
+    return None

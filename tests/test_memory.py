@@ -1,0 +1,104 @@
+"""The memory model (style_engine/memory.py) against measured peaks, the checkpointed path against the plain one,
+and admission: what cannot fit is refused before any work, naming the largest size that fits."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SAMPLES, STYLES, sample
+from style_engine import NotEnoughMemory, StyleJob, parse_params, stylize
+from style_engine.memory import admit, fitting_mode, peak_bytes, workload
+from style_engine.precision import cpu_has_native_bf16
+
+CPU = torch.device("cpu")
+# A request whose peak the model must know within 20 %: the default schedule (coarse to fine from 128 px), one
+# iteration per scale, since memory per iteration does not grow with their number.
+MEASURED = {"steps": 4, "early_stop_tol": 0}
+PRECISIONS = ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no native bf16: bf16 requests run in float32 here"))]
+
+
+def measure(params: dict, checkpoint: bool = False, masks: int = 0) -> dict:
+    """benchmarks/probe.py in a fresh process: the measured peak and the model's estimate, in bytes; with
+    `masks`, that many styles, each in its own strip."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "probe.py"), "memory", "random",
+               str(SAMPLES / "tubingen.jpg"), str(STYLES / "starry_night.jpg"), json.dumps(params),
+               "--masks", str(masks)]
+    run = subprocess.run(command + (["--checkpoint"] if checkpoint else []), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("size", [256, 512, 1024])
+def test_the_estimate_is_within_20_percent_of_the_measured_peak(size, precision):
+    peak = measure({**MEASURED, "size": size, "precision": precision})
+    assert peak["estimated"] == pytest.approx(peak["measured"], rel=0.2)
+
+
+def test_the_estimate_of_a_request_with_four_masks_is_within_20_percent_of_the_measured_peak():
+    plain, masked = measure({**MEASURED, "size": 512}), measure({**MEASURED, "size": 512}, masks=4)
+    assert masked["estimated"] == pytest.approx(masked["measured"], rel=0.2)
+    assert masked["estimated"] > plain["estimated"]
+
+
+def test_checkpointing_lowers_the_measured_peak_by_the_predicted_factor():
+    params = {**MEASURED, "size": 512, "min_scale": 512}
+    plain, checkpointed = measure(params), measure(params, checkpoint=True)
+    predicted = checkpointed["estimated"] / plain["estimated"]
+    measured = checkpointed["measured"] / plain["measured"]
+    assert predicted < 0.9  # a saving worth the recomputation
+    assert measured == pytest.approx(predicted, abs=0.08)
+
+
+def test_checkpointing_gives_the_same_losses(extractor, content, style):
+    params = parse_params({"size": 128, "steps": 6, "early_stop_tol": 0, "precision": "fp32"})[0]
+    big_content = sample("tubingen.jpg", 128)
+    plain = stylize(extractor, big_content, [style], params)
+    checkpointed = stylize(extractor, big_content, [style], params, checkpoint=True)
+    for term in ("content", "style", "total"):
+        assert checkpointed.final_loss[term] == pytest.approx(plain.final_loss[term], rel=1e-5)
+
+
+def test_the_model_follows_the_work():
+    job = StyleJob(torch.rand(3, 300, 400), (torch.rand(3, 300, 400),), parse_params({"size": 512})[0])
+    plain = peak_bytes(workload([job], CPU))
+    assert peak_bytes(workload([job], CPU, checkpoint=True)) < plain
+    assert peak_bytes(workload([job, job], CPU)) < 2 * plain  # the libraries' share is paid once
+    bigger = StyleJob(job.content, job.styles, parse_params({"size": 1024})[0])
+    assert 3.5 * plain < peak_bytes(workload([bigger], CPU)) < 4.5 * plain  # four times the pixels
+    avg = StyleJob(job.content, job.styles, parse_params({"size": 512, "pooling": "avg"})[0])
+    assert peak_bytes(workload([avg], CPU)) < plain  # no positions of maxima to keep
+    shallow = StyleJob(job.content, job.styles, parse_params(
+        {"size": 512, "content_layer": "relu2_1", "style_layers": {"relu1_1": 1, "relu2_1": 1}})[0])
+    assert peak_bytes(workload([shallow], CPU)) < 0.8 * plain  # the extractor stops at relu2_1
+    huge_style = StyleJob(job.content, (torch.rand(3, 300, 400),), parse_params({"size": 512, "style_scale": 4})[0])
+    assert peak_bytes(workload([huge_style], CPU)) > plain  # its targets outweigh the optimisation
+    masked = [StyleJob(job.content, job.styles * count, job.params, (torch.ones(1, 30, 40),)) for count in (1, 4)]
+    assert plain < peak_bytes(workload(masked[:1], CPU)) < peak_bytes(workload(masked[1:], CPU))  # per style
+
+
+def test_a_request_that_cannot_fit_is_refused_with_the_largest_size_that_does():
+    job = StyleJob(torch.rand(3, 600, 800), (torch.rand(3, 600, 800),), parse_params({"size": 1024})[0])
+    budget = peak_bytes(workload([job], CPU, checkpoint=True)) // 2
+    with pytest.raises(NotEnoughMemory) as refusal:
+        admit(job, CPU, budget)
+    assert (refusal.value.status, refusal.value.kind, refusal.value.field) == (413, "TooLarge", "size")
+    largest = int(re.search(r"size at most (\d+) fits", str(refusal.value)).group(1))
+    at = lambda size: StyleJob(job.content, job.styles, parse_params({"size": size})[0])  # noqa: E731
+    assert fitting_mode([at(largest)], CPU, budget) is not None
+    assert fitting_mode([at(largest + 1)], CPU, budget) is None
+
+
+def test_a_request_that_fits_only_checkpointed_runs_checkpointed_or_is_refused_without_save_memory():
+    job = StyleJob(torch.rand(3, 600, 800), (torch.rand(3, 600, 800),), parse_params({"size": 1024})[0])
+    plain, checkpointed = (peak_bytes(workload([job], CPU, checkpoint=c)) for c in (False, True))
+    budget = (plain + checkpointed) // 2
+    assert admit(job, CPU, budget) is True and admit(job, CPU, plain) is False
+    with pytest.raises(NotEnoughMemory):
+        admit(job, CPU, budget, save_memory=False)
