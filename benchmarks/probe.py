@@ -2,17 +2,21 @@
 
     python benchmarks/probe.py memory WEIGHTS CONTENT STYLE PARAMS_JSON [--checkpoint] [--masks N]   -> JSON
 
-memory: what one request adds to the process at its peak, measured, beside memory.py's estimate of it. On the
-CPU, the kernel's high-water mark of the resident set, reset just before the request (after glibc has handed
-freed memory back), less the resident set then; on a GPU, peak allocated memory less what was allocated
-before. A few iterations per scale suffice: memory per iteration does not grow with their number. --masks N
-makes it N styles (STYLE each time), each in its own vertical strip of the image.
+memory: what one request adds to the process at its peak, measured, beside memory.py's estimate of it
+("estimated"). "measured" is the allocator's peak: on a GPU, peak allocated memory less what was allocated
+before; on the CPU, glibc's bytes in use (mallinfo2), sampled every half millisecond, less those before.
+"resident", on the CPU only, is the kernel's high-water mark of the resident set, reset just before the request
+(after glibc has handed freed memory back), less the resident set then: it also counts memory glibc keeps
+after a tensor is freed, to reuse it. A few iterations per scale suffice: memory per iteration does not grow
+with their number. --masks N makes it N styles (STYLE each time), each in its own vertical strip of the image.
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -32,9 +36,18 @@ def memory(weights: str, content: str, style: str, raw_params: str, checkpoint: 
     job = StyleJob(content_image, (style_image,) * max(1, masks), parse_params(json.loads(raw_params))[0],
                    _strips(masks, *content_image.shape[-2:]))
     estimated = peak_bytes(workload([job], DEVICE, checkpoint))
-    before = _start_measuring()
-    stylize_batch(extractor, [job], checkpoint=checkpoint)
-    return {"measured": _peak() - before, "estimated": estimated}
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        stylize_batch(extractor, [job], checkpoint=checkpoint)
+        return {"estimated": estimated, "measured": torch.cuda.max_memory_allocated(DEVICE) - before}
+    LIBC.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    resident_before, in_use_before = _status_bytes("VmRSS"), _in_use()
+    with _sampling(_in_use) as peak_in_use:
+        stylize_batch(extractor, [job], checkpoint=checkpoint)
+    return {"estimated": estimated, "measured": peak_in_use() - in_use_before,
+            "resident": _status_bytes("VmHWM") - resident_before}
 
 
 def _strips(count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -43,19 +56,37 @@ def _strips(count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
     return tuple((columns == k).float().expand(1, height, width).clone() for k in range(count))
 
 
-def _start_measuring() -> int:
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(DEVICE)
-        return torch.cuda.memory_allocated(DEVICE)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    return _status_bytes("VmRSS")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _peak() -> int:
-    if DEVICE.type == "cuda":
-        return torch.cuda.max_memory_allocated(DEVICE)
-    return _status_bytes("VmHWM")
+LIBC = ctypes.CDLL("libc.so.6")
+LIBC.mallinfo2.restype = _MallInfo2
+
+
+def _in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back, in every arena and in mmapped chunks."""
+    info = LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@contextlib.contextmanager
+def _sampling(read):
+    """The largest value of read() seen while the block runs, sampled every half millisecond."""
+    peak, done = [read()], threading.Event()
+
+    def sample():
+        while not done.wait(0.0005):
+            peak[0] = max(peak[0], read())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        done.set()
+        sampler.join()
 
 
 def _status_bytes(field: str) -> int:

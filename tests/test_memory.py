@@ -69,7 +69,7 @@ def test_the_model_follows_the_work():
     job = StyleJob(torch.rand(3, 300, 400), (torch.rand(3, 300, 400),), parse_params({"size": 512})[0])
     plain = peak_bytes(workload([job], CPU))
     assert peak_bytes(workload([job], CPU, checkpoint=True)) < plain
-    assert peak_bytes(workload([job, job], CPU)) < 2 * plain  # the libraries' share is paid once
+    assert 1.9 * plain < peak_bytes(workload([job, job], CPU)) <= 2 * plain  # all but the libraries' share twice
     bigger = StyleJob(job.content, job.styles, parse_params({"size": 1024})[0])
     assert 3.5 * plain < peak_bytes(workload([bigger], CPU)) < 4.5 * plain  # four times the pixels
     avg = StyleJob(job.content, job.styles, parse_params({"size": 512, "pooling": "avg"})[0])

@@ -1,6 +1,7 @@
 """The optimisation loop: what it converges to, when it stops, and that batching changes nothing."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -103,15 +104,21 @@ def test_histogram_matching_gives_the_style_the_contents_colour_statistics(conte
 
 
 def test_time_budget_returns_the_best_image_so_far(extractor, content, style):
-    seen = []
-    result = stylize(extractor, content, [style], params(steps=10_000, max_seconds=2.0, size=96, min_scale=48),
-                     callback=seen.append)
+    """The budget is ten iterations of this machine, now; what it may overrun is counted in iterations of the
+    same run: the one under way, the output scale's targets and the float32 loss of the result, each about one
+    forward and backward pass or less. So it holds on a fast machine and a slow, shared one alike."""
+    warm_up = []
+    stylize(extractor, content, [style], params(steps=4, size=96, min_scale=96), callback=lambda progress:
+            warm_up.append(time.perf_counter()))
+    budget = 10 * max(b - a for a, b in zip(warm_up, warm_up[1:]))
+    stamps, seen = [], []
+    result = stylize(extractor, content, [style], params(steps=10_000, size=96, min_scale=48, max_seconds=budget),
+                     callback=lambda progress: (seen.append(progress), stamps.append(time.perf_counter())))
     assert result.stop_reason == "max_seconds" and result.stopped_early
-    # overshoot: at most one step and the float32 evaluation of the result, each well under a second at 96 px
-    # even on a slow, shared machine
-    assert 0 < result.steps < 10_000 and result.seconds < 2.0 + 1.0
-    assert result.image.shape == (3, 72, 96)
-    at_output = [p.loss["total"] for p in seen if p.size == (72, 96)]
+    assert 0 < result.steps < 10_000 and result.image.shape == (3, 72, 96)
+    longest = max(b - a for a, b in zip(stamps, stamps[1:]))
+    assert result.seconds < budget + 3 * longest
+    at_output = [progress.loss["total"] for progress in seen if progress.size == (72, 96)]
     assert result.final_loss["total"] == pytest.approx(min(at_output or [result.initial_loss["total"]]), rel=1e-6)
 
 

@@ -11,6 +11,8 @@ The peak of a request is the largest of its phases:
   iteration's forward and backward pass, whose peak is where the backward pass begins: every activation the
   backward pass needs is still kept, and the loss has just produced a gradient for each loss layer;
 - computing the style targets: each style image through VGG19 at its size, without gradients.
+What it counts is the allocator's view: tensors alive at once. A CPU process's resident set runs up to a fifth
+higher, since glibc keeps freed memory to reuse it (README, "Limits and status codes", Memory).
 
 With masks, each style adds its masks (at the output size and, squared, at each style layer's resolution) and
 its own targets, and the guided Grams' float32 tiles of weighted activations (losses.py).
@@ -137,9 +139,9 @@ def _plain_step(work: Workload) -> int:
 
 def _checkpointed_step(work: Workload) -> int:
     """Per image, the larger of: where the backward pass begins (the block inputs, the loss layers'
-    activations and their gradients), and the backward pass through the first block, which holds its input,
-    its activations again, the gradient the loss gave its loss layers, and the gradient flowing through it
-    (out of one layer and into the next)."""
+    activations and their gradients), and the backward pass through the first block's last ReLU, which holds
+    the block's input, its ReLUs' outputs again, the gradient the loss gave its loss layers, and the gradient
+    going into and out of that ReLU (the positions of the pooling's maxima are gone by then)."""
     activation = 2 if work.bf16 else FLOAT32
     loss_layers = _loss_layers(work)
     block_inputs = 3 * _pixels(work.output) * activation + sum(
@@ -147,10 +149,11 @@ def _checkpointed_step(work: Workload) -> int:
         if name.startswith("pool") and LAYER_INDEX[name] < LAYER_INDEX[_deepest(work)])
     kept_for_loss = sum(_elements(name, work.output) * activation for name in loss_layers)
     start = block_inputs + kept_for_loss + _loss_gradients(work) + _content_difference(work)
-    first_block = [name for name in _modules(work) if poolings_before(name) == 0 or name == "pool1"]
+    first_block = [name for name in _modules(work) if poolings_before(name) == 0]
+    relus = sum(_elements(name, work.output) * activation for name in first_block if name.startswith("relu"))
     widest = max(_elements(name, work.output) for name in first_block) * activation
     pending = sum(_elements(name, work.output) * activation for name in loss_layers if name in first_block)
-    first = block_inputs + _kept_activations(work, first_block) + pending + 2 * widest
+    first = 3 * _pixels(work.output) * activation + relus + pending + 2 * widest
     return max(start, first)
 
 
@@ -191,15 +194,14 @@ def _targets_bytes(work: Workload, size: tuple[int, int]) -> int:
 
 
 def _library_bytes(work: Workload) -> int:
-    """What the device's libraries add once per batch. On the CPU, oneDNN reorders the convolution weights
-    into its own layout for the backward pass (a copy of them); bf16 autocast keeps a bf16 copy of the weights
-    on any device. cuDNN's workspace is bounded by PyTorch's choice of algorithms, not counted here: the
-    handler's margin covers it."""
-    weights = sum(in_channels * out_channels * 9 + out_channels
-                  for index, (in_channels, out_channels) in CONV_CHANNELS.items()
-                  if index <= LAYER_INDEX[_deepest(work)])
-    copies = (FLOAT32 if work.device_type == "cpu" else 0) + (2 if work.bf16 else 0)
-    return weights * copies
+    """What is paid once per batch: bf16 autocast keeps a bf16 copy of the convolution weights while the
+    forward pass runs. cuDNN's workspace is bounded by PyTorch's choice of algorithms, not counted here: the
+    handler's margin covers it, as it covers what the CPU allocator keeps of freed memory to reuse."""
+    if not work.bf16:
+        return 0
+    return 2 * sum(in_channels * out_channels * 9 + out_channels
+                   for index, (in_channels, out_channels) in CONV_CHANNELS.items()
+                   if index <= LAYER_INDEX[_deepest(work)])
 
 
 def _modules(work: Workload) -> list[str]:

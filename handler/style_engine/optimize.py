@@ -200,7 +200,7 @@ class _Run:
         budgets = [(self.params.steps - done) // (scales - scale_index) for done in self.steps_done]
         scale = _Scale(x0, self.params, budgets)
         deadline = self._deadline(sizes[scale_index:])
-        for iteration in range(max(budgets)):
+        for _ in range(max(budgets)):
             if time.perf_counter() >= deadline:
                 self._stop(scale.stop_all(), "max_seconds", final_scale)
                 break
@@ -291,7 +291,7 @@ class _Scale:
                 self.x.copy_(torch.where(running[:, None, None, None], self.x, held))
         self.x.grad = None
         self.iterations += 1
-        self.stepped = [item for item, running in enumerate(self.active) if running]
+        self.stepped = [item for item, active in enumerate(self.active) if active]
         for item in self.stepped:
             self.active[item] = self.iterations < self.budgets[item]
         self.pending.append(self.best.total)
@@ -306,7 +306,7 @@ class _Scale:
 
     def stop_all(self) -> list[int]:
         """Stop every running image; returns which."""
-        stopped = [item for item, running in enumerate(self.active) if running]
+        stopped = [item for item, active in enumerate(self.active) if active]
         self.active = [False] * len(self.active)
         return stopped
 
@@ -317,8 +317,8 @@ class _Scale:
         if tolerance <= 0 or len(self.history) <= window:
             return []
         old, new = self.history[-1 - window], self.history[-1]
-        stopped = [item for item, running in enumerate(self.active)
-                   if running and old[item] - new[item] <= tolerance * abs(old[item])]
+        stopped = [item for item, active in enumerate(self.active)
+                   if active and old[item] - new[item] <= tolerance * abs(old[item])]
         for item in stopped:
             self.active[item] = False
         return stopped
