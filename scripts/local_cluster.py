@@ -79,19 +79,21 @@ def find_nginx() -> str:
 class Nginx:
     """nginx in the foreground with its own prefix, config, pid file and logs; stopped by its pid."""
 
-    def __init__(self, prefix: Path, conf_text: str, listen_port: int):
-        self.prefix, self.listen_port = prefix, listen_port
+    def __init__(self, prefix: Path, conf_text: str, listen_port: int, host: str = "127.0.0.1"):
+        self.prefix, self.listen_port, self.host = prefix, listen_port, host
         for folder in ("logs", "temp"):
             (prefix / folder).mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
+        self.conf.touch(mode=0o600)  # it holds keys: the master, running as its owner, reads it
         self.conf.write_text(conf_text)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.listen_port}"
+        return f"http://{self.host}:{self.listen_port}"
 
-    def start(self, timeout: float = 20) -> "Nginx":
+    def start(self, timeout: float = 20, ready_path: str = "/ping") -> "Nginx":
+        """Starts nginx and waits until `ready_path` answers 200."""
         command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf),
                    "-e", str(self.prefix / "logs/error.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -101,12 +103,18 @@ class Nginx:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log_tail('error.log')}")
             try:
-                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"nginx not serving /ping after {timeout:.0f} s:\n{self.log_tail('error.log')}")
+        raise TimeoutError(f"nginx not serving {ready_path} after {timeout:.0f} s:\n{self.log_tail('error.log')}")
+
+    def reload(self, conf_text: str) -> None:
+        """A new configuration: the master starts new workers with it and lets the old ones finish what they
+        serve (SIGHUP). A configuration nginx cannot load leaves the old one running and says so in error.log."""
+        self.conf.write_text(conf_text)
+        self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         """SIGTERM to the master (it stops its workers), SIGKILL to the group if it does not stop in time."""

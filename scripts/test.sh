@@ -18,4 +18,11 @@ if ! command -v promtool >/dev/null; then
         $sudo systemctl disable --now prometheus
     fi
 fi
+# tests/test_playground.py drives a real headless browser: Debian's chromium, which brings the libraries it
+# needs (a font too, through fontconfig; its recommends are desktop services); Playwright (requirements.txt)
+# only starts it, and downloads no browser of its own.
+if [ ! -x /usr/bin/chromium ]; then
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -191,6 +191,7 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
                                     {"name": "woman-with-hat-matisse", "width": 378, "height": 512}]
     parameters = {row["name"]: row for row in described["parameters"]}
     assert parameters["size"] == {"name": "size", "default": 256, "allowed": "an integer at least 32 and at most 1024",
+                                  "schema": {"type": "integer", "minimum": 32, "maximum": 1024},
                                   "doc": "longer side of the output, px"}
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
     limits = described["limits"]

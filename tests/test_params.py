@@ -95,6 +95,30 @@ def test_every_parameter_is_described():
     assert all(row["doc"] and row["allowed"] for row in describe_params())
 
 
+def test_each_parameters_schema_admits_what_the_parser_admits_and_no_more():
+    """The schema of the description (what the playground page builds its controls from) agrees with the parser
+    at its edges, for a server's maxima as for the engine's."""
+    maxima = {"size": 512, "max_seconds": 270}
+    for row in describe_params(maxima=maxima):
+        name, schema = row["name"], row["schema"]
+        parse_params({name: row["default"]}, maxima=maxima)  # every default is allowed
+        for value in schema.get("enum", []):
+            parse_params({name: value}, maxima=maxima)
+        if "maximum" in schema:
+            low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema["maximum"]
+            nudge = (lambda _: 1) if "integer" in schema["type"] else (lambda edge: 1e-6 * max(1.0, abs(edge)))
+            parse_params({name: high}, maxima=maxima)
+            outside = [high + nudge(high), low - nudge(low)] + ([low] if "exclusiveMinimum" in schema else [])
+            for value in outside:
+                with pytest.raises(ParamError):
+                    parse_params({name: value}, maxima=maxima)
+    described = {row["name"]: row["schema"] for row in describe_params(maxima=maxima)}
+    assert described["size"] == {"type": "integer", "minimum": 32, "maximum": 512}
+    assert described["lr"] == {"type": ["number", "null"], "exclusiveMinimum": 0.0, "maximum": 100.0}
+    assert described["preserve_color"] == {"enum": ["none", "luminance", "histogram", True, False]}
+    assert described["stream"] == {"type": "boolean"}
+
+
 def test_presets_are_a_list_or_a_comma_separated_form_field_in_lower_case():
     assert parse_params({"presets": ["Starry_Night", "shipwreck"]})[0].presets == ("starry_night", "shipwreck")
     assert parse_params({"presets": " starry_night , Shipwreck"})[0].presets == ("starry_night", "shipwreck")

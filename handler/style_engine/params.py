@@ -49,6 +49,13 @@ class Number:
         high = show(self.hi if hi is None else hi)
         return f"{kind} {low} and at most {high}" + (" or null" if self.optional else "")
 
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        kind = "integer" if self.integer else "number"
+        number = int if self.integer else float
+        low = {"exclusiveMinimum" if self.lo_open else "minimum": number(self.lo)}
+        high = number(self.hi if hi is None else hi)
+        return {"type": [kind, "null"] if self.optional else kind, **low, "maximum": high}
+
 
 def _to_number(value: Any) -> float | None:
     """A finite int or float from a number or a numeric string; None for anything else (bools included)."""
@@ -81,6 +88,9 @@ class Choice:
         extra = [json.dumps(alias) for alias, _ in self.aliases]
         return "one of " + ", ".join([*(f'"{o}"' for o in self.options), *extra])
 
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"enum": [*self.options, *(alias for alias, _ in self.aliases)]}
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -96,6 +106,9 @@ class Flag:
     def allowed(self, hi: float | None = None) -> str:
         return "true or false"
 
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"type": "boolean"}
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -108,6 +121,9 @@ class Layer:
 
     def allowed(self, hi: float | None = None) -> str:
         return f"a VGG19 layer name such as relu4_2 (one of {', '.join(LAYER_NAMES)})"
+
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"enum": list(LAYER_NAMES)}
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,10 @@ class LayerWeights:
     def allowed(self, hi: float | None = None) -> str:
         return 'an object of VGG19 layer names to weights >= 0, e.g. {"relu1_1": 1.0, "relu2_1": 0.75}'
 
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"type": "object", "minProperties": 1, "propertyNames": Layer().schema(),
+                "additionalProperties": _WEIGHT.schema()}
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -149,6 +169,9 @@ class Weights:
 
     def allowed(self, hi: float | None = None) -> str:
         return "a list with one weight >= 0 per style image (positive sum), or null for equal weights"
+
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"type": ["array", "null"], "minItems": 1, "items": _WEIGHT.schema()}
 
 
 _WEIGHT = Number(0.0, 1e12)
@@ -169,6 +192,9 @@ class Names:
 
     def allowed(self, hi: float | None = None) -> str:
         return 'a list of names such as ["starry_night"], or in a form field "starry_night,shipwreck"'
+
+    def schema(self, hi: float | None = None) -> dict[str, Any]:
+        return {"type": "array", "items": {"type": "string"}}
 
 
 def _json_if_string(name: str, value: Any, allowed: str) -> Any:
@@ -305,12 +331,15 @@ def validate_server_config(defaults: Mapping[str, Any], maxima: Mapping[str, flo
 def describe_params(defaults: Mapping[str, Any] | None = None,
                     maxima: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Name, default (a JSON value), allowed values and meaning of every parameter, with a server's `defaults`
-    and `maxima` applied where given (the README's table, and the model description of a running server)."""
+    and `maxima` applied where given (the README's table, and the model description of a running server).
+    `allowed` says it in words, for people; `schema` as JSON Schema, for programs such as the playground page
+    (a form field's value is its text: a number or a boolean as written, an object or a list as JSON)."""
     maxima = maxima or {}
     parsed = parse_params({}, defaults=defaults, maxima=maxima)
     return [
         {"name": f.name, "default": _json_value(getattr(parsed[PARAM_CLASSES.index(cls)], f.name)),
-         "allowed": f.metadata["check"].allowed(maxima.get(f.name)), "doc": f.metadata["doc"]}
+         "allowed": f.metadata["check"].allowed(maxima.get(f.name)),
+         "schema": f.metadata["check"].schema(maxima.get(f.name)), "doc": f.metadata["doc"]}
         for cls in PARAM_CLASSES for f in fields(cls)
     ]
 

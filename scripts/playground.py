@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The playground: the page of web/ and the model's REST API behind one nginx (README, "The playground").
+
+    scripts/playground.sh [--listen 127.0.0.1:8090] [--inference http://127.0.0.1:8080]
+                          [--management http://127.0.0.1:8081] [--key-file key_file.json]
+                          [--inference-token-file FILE] [--ts-config config.properties] [--prefix DIR]
+                          [--renew-before 300] [--wait 300]
+
+Serves web/ on --listen with a real nginx configured from deploy/playground-nginx.conf, which passes
+POST /predictions/style_transfer on to --inference with the inference key, and GET /description to the
+management API's describe call (`/models/style_transfer?customized=true`) with the management key. The
+defaults are scripts/serve.sh's server: its ports, its key_file.json in the repository root and its
+config.properties, whose max_request_size nginx takes over; nginx's read timeout is TorchServe's
+responseTimeout for the model, from its description, plus a margin.
+
+TorchServe's inference and management keys expire after token_expiration_min (60 minutes unless set). While
+it runs, this script reads the key file every few seconds, renews a key through TorchServe's token API (with
+the key file's API key, which does not expire) once it has less than --renew-before seconds left, and
+reloads nginx when the keys have changed: renewed here or elsewhere, or a restarted server. In front of a
+cluster, --inference-token-file gives the token of the load balancer instead (that one is ours and does not
+expire). Runs in the foreground until Ctrl-C or SIGTERM, then stops nginx by its pid.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+from local_cluster import Nginx, NginxTemplate, find_nginx
+from torchserve_instance import MODEL_NAME, ROOT
+
+TEMPLATE = ROOT / "deploy" / "playground-nginx.conf"
+TORCHSERVE_MAX_REQUEST_SIZE = 6553500  # TorchServe's own default, where config.properties sets none
+READ_TIMEOUT_MARGIN = 10  # s beyond responseTimeout: TorchServe gives up first, and says so
+KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # TorchServe's keys are base64url; nothing else reaches nginx.conf
+
+
+@dataclass(frozen=True)
+class Keys:
+    inference: str
+    management: str
+    expiry: dict[str, datetime]  # of the keys from TorchServe's key file, by kind ("inference", "management")
+
+
+def read_keys(key_file: Path, inference_token_file: Path | None) -> Keys:
+    """The keys nginx adds; ValueError when the key file is not (yet, or not wholly) written."""
+    entries = json.loads(key_file.read_text())
+    expiry = {kind: datetime.fromisoformat(entries[kind]["expiration time"]) for kind in ("inference", "management")}
+    inference = entries["inference"]["key"]
+    if inference_token_file is not None:
+        inference = inference_token_file.read_text().strip()
+        del expiry["inference"]  # not TorchServe's: nothing here renews it
+    for key in (inference, entries["management"]["key"]):
+        if not KEY_PATTERN.fullmatch(key):
+            raise ValueError("a key with characters TorchServe does not use")
+    return Keys(inference, entries["management"]["key"], expiry)
+
+
+def describe(management_url: str, keys: Keys) -> dict:
+    """TorchServe's description of the model (its own fields, not the handler's)."""
+    response = requests.get(f"{management_url}/models/{MODEL_NAME}", timeout=10,
+                            headers={"Authorization": f"Bearer {keys.management}"})
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def max_request_size(ts_config: Path) -> int:
+    found = re.search(r"^max_request_size=(\d+)\s*$", ts_config.read_text(), flags=re.MULTILINE)
+    return int(found.group(1)) if found else TORCHSERVE_MAX_REQUEST_SIZE
+
+
+def wait_for_server(args) -> tuple[Keys, dict]:
+    """The keys and the model's description, once the key file exists and the management API answers."""
+    deadline, said = time.monotonic() + args.wait, False
+    while True:
+        try:
+            keys = read_keys(args.key_file, args.inference_token_file)
+            return keys, describe(args.management, keys)
+        except (OSError, ValueError, KeyError, requests.RequestException) as error:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"playground: no TorchServe at {args.management} with the keys of {args.key_file} "
+                                 f"after {args.wait:.0f} s ({error}); start one first: scripts/serve.sh")
+            if not said:
+                print(f"playground: waiting for TorchServe ({args.management}, {args.key_file})", file=sys.stderr)
+                said = True
+        time.sleep(1)
+
+
+def render(args, keys: Keys, model: dict) -> str:
+    return NginxTemplate(TEMPLATE.read_text()).substitute(
+        prefix=args.prefix, listen=args.listen, web_root=ROOT / "web", samples_root=ROOT / "samples",
+        max_request_size=max_request_size(args.ts_config),
+        read_timeout=int(model["responseTimeout"]) + READ_TIMEOUT_MARGIN,
+        inference_url=args.inference, inference_key=keys.inference,
+        management_url=args.management, management_key=keys.management)
+
+
+def renew_expiring(args, keys: Keys) -> list[str]:
+    """Renews, through TorchServe's token API, each key that expires within --renew-before seconds; TorchServe
+    writes the new one into its key file. The kinds renewed."""
+    api_key = json.loads(args.key_file.read_text())["API"]["key"]
+    soon = datetime.now(timezone.utc).timestamp() + args.renew_before
+    renewed = []
+    for kind, expiry in keys.expiry.items():
+        if expiry.timestamp() < soon:
+            response = requests.post(f"{args.management}/token", params={"type": kind}, timeout=10,
+                                     headers={"Authorization": f"Bearer {api_key}"})
+            response.raise_for_status()
+            renewed.append(kind)
+    return renewed
+
+
+def keep_keys_fresh(args, nginx: Nginx, keys: Keys, model: dict, stop: threading.Event) -> None:
+    """Until `stop`: renew what expires soon, and give nginx the key file's keys whenever they change."""
+    interval = min(30.0, args.renew_before / 5)
+    while not stop.wait(interval):
+        if nginx.process.poll() is not None:
+            raise SystemExit(f"playground: nginx exited with {nginx.process.returncode}:\n"
+                             f"{nginx.log_tail('error.log')}")
+        try:
+            renewed = renew_expiring(args, keys)
+            fresh = read_keys(args.key_file, args.inference_token_file)
+        except (OSError, ValueError, KeyError, requests.RequestException) as error:
+            print(f"playground: keys not renewed this time ({error}); trying again in {interval:.0f} s",
+                  file=sys.stderr)
+            continue
+        if (fresh.inference, fresh.management) != (keys.inference, keys.management):
+            nginx.reload(render(args, fresh, model))
+            print(f"playground: new keys ({', '.join(renewed) or 'the key file changed'}): nginx reloaded",
+                  file=sys.stderr)
+        keys = fresh
+
+
+def run(args) -> None:
+    keys, model = wait_for_server(args)
+    host, port = args.listen.rsplit(":", 1)
+    nginx = Nginx(args.prefix, render(args, keys, model), int(port), host=host)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        nginx.start(ready_path="/")
+        print(f"playground: {nginx.url}/ (web/, with TorchServe at {args.inference}); Ctrl-C stops it",
+              file=sys.stderr)
+        keep_keys_fresh(args, nginx, keys, model, stop)
+    finally:
+        nginx.stop()
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT nginx listens on (%(default)s)")
+    parser.add_argument("--inference", default="http://127.0.0.1:8080",
+                        help="TorchServe's inference API, or a load balancer in front of several (%(default)s)")
+    parser.add_argument("--management", default="http://127.0.0.1:8081",
+                        help="TorchServe's management API, for the model's description (%(default)s)")
+    parser.add_argument("--key-file", type=Path, default=ROOT / "key_file.json",
+                        help="TorchServe's key_file.json, where the server writes it (default: the repository "
+                             "root, scripts/serve.sh's working directory)")
+    parser.add_argument("--inference-token-file", type=Path,
+                        help="a file holding the token for --inference, instead of the key file's inference key "
+                             "(a load balancer's client token)")
+    parser.add_argument("--ts-config", type=Path, default=ROOT / "config.properties",
+                        help="the server's config.properties, for max_request_size (default: scripts/serve.sh's)")
+    parser.add_argument("--prefix", type=Path,
+                        help="nginx's folder: configuration, pid file, logs (default: a temporary one, removed)")
+    parser.add_argument("--renew-before", type=float, default=300,
+                        help="renew a key that expires within this many seconds (%(default)s)")
+    parser.add_argument("--wait", type=float, default=300, help="seconds to wait for TorchServe (%(default)s)")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d+", args.listen):
+        parser.error(f"--listen must be HOST:PORT; got {args.listen!r}")
+    for option in ("inference", "management"):
+        url = getattr(args, option).rstrip("/")
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", url):
+            parser.error(f"--{option} must be http(s)://HOST:PORT; got {url!r}")
+        setattr(args, option, url)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    find_nginx()
+    temporary = args.prefix is None
+    if temporary:
+        args.prefix = Path(tempfile.mkdtemp(prefix="playground-"))
+    args.prefix = args.prefix.resolve()
+    try:
+        run(args)
+    finally:
+        if temporary:
+            shutil.rmtree(args.prefix, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+/** A new element with the given properties. */
+export function element(tag, properties = {}) {
+  return Object.assign(document.createElement(tag), properties);
+}
