@@ -144,7 +144,9 @@ def test_bad_parameters_in_the_params_field(server, worker, params, field, says)
     ('"size=64"', "params", "params must be a JSON object; got str"),
     ("[" * 100_000, "params", "params is not valid JSON (nested too deeply)"),
     ('{"size": ' + "9" * 5000 + "}", "params", "params is not valid JSON (Exceeds the limit (4300 digits)"),
-], ids=["nan", "infinity", "-infinity", "cut short", "list", "string", "nested 100000 deep", "5000 digits"])
+    ('{"size": 1' + "0" * 400 + "}", "size", "size must be an integer at least 32 and at most 1024; got 1000"),
+], ids=["nan", "infinity", "-infinity", "cut short", "list", "string", "nested 100000 deep", "5000 digits",
+        "beyond a float"])
 def test_bad_params_json(server, worker, params_text, field, says):
     response = post(server, files={"content": CONTENT, "style": STYLE}, data={"params": params_text})
     assert_refused(response, server, worker, 400, "InvalidParameter", field, says)
