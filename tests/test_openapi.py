@@ -1,0 +1,115 @@
+"""openapi.yaml is valid OpenAPI 3.1 and says what the code does: every parameter of params.py with its type,
+bounds, choices and default, every part the parsers read, every answer the handler gives. The fuzzing of
+tests/test_api_fuzz.py then holds a real server to it."""
+
+import jsonschema
+import pytest
+import yaml
+from openapi_spec_validator import validate
+
+from conftest import ROOT
+from request_parsing import JSON_BODY_KEYS
+from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
+from style_engine.errors import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, ParamError
+from style_engine.layers import LAYER_NAMES
+from style_engine.params import (_WEIGHT, PARAM_FIELDS, Choice, Flag, Layer, LayerWeights, Names, Number, Weights,
+                                 describe_params)
+from style_transfer_handler import CONTENT_TYPES, DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY
+
+SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+SCHEMAS = SPEC["components"]["schemas"]
+OPERATION = SPEC["paths"]["/predictions/style_transfer"]["post"]
+ANNOTATIONS = {"description", "default", "examples", "title"}
+
+
+def resolve(schema):
+    """`schema` with every local $ref replaced by what it points to (its siblings kept), annotations dropped."""
+    if isinstance(schema, list):
+        return [resolve(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        target = SPEC
+        for key in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[key]
+        schema = {**target, **{key: value for key, value in schema.items() if key != "$ref"}}
+    return {key: resolve(value) for key, value in schema.items() if key not in ANNOTATIONS}
+
+
+def expected_schema(check) -> dict:
+    """The JSON Schema of what a parameter's check in params.py accepts as a JSON value."""
+    if isinstance(check, Number):
+        kind = "integer" if check.integer else "number"
+        return {"type": [kind, "null"] if check.optional else kind, "maximum": check.hi,
+                "exclusiveMinimum" if check.lo_open else "minimum": check.lo}
+    if isinstance(check, Choice):
+        return {"enum": [*check.options, *(alias for alias, _ in check.aliases)]}
+    if isinstance(check, Flag):
+        return {"type": "boolean"}
+    if isinstance(check, Layer):
+        return {"type": "string", "enum": list(LAYER_NAMES)}
+    if isinstance(check, LayerWeights):
+        return {"type": "object", "minProperties": 1, "propertyNames": expected_schema(Layer()),
+                "additionalProperties": expected_schema(_WEIGHT)}
+    if isinstance(check, Weights):
+        return {"type": ["array", "null"], "minItems": 1, "items": expected_schema(_WEIGHT)}
+    if isinstance(check, Names):
+        return {"anyOf": [{"type": "array", "items": {"type": "string", "pattern": "\\S"}}, {"type": "string"}]}
+    raise AssertionError(f"no JSON Schema for a {type(check).__name__}: say here what it accepts")
+
+
+def test_the_spec_is_valid_openapi_3_1():
+    assert SPEC["openapi"].startswith("3.1.")
+    validate(SPEC)
+
+
+@pytest.mark.parametrize("param", describe_params(), ids=lambda param: param["name"])
+def test_every_parameter_is_in_the_spec_as_params_py_defines_it(param):
+    spec_params = SCHEMAS["Params"]["properties"]
+    assert param["name"] in spec_params, f"openapi.yaml lacks the parameter {param['name']}"
+    assert spec_params[param["name"]]["default"] == param["default"]
+    assert resolve(spec_params[param["name"]]) == expected_schema(PARAM_FIELDS[param["name"]].metadata["check"])
+
+
+def test_the_spec_has_no_parameter_params_py_lacks():
+    assert SCHEMAS["Params"]["additionalProperties"] is False
+    assert list(SCHEMAS["Params"]["properties"]) == [param["name"] for param in describe_params()]
+
+
+def test_every_parameter_is_a_form_field_too():
+    fields = SCHEMAS["MultipartRequest"]["properties"]
+    for name in PARAM_FIELDS:
+        assert fields[name] == {"$ref": f"#/components/schemas/Params/properties/{name}"}, name
+
+
+def test_the_parts_are_the_parsers():
+    assert set(SCHEMAS["JsonRequest"]["properties"]) == set(JSON_BODY_KEYS)
+    assert set(SCHEMAS["MultipartRequest"]["properties"]) - set(PARAM_FIELDS) == {
+        "content", "style", "init_image", "params"}
+
+
+def test_an_error_echoes_at_most_what_the_spec_says():
+    sent = "x" * 10_000
+    error = ParamError(sent, sent).to_json()
+    bounds = SCHEMAS["Error"]["properties"]
+    assert len(error["message"]) == bounds["message"]["maxLength"] > MAX_MESSAGE_CHARS
+    assert len(error["field"]) == bounds["field"]["maxLength"] > MAX_FIELD_CHARS
+
+
+@pytest.mark.parametrize("error, schema", [
+    (DEVICE_FAILED, "DeviceFailure"), (OUT_OF_MEMORY, "OutOfMemory"), (INTERNAL_ERROR, "InternalError"),
+    (ParamError("size", "size must be...").to_json(), "BadRequest")])
+def test_the_handlers_errors_are_the_specs(error, schema):
+    jsonschema.validate(error, resolve({"$ref": f"#/components/schemas/{schema}"}))
+    answer = OPERATION["responses"][str(error["code"])]["content"]["application/json"]["schema"]
+    assert {"$ref": f"#/components/schemas/{schema}"} in answer.get("oneOf", [answer])
+
+
+def test_every_content_type_the_handler_answers_with_is_documented():
+    documented = set(OPERATION["responses"]["200"]["content"])
+    assert documented == {*CONTENT_TYPES.values(), "application/json", STREAM_CONTENT_TYPE}
+
+
+def test_the_readme_links_the_spec():
+    readme = (ROOT / "README.md").read_text()
+    assert "(openapi.yaml)" in readme and "proto/inference.proto" in readme
