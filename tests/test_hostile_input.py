@@ -112,6 +112,18 @@ def test_a_body_over_max_request_size_is_torchserves_bare_413(server, worker):
     assert_refused(just_under, server, worker, 400, "InvalidParameter", "body", "the JSON body must be an object")
 
 
+def test_a_part_with_an_empty_name_is_torchserves_own_500(server, worker):
+    """TorchServe 0.12's multipart decoder refuses a part named "" and its frontend answers 500 before the model
+    sees the request (found by fuzzing; openapi.yaml documents it as UndecodableBody): the worker is untouched."""
+    boundary = "b0undary"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name=""\r\n\r\nnull\r\n--{boundary}--\r\n'
+    response = post(server, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, data=body)
+    assert response.status_code == 500
+    assert response.json() == {"code": 500, "type": "ErrorDataDecoderException",
+                               "message": "java.lang.IllegalArgumentException: empty name"}
+    assert server.worker_pids() == [worker]
+
+
 # --- parameters -----------------------------------------------------------------------------------------------
 
 
@@ -144,7 +156,9 @@ def test_bad_parameters_in_the_params_field(server, worker, params, field, says)
     ('"size=64"', "params", "params must be a JSON object; got str"),
     ("[" * 100_000, "params", "params is not valid JSON (nested too deeply)"),
     ('{"size": ' + "9" * 5000 + "}", "params", "params is not valid JSON (Exceeds the limit (4300 digits)"),
-], ids=["nan", "infinity", "-infinity", "cut short", "list", "string", "nested 100000 deep", "5000 digits"])
+    ('{"size": 1' + "0" * 400 + "}", "size", "size must be an integer at least 32 and at most 1024; got 1000"),
+], ids=["nan", "infinity", "-infinity", "cut short", "list", "string", "nested 100000 deep", "5000 digits",
+        "beyond a float"])
 def test_bad_params_json(server, worker, params_text, field, says):
     response = post(server, files={"content": CONTENT, "style": STYLE}, data={"params": params_text})
     assert_refused(response, server, worker, 400, "InvalidParameter", field, says)

@@ -43,6 +43,13 @@ def test_multipart_request(server):
     assert_stylised_png(response.content)
 
 
+def test_plain_form_fields_spell_null_as_json_does(server):
+    """openapi.yaml allows null for lr and max_seconds as form fields too; Schemathesis sends it as "null"."""
+    response = predict(server, files={"content": CONTENT, "style": STYLE},
+                       data={"size": "64", "steps": "2", "lr": "null", "max_seconds": "null"})
+    assert response.status_code == 200, response.text
+
+
 def test_json_body(server):
     body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(),
             "params": {"size": 64, "steps": 10}}

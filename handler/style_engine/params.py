@@ -31,7 +31,8 @@ class Number:
     null_is_maximum: bool = False
 
     def parse(self, name: str, value: Any, hi: float | None = None) -> Any:
-        if value is None and self.optional:
+        # a plain form field spells null as JSON does, as it spells objects, lists and booleans
+        if self.optional and (value is None or value == "null"):
             return hi if self.null_is_maximum else None  # hi: the server's maximum, None where it sets none
         hi = self.hi if hi is None else hi
         number = _to_number(value)
@@ -58,15 +59,18 @@ class Number:
 
 
 def _to_number(value: Any) -> float | None:
-    """A finite int or float from a number or a numeric string; None for anything else (bools included)."""
+    """A finite int or float from a number or a numeric string; None for anything else (bools included).
+
+    JSON integers have no size limit (but 4300 digits), and math.isfinite cannot convert one beyond a float's
+    range: every int is finite, only floats are asked."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
             return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return value
+    return value if isinstance(value, int) or math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class Layer:
         return f"a VGG19 layer name such as relu4_2 (one of {', '.join(LAYER_NAMES)})"
 
     def schema(self, hi: float | None = None) -> dict[str, Any]:
-        return {"enum": list(LAYER_NAMES)}
+        return {"type": "string", "enum": list(LAYER_NAMES)}
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,8 @@ class Names:
         return 'a list of names such as ["starry_night"], or in a form field "starry_night,shipwreck"'
 
     def schema(self, hi: float | None = None) -> dict[str, Any]:
-        return {"type": "array", "items": {"type": "string"}}
+        # a form field sends the names as one comma-separated string
+        return {"anyOf": [{"type": "array", "items": {"type": "string", "pattern": "\\S"}}, {"type": "string"}]}
 
 
 def _json_if_string(name: str, value: Any, allowed: str) -> Any:
