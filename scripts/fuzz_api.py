@@ -12,8 +12,8 @@ the worker that answered every request is the one that started. Prints Schemathe
 the answers by status and content type; exits 1 when Schemathesis found anything or the worker changed.
 
 What Schemathesis checks (besides our checks in scripts/fuzz_api_hooks.py): no 5xx but the documented 503 and
-507, and TorchServe's 500 for a multipart body it cannot decode; every status, content type, header and JSON body as the spec documents it. EXCLUDED_CHECKS says which
-of its checks are left out, and why.
+507, and TorchServe's 500 for a multipart body it cannot decode; every status, content type, header and JSON
+body as the spec documents it. EXCLUDED_CHECKS says which of its checks are left out, and why.
 """
 
 import argparse

@@ -2,9 +2,10 @@
 schema states.
 
 Loaded by Schemathesis (SCHEMATHESIS_HOOKS), not imported by the project. Only POST is the contract: the
-coverage phase also tries other methods, which TorchServe answers in its own ways (openapi.yaml says how). Generated file parts and base64
-strings are sometimes small real images, so that requests get past decoding into the optimisation, and
-otherwise whatever Schemathesis makes (random bytes, 1x1 files of many formats). The checks:
+coverage phase also tries other methods, which TorchServe answers in its own ways (openapi.yaml says how).
+Generated file parts and base64 strings are sometimes small real images, so that requests get past decoding into
+the optimisation, and otherwise whatever Schemathesis makes (random bytes, 1x1 files of many formats). The
+checks:
 - `answers_are_what_they_say`: an image answer decodes as its content type and carries every X-Style-*
   header; a `response=json` answer's image decodes as its `format`, at its `width` and `height`.
 - `a_500_is_torchserves_own`: the only 500 allowed is TorchServe's for a body its multipart decoder refuses
