@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of the benchmarks (README, "Benchmarks") in one run, for a lent GPU machine:
+# Every GPU check of the benchmarks (docs/benchmarks.md, "GPU") in one run, for a lent GPU machine:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # It needs only python3 with torch, torchvision and Pillow (no TorchServe, no Java, no .venv). Figures go to
-# stdout and to OUT_DIR/gpu-<date>.json (default benchmarks/results/); copy them into the README with the GPU.
+# stdout and to OUT_DIR/gpu-<date>.json (default benchmarks/results/); copy them into docs/benchmarks.md with the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${1:-benchmarks/results}

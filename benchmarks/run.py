@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick --json   # 64 px, 300 seed steps: a few minutes on 2 cores
     .venv/bin/python benchmarks/run.py --json           # 128 px, 2000 seed steps: about 25 minutes on 2 cores
 
-Sections (README, "Benchmarks"): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
+Sections (docs/benchmarks.md): time to the seed's result; per-iteration cost at 128 and 256 px; the loss
 coarse to fine reaches within time budgets and in a default request, against other schedules; the loss a
 default request reaches in bf16 against float32 (where bf16 is native); TorchServe's overhead on one request at
 128 px; throughput of 1, 2, 4 and 8 concurrent requests through TorchServe's dynamic batching; peak memory of one

@@ -241,7 +241,7 @@ def _raise_for_a_lone_grpc_error(context, responses: list) -> None:
     TorchServe 0.12 ignores per-request statuses on gRPC (a refused request would come back as OK with the
     error as its prediction); only an exception sets the status, and it sets it for the whole batch. So this
     applies to a batch of one; a gRPC request refused within a larger batch gets the JSON error as its
-    prediction (README, "gRPC").
+    prediction (docs/api.md, "gRPC").
     """
     status = context.get_response_status(0)[0]
     if len(responses) == 1 and _is_grpc(context, 0) and status is not None and status >= 400:

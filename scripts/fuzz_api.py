@@ -75,7 +75,7 @@ def server_view(spec: dict, description: dict) -> dict:
 
 
 def describe(server: TorchServeInstance) -> dict:
-    """The handler's own description of the model (README, "Creative controls")."""
+    """The handler's own description of the model (docs/api.md, "The model's description")."""
     response = requests.get(server.url("management", f"/models/{MODEL_NAME}?customized=true"),
                             headers=server.auth("management"), timeout=60)
     response.raise_for_status()

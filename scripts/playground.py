@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The playground: the page of web/ and the model's REST API behind one nginx (README, "The playground").
+"""The playground: the page of web/ and the model's REST API behind one nginx (docs/playground.md).
 
     scripts/playground.sh [--listen 127.0.0.1:8090] [--inference http://127.0.0.1:8080]
                           [--management http://127.0.0.1:8081] [--key-file key_file.json]

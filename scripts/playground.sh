@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The playground (README, "The playground"): the page of web/ on http://127.0.0.1:8090/, in front of the server
+# The playground (docs/playground.md): the page of web/ on http://127.0.0.1:8090/, in front of the server
 # of scripts/serve.sh (start that first), through nginx. Options: scripts/playground.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."

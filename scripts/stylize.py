@@ -12,9 +12,9 @@
 (TorchServe 0.12 cannot stream progress over gRPC, so the bar only shows that it waits); --local runs the engine
 in this process, its presets read from --styles (default samples/styles/, as build_mar.py packs them). The
 styles are the STYLE files, then the --preset names, in order; --mask files pair with them in that order
-(README, "Creative controls"); --init-image starts from that image (init=image). The token comes from --token,
+(docs/creative-controls.md); --init-image starts from that image (init=image). The token comes from --token,
 else from --key-file (TorchServe's key_file.json).
---set key=value sets any request parameter (README, "Parameters"); values are read as JSON where they parse
+--set key=value sets any request parameter (docs/parameters.md); values are read as JSON where they parse
 (`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise. A progress bar goes to stderr; --json
 prints the result's fields (those of `response=json`, without the image) to stdout.
 --list-presets prints each preset's name and size: from the server's model description (the management API,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README): sets up .venv/ and runs every test. Extra arguments go to pytest.
+# The test command (README.md, "Two commands"): sets up .venv/ and runs every test. Extra arguments go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -1,4 +1,4 @@
-"""The benchmark scripts keep working (tiny sizes: the figures themselves come from full runs, README)."""
+"""The benchmark scripts keep working (tiny sizes: the figures themselves come from full runs, docs/benchmarks.md)."""
 
 import json
 import subprocess

@@ -116,7 +116,7 @@ def test_container_config_differs_from_the_repository_config_only_where_a_contai
     assert differing_keys(container, local) == {
         "inference_address", "metrics_address", "grpc_inference_address", "model_store", "metrics_config",
         "allowed_urls", "token_expiration_min", "default_workers_per_model"}
-    assert "default_workers_per_model" not in container  # one worker per visible GPU (README, "Capacity")
+    assert "default_workers_per_model" not in container  # one worker per visible GPU (docs/deployment.md, "Capacity")
     assert container["inference_address"] == "http://0.0.0.0:8080"
     assert container["management_address"].startswith("http://127.0.0.1:")
     assert container["disable_token_authorization"] == "false" and container["enable_model_api"] == "false"

@@ -26,7 +26,7 @@ MONITORING = ROOT / "deploy" / "monitoring"
 RULES = MONITORING / "alerts.yaml"
 RULE_TESTS = MONITORING / "alerts.test.yaml"
 DASHBOARD = json.loads((MONITORING / "grafana-dashboard.json").read_text())
-# Labels Prometheus adds when it scrapes a pod (README, "Kubernetes"), on top of those TorchServe serves.
+# Labels Prometheus adds when it scrapes a pod (docs/deployment.md, "Kubernetes"), on top of those TorchServe serves.
 SCRAPE_LABELS = {"namespace", "pod", "instance", "job"}
 # TorchServe's host name: the pod's name in a cluster, this machine's here.
 HOST_NAME_LABELS = {"Hostname", "hostname"}

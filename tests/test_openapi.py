@@ -87,6 +87,6 @@ def test_every_content_type_the_handler_answers_with_is_documented():
     assert documented == {*CONTENT_TYPES.values(), "application/json", STREAM_CONTENT_TYPE}
 
 
-def test_the_readme_links_the_spec():
-    readme = (ROOT / "README.md").read_text()
-    assert "(openapi.yaml)" in readme and "proto/inference.proto" in readme
+def test_the_api_page_links_the_spec():
+    api_page = (ROOT / "docs" / "api.md").read_text()
+    assert "(openapi.yaml)" in api_page and "proto/inference.proto" in api_page

@@ -45,7 +45,7 @@ STREAMED_SECONDS = 8  # max_seconds of the streaming check: a dozen progress lin
 
 class Playground:
     """scripts/playground.sh in front of `torchserve`, or with `inference` and `token_file` in front of a load
-    balancer of several (README, "The playground"); the description from `torchserve`'s management API."""
+    balancer of several (docs/playground.md); the description from `torchserve`'s management API."""
 
     def __init__(self, torchserve: TorchServeInstance, prefix: Path, inference: str | None = None,
                  token_file: Path | None = None):
@@ -131,7 +131,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory):
-    """Where the finished page's screenshot is kept (README, "The playground")."""
+    """Where the finished page's screenshot is kept (docs/playground.md)."""
     return tmp_path_factory.mktemp("playground_screenshots")
 
 
@@ -362,7 +362,7 @@ def test_of_the_management_api_only_the_description_is_reachable(playground):
 
 
 def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser):
-    """In front of a cluster (README, "The playground"): --inference is the load balancer, here the front of
+    """In front of a cluster (docs/playground.md): --inference is the load balancer, here the front of
     deploy/nginx.conf with one instance, and --inference-token-file its client token; the description comes from
     one server's management API. The page's job goes through the playground and the front to TorchServe, and
     the playground's nginx holds the client token, not the server's inference key."""

@@ -1,32 +1,198 @@
-"""README.md stays true: every parameter documented with its real default, and the commands it gives exist."""
+"""The README and the documentation site (docs/, mkdocs.yml) stay true: the site builds with no broken link and no
+page left out; the parameters, limits, commands and figures the pages state are those of the code and the results."""
 
+import ast
+import html
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+
+import pytest
+import yaml
 
 from conftest import ROOT
 from style_engine.params import describe_params
 
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+PAGES = {path.name: path.read_text() for path in sorted(DOCS.glob("*.md"))}
+MODEL_CONFIG = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
 
 
-def test_every_parameter_is_in_the_readme_with_its_default():
-    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", README, flags=re.MULTILINE))
+def build_site(config, site_dir):
+    """`mkdocs build --strict` of `config` into `site_dir`: the finished process, its output in stdout."""
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
+                           "--site-dir", str(site_dir)], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The site built from the repository, with the repository's state (ignored files too) before and after."""
+    site_dir, before = tmp_path_factory.mktemp("site"), _git_status()
+    build = build_site(ROOT / "mkdocs.yml", site_dir)
+    assert build.returncode == 0, build.stdout + build.stderr
+    return site_dir, before, _git_status()
+
+
+@pytest.fixture(scope="module")
+def site(built):
+    return built[0]
+
+
+def test_the_site_builds_strictly_without_touching_the_repository(built):
+    site, before, after = built
+    assert before == after
+    assert (site / "index.html").is_file() and (site / "openapi.yaml").is_file()
+    assert (site / "benchmarks" / "results" / "loss_vs_time-full.png").is_file()
+    for page in PAGES:
+        assert (site / page.replace(".md", ".html")).is_file(), page
+
+
+def test_a_broken_link_an_anchor_or_a_page_left_out_fails_the_build(tmp_path):
+    docs = shutil.copytree(DOCS, tmp_path / "docs")
+    (docs / "api.md").write_text(PAGES["api.md"].replace("(limits.md)", "(limitz.md)", 1)
+                                 .replace("(limits.md#time)", "(limits.md#no-such-section)", 1))
+    (docs / "orphan.md").write_text("# Not in the nav\n")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config["docs_dir"] = str(docs)
+    config["hooks"] = [str(ROOT / hook) for hook in config["hooks"]]
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    build = build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert build.returncode != 0
+    for complaint in ("'limitz.md'", "'#no-such-section'", "orphan.md"):
+        assert complaint in build.stderr, complaint
+
+
+def test_every_parameter_is_on_the_parameters_page_with_its_default(site):
+    page = (site / "parameters.html").read_text()
+    rows = {name: html.unescape(default) for name, default in
+            re.findall(r"<tr>\s*<td><code>(\w+)</code></td>\s*<td><code>(.*?)</code></td>", page)}
     for param in describe_params():
-        assert param["name"] in rows, f"README lacks parameter {param['name']}"
+        assert param["name"] in rows, f"docs/parameters.md lacks parameter {param['name']}"
         assert json.loads(rows[param["name"]]) == param["default"], param["name"]
+    size_row = re.search(r"<tr>\s*<td><code>size</code></td>.*?</tr>", page, flags=re.DOTALL).group(0)
+    cpu_size = MODEL_CONFIG["handler"]["device_overrides"]["cpu"]["maxima"]["size"]
+    assert f"<code>{cpu_size}</code> on a CPU" in size_row
+
+
+def test_the_readme_is_the_home_page(site):
+    home = (site / "index.html").read_text()
+    assert "scripts/serve.sh" in home and 'href="api.html"' in home and 'src="masks.png"' in home
+
+
+def test_the_readme_stays_short():
+    assert len(README.encode()) <= 12 * 1024
 
 
 def test_ci_runs_the_readme_test_command():
-    assert "\n    scripts/test.sh\n" in README and "\n    scripts/serve.sh\n" in README
+    for text in (README, PAGES["contributing.md"]):
+        assert "\n    scripts/test.sh\n" in text and "\n    scripts/serve.sh\n" in text
     assert "exec scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_every_reference_to_a_readme_section_names_one():
-    headings = set(re.findall(r"^#+ (?:\d+\. )?(.+?)$", README, flags=re.MULTILINE))
+def test_every_reference_to_a_page_or_section_names_one():
+    headings = {"README.md": _headings(README), **{f"docs/{name}": _headings(text) for name, text in PAGES.items()}}
+    for name, text in _tracked_texts():
+        for page, section in re.findall(r'(README(?:\.md)?|docs/[\w-]+\.md),? \\?"([A-Z][^"\\]*)', text):
+            page = "README.md" if page.startswith("README") else page
+            assert page in headings, f"{name}: no page {page}"
+            assert section in headings[page], f"{name}: no section {section!r} in {page}"
+        for page in re.findall(r"docs/[\w-]+\.(?:md|png)", text):
+            assert (ROOT / page).is_file(), f"{name}: no file {page}"
+
+
+def test_every_command_in_the_docs_names_a_script_and_options_it_has():
+    commands = 0
+    for name, text in [("README.md", README), *PAGES.items()]:
+        for script, arguments in re.findall(r"((?:scripts|benchmarks)/[\w-]+\.(?:py|sh))((?:[^\n`]|\\\n)*)", text):
+            assert (ROOT / script).is_file(), f"{name}: no script {script}"
+            unknown = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", arguments)) - _options(script)
+            assert not unknown, f"{name}: {script} has no option {sorted(unknown)}"
+            commands += 1
+    assert commands > 20  # the pattern finds the commands
+
+
+@pytest.mark.parametrize("page, script, start", [("client.md", "scripts/stylize.py", "# The client"),
+                                                 ("playground.md", "scripts/playground.sh", "Options (")])
+def test_every_option_a_page_describes_is_its_scripts(page, script, start):
+    """The options a page lists for a script, from `start` to the end of that paragraph, are the script's."""
+    listed = PAGES[page].split(start, 1)[1].split("\n\n**", 1)[0]
+    described = set(re.findall(r"`(--[a-z][\w-]*)", listed))
+    assert described and described <= _options(script), sorted(described - _options(script))
+
+
+def test_the_limits_table_gives_the_configured_limits():
+    handler, cpu = MODEL_CONFIG["handler"], MODEL_CONFIG["handler"]["device_overrides"]["cpu"]
+    properties = dict(re.findall(r"^(\w+)=(.*)$", (ROOT / "config.properties").read_text(), flags=re.MULTILINE))
+    rows = _limits_rows()
+    expected = {  # row: what its GPU and its CPU cells say
+        "max_request_size": [f"{int(properties['max_request_size']) // 2**20} MiB"] * 2,
+        "max_image_pixels": [f"{handler['max_image_pixels']:,}", "the same"],
+        "max_styles": [str(handler["max_styles"])] * 2,
+        "max_style_pixels": [f"{handler['max_style_pixels']:,}", f"{cpu['max_style_pixels']:,}"],
+        "maxima.size": [f"{handler['maxima']['size']} px", f"{cpu['maxima']['size']} px"],
+        "maxima": [f"{handler['maxima']['steps']}, {handler['maxima']['max_seconds']} s", "the same"],
+        "job_queue_size": [properties["job_queue_size"]] * 2,
+        "max_seconds": [f"{handler['maxima']['max_seconds']} s, {handler['reply_margin_seconds']} s "
+                        f"(`reply_margin_seconds`) under `responseTimeout` ({MODEL_CONFIG['responseTimeout']} s)",
+                        "the same"],
+    }
+    for key, cells in expected.items():
+        assert all(cell.startswith(said) for cell, said in zip(rows[key], cells)), (key, rows[key], cells)
+    assert f"`max_seconds`, default {handler['defaults']['max_seconds']} s" in PAGES["limits.md"]
+
+
+def test_the_readme_headline_is_the_full_benchmark_run():
+    summary = json.loads((ROOT / "benchmarks" / "results" / "full.json").read_text())
+    seed = summary["time_to_seed_loss"]
+    headline = " ".join(README.split("## Benchmarks, in one line")[1].split("\n## ")[0].split())
+    assert f"{seed['auto']['speedup']:.1f}× sooner" in headline
+    assert f"({seed['auto']['steps']} L-BFGS iterations against {seed['seed_steps']} Adam steps at {seed['size']} px)" \
+        in headline
+    assert f"adds {(summary['summary']['server_overhead_ratio'] - 1) * 100:.1f} %" in headline
+
+
+def _headings(markdown):
+    return set(re.findall(r"^#+ (.+?)$", markdown, flags=re.MULTILINE))
+
+
+def _tracked_texts():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for name in tracked.split():
         path = ROOT / name
-        if path.suffix in {".py", ".yaml", ".properties", ".sh", ".conf", ""} and path.is_file():
-            for section in re.findall(r'README, "([A-Za-z][^"]*)"', path.read_text(errors="replace")):
-                assert any(heading.startswith(section) for heading in headings), f"{name}: no README section {section}"
+        if path.suffix in {".py", ".yaml", ".yml", ".properties", ".sh", ".conf", ".json", ".dockerignore", ""} \
+                and path.is_file():
+            yield name, path.read_text(errors="replace")
+
+
+def _options(script):
+    """The options `script` accepts: its argparse add_argument flags, or for a shell script the flags it names
+    and those of the Python script it runs."""
+    text = (ROOT / script).read_text()
+    if script.endswith(".sh"):
+        runs = re.findall(r"exec \.venv/bin/python (scripts/[\w-]+\.py)", text)
+        return set(re.findall(r"--[a-z][\w-]*", text)).union(*(_options(target) for target in runs))
+    return {arg.value for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call)
+            and getattr(node.func, "attr", "") == "add_argument"
+            for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+
+
+def _limits_rows():
+    """docs/limits.md's first table: each `key` its first cell names -> its other cells."""
+    rows = {}
+    for line in PAGES["limits.md"].split("## What one request may ask for")[1].split("\n## ")[0].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        for key in re.findall(r"`([\w.]+)`", cells[0]) if line.startswith("| ") else []:
+            rows[key] = cells[1:]
+    return rows
+
+
+def _git_status():
+    """Changed and untracked files, and the ignored ones but for Python's byte code, which any import writes."""
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    return [line for line in status.splitlines() if "__pycache__" not in line]

@@ -1,4 +1,4 @@
-"""The security settings, checked on a real TorchServe where they act (README, "Security"): a token on every
+"""The security settings, checked on a real TorchServe where they act (docs/security.md): a token on every
 API, every port on loopback, no model registration, allowed_urls, weights loaded without unpickling code,
 and no request value reaching a shell, a path or eval."""
 

@@ -12,7 +12,7 @@ The peak of a request is the largest of its phases:
   backward pass needs is still kept, and the loss has just produced a gradient for each loss layer;
 - computing the style targets: each style image through VGG19 at its size, without gradients.
 What it counts is the allocator's view: tensors alive at once. A CPU process's resident set runs up to a fifth
-higher, since glibc keeps freed memory to reuse it (README, "Limits and status codes", Memory).
+higher, since glibc keeps freed memory to reuse it (docs/limits.md, "Memory and admission").
 
 With masks, each style adds its masks (at the output size and, squared, at each style layer's resolution) and
 its own targets, and the guided Grams' float32 tiles of weighted activations (losses.py).

@@ -336,7 +336,7 @@ def validate_server_config(defaults: Mapping[str, Any], maxima: Mapping[str, flo
 def describe_params(defaults: Mapping[str, Any] | None = None,
                     maxima: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Name, default (a JSON value), allowed values and meaning of every parameter, with a server's `defaults`
-    and `maxima` applied where given (the README's table, and the model description of a running server).
+    and `maxima` applied where given (the table of docs/parameters.md, and the model description of a running server).
     `allowed` says it in words, for people; `schema` as JSON Schema, for programs such as the playground page
     (a form field's value is its text: a number or a boolean as written, an object or a list as JSON)."""
     maxima = maxima or {}
