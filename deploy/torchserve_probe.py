@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Health checks and graceful drain for TorchServe 0.12 with token authorization on (docs/deployment.md, "Tokens across replicas").
+"""Health checks and graceful drain for TorchServe 0.12 with token authorization on
+(docs/deployment.md, "Kubernetes").
 
     torchserve_probe.py ready   exit 0 when /ping answers 200: a worker of every model is up (readiness)
     torchserve_probe.py live    exit 0 when the frontend answers /ping at all and accepts the key (liveness)

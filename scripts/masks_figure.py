@@ -4,8 +4,8 @@
     .venv/bin/python scripts/masks_figure.py [--weights random] [--size 256] [--steps 100]
 
 Makes two complementary masks of samples/tubingen.jpg, its sky (the blue pixels of its upper half, edges
-softened) and the rest, writes them to samples/masks/ (the requests of docs/creative-controls.md use them), stylises the photo
-with starry_night in the sky and shipwreck elsewhere through the engine in this process, and writes
+softened) and the rest, writes them to samples/masks/ (the requests of docs/creative-controls.md use them),
+stylises the photo with starry_night in the sky and shipwreck elsewhere through the engine in this process, and writes
 docs/masks.png. With --weights random (the default: the ImageNet weights cannot be downloaded everywhere)
 the result shows where each style went, not what real weights would paint.
 """

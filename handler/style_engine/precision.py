@@ -1,7 +1,7 @@
 """Where the VGG19 activations run in bfloat16, and how float32 stays float32.
 
 bf16 autocast makes a VGG19 step cheaper where the hardware has native bf16 arithmetic (on 2 CPU cores 1.7
-times at 128 px, 2.7 times at 256 px: docs/benchmarks.md, "bf16 against float32"); Grams and losses are always taken in float32
+times at 128 px, 2.7 times at 256 px: docs/benchmarks.md); Grams and losses are always taken in float32
 (losses.py). It buys loss per second, not loss per iteration: in the last iterations the activations' rounding
 slows L-BFGS, so after the same number of iterations a bf16 run ends at a higher loss than a float32 one; given
 the same time it did as well or better at 128 px (from 4 % above float32 to 59 % below, in four runs), and its
