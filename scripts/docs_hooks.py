@@ -52,7 +52,7 @@ def parameters_table() -> str:
     model_yaml = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     gpu = ServerConfig.from_model_yaml(model_yaml, "cuda")
     cpu = ServerConfig.from_model_yaml(model_yaml, "cpu")
-    rows = ["| name | default | allowed | the archive's servers (`model-config.yaml`) | meaning |",
+    rows = ["| name | default | allowed | the archive sets | meaning |",
             "| --- | --- | --- | --- | --- |"]
     for param in describe_params():
         name = param["name"]
