@@ -59,7 +59,8 @@ def test_a_broken_link_an_anchor_or_a_page_left_out_fails_the_build(tmp_path):
     (docs / "orphan.md").write_text("# Not in the nav\n")
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config["docs_dir"] = str(docs)
-    config["hooks"] = [str(ROOT / hook) for hook in config["hooks"]]
+    for paths in ("hooks", "watch"):  # relative to the configuration file's folder
+        config[paths] = [str(ROOT / path) for path in config.get(paths, [])]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     build = build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert build.returncode != 0
