@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from style_engine.params import describe_params
+from style_engine.errors import ParamError
+from style_engine.params import describe_params, parse_params
 
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
@@ -146,6 +147,42 @@ def test_the_limits_table_gives_the_configured_limits():
     for key, cells in expected.items():
         assert all(cell.startswith(said) for cell, said in zip(rows[key], cells)), (key, rows[key], cells)
     assert f"`max_seconds`, default {handler['defaults']['max_seconds']} s" in PAGES["limits.md"]
+
+
+def test_the_time_limits_are_the_configured_ones():
+    handler, timeout = MODEL_CONFIG["handler"], MODEL_CONFIG["responseTimeout"]
+    time = " ".join(PAGES["limits.md"].split("\n## Time\n")[1].split("\n## ")[0].split())
+    assert f"`responseTimeout` ({timeout} s)" in time
+    assert (f"gives one call {timeout - handler['reply_margin_seconds']} s (`responseTimeout` less "
+            f"`reply_margin_seconds`, {handler['reply_margin_seconds']} s") in time
+    assert f"`max_seconds` is capped at {handler['maxima']['max_seconds']} s" in time
+
+
+def test_every_configured_value_the_docs_give_is_the_configured_one():
+    docs = " ".join(" ".join([README, *PAGES.values()]).split())
+    expected = {  # how the docs write the value: the value
+        r"`responseTimeout`,? \((\d+) s": MODEL_CONFIG["responseTimeout"],
+        r"`batchSize`,? \(?(\d+)": MODEL_CONFIG["batchSize"],
+        r"`maxBatchDelay`,? \(?(\d+) ms": MODEL_CONFIG["maxBatchDelay"],
+        r"`memory_margin`,? \(?(\d+) %": round(MODEL_CONFIG["handler"]["memory_margin"] * 100),
+    }
+    for pattern, value in expected.items():
+        found = [int(number) for number in re.findall(pattern, docs)]
+        assert found and set(found) == {value}, (pattern, found, value)
+
+
+def test_the_answer_and_the_error_the_readme_shows_are_the_servers():
+    documented = set(re.findall(r"X-Style-[\w-]+(?=:)", (ROOT / "openapi.yaml").read_text()))
+    for name, text in [("README.md", README), *PAGES.items()]:
+        named = set(re.findall(r"X-Style-[A-Za-z]+(?:-[A-Z][a-z]+)*", text))
+        assert named <= documented, (name, named - documented)
+    error = json.loads(re.search(r"^    (\{\"code\": 400.*\})$", README, flags=re.MULTILINE).group(1))
+    with pytest.raises(ParamError) as refusal:
+        parse_params({error["field"]: "many"}, maxima=MODEL_CONFIG["handler"]["maxima"])
+    assert (str(refusal.value), refusal.value.field) == (error["message"], error["field"])
+    assert error["message"] in PAGES["api.md"]
+    call = README.split("\n    TOKEN=", 1)[1].split("\n\n", 1)[0]
+    assert call in PAGES["api.md"]  # the README's call is the API page's first
 
 
 def test_the_readme_headline_is_the_full_benchmark_run():
