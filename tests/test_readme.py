@@ -87,6 +87,13 @@ def test_the_readme_is_the_home_page(site):
     assert "scripts/serve.sh" in home and 'href="api.html"' in home and 'src="masks.png"' in home
 
 
+def test_the_readme_points_to_every_page_of_the_site():
+    nav = json.dumps(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    pages = set(re.findall(r'"([\w-]+\.md)"', nav)) - {"index.md"}
+    assert pages == set(PAGES), "mkdocs.yml's nav and docs/*.md differ"
+    assert set(re.findall(r"\]\(docs/([\w-]+\.md)\)", README)) == pages
+
+
 def test_the_readme_stays_short():
     assert len(README.encode()) <= 12 * 1024
 
