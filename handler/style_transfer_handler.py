@@ -46,6 +46,7 @@ OUT_OF_MEMORY = {"code": 507, "type": "OutOfMemory", "field": "size",
                  "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
 INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
                   "message": "the optimisation failed unexpectedly; the server log has the details"}
+STAGE_WORDS = {"prepare": "reading this request", "encode": "encoding this request's answer"}
 CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 # TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
 # progress chunk sent to a unary call makes it close the call and restart the worker.
@@ -101,6 +102,10 @@ class StyleTransferHandler:
                     _record_out_of_memory(context, index, stage="admission")
                 responses[index] = _error(context, index, error.to_json())
                 _log_request(context, index, error.status, error=error.to_json())
+            except Exception as error:  # noqa: BLE001 - whatever it is, it is this request's alone
+                failure = _unexpected_failure(context, index, error, stage="prepare")
+                responses[index] = _error(context, index, failure)
+                _log_request(context, index, failure["code"], error=failure)
         groups = _batches(prepared, self._fit_as_they_are)
         for position, indices in enumerate(groups):
             share = _time_share(deadline, [_cost(prepared, group) for group in groups[position:]])
@@ -146,15 +151,20 @@ class StyleTransferHandler:
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
+            logged = {"job": job, "batch": len(indices), "checkpoint": checkpoint}
             if isinstance(outcome, StyleResult):
-                responses.append(self._respond(context, index, outcome, output))
-                _log_request(context, index, 200, job, outcome, batch=len(indices), checkpoint=checkpoint)
-            else:
-                if outcome["type"] == OUT_OF_MEMORY["type"]:
-                    _record_out_of_memory(context, index, stage="run")
-                responses.append(_failure(context, index, outcome, streams.get(item)))
-                _log_request(context, index, outcome["code"], job, batch=len(indices), checkpoint=checkpoint,
-                             error=outcome)
+                try:
+                    responses.append(self._respond(context, index, outcome, output))
+                    _log_request(context, index, 200, result=outcome, **logged)
+                    continue
+                except Exception as error:  # noqa: BLE001 - encoding one answer fails that answer only
+                    outcome = _unexpected_failure(context, index, error, stage="encode")
+            elif outcome["type"] == OUT_OF_MEMORY["type"]:
+                _record_out_of_memory(context, index, stage="run")
+            elif outcome["type"] == INTERNAL_ERROR["type"]:
+                _record_internal_error(context, index, stage="run")
+            responses.append(_failure(context, index, outcome, streams.get(item)))
+            _log_request(context, index, outcome["code"], error=outcome, **logged)
         return responses
 
     def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool) -> list[StyleResult | dict]:
@@ -213,6 +223,22 @@ class StyleTransferHandler:
                                **result_fields(result, output.format)})
         context.set_response_content_type(index, CONTENT_TYPES[output.format])
         return image
+
+
+def _unexpected_failure(context, index: int, error: Exception, stage: str) -> dict:
+    """The error object for an exception no check foresaw while preparing or encoding request `index`
+    (`stage`): out of memory is 507 and counted as such, anything else a 500. Logged with its traceback."""
+    if _is_out_of_memory(error):
+        logger.error("style_transfer: out of memory at stage %s for request %s: %r", stage,
+                     context.request_ids[index], error)
+        _record_out_of_memory(context, index, stage=stage)
+        return {**OUT_OF_MEMORY, "field": "size" if stage == "encode" else None,
+                "message": f"the worker ran out of memory while {STAGE_WORDS[stage]}; try smaller images, a "
+                           f"smaller size or fewer styles"}
+    logger.exception("style_transfer: request %s failed at stage %s", context.request_ids[index], stage)
+    _record_internal_error(context, index, stage=stage)
+    return {**INTERNAL_ERROR, "message": f"the request failed unexpectedly while {STAGE_WORDS[stage]}; the "
+                                         f"server log has the details"}
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -356,6 +382,12 @@ def _record_metrics(context, index: int, result: StyleResult) -> None:
 def _record_out_of_memory(context, index: int, stage: str) -> None:
     """One StyleOutOfMemory count for a request answered 507 OutOfMemory; `stage` says when memory ran out."""
     context.metrics.add_metric("StyleOutOfMemory", 1, "count", index, _dimensions(context, Stage=stage),
+                               MetricTypes.COUNTER)
+
+
+def _record_internal_error(context, index: int, stage: str) -> None:
+    """One StyleInternalErrors count for a request answered 500 InternalError: a bug, at `stage`."""
+    context.metrics.add_metric("StyleInternalErrors", 1, "count", index, _dimensions(context, Stage=stage),
                                MetricTypes.COUNTER)
 
 
