@@ -258,7 +258,7 @@ def test_a_request_over_the_memory_budget_is_refused_at_once_and_a_smaller_one_s
         assert served.status_code == 200, served.text
         assert server.worker_pids() == [pid]
         metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
-        assert re.search(r'StyleOutOfMemory\{[^}]*Stage="admission"[^}]*\} 1\.0', metrics)
+        assert re.search(r'StyleRefusals\{[^}]*Reason="memory"[^}]*\} 1\.0', metrics)
 
 
 def test_with_the_memory_saving_path_the_same_request_is_served(tmp_path_factory):

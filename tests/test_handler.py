@@ -147,10 +147,14 @@ def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     assert len(records) == 2 and all(len(line) < 400 for line in lines)
     served_record, refused_record = sorted(records, key=lambda record: record["status"])
     assert served_record == {"request_id": context.request_ids[0], "status": 200, "size": "64x48", "styles": 1,
-                             "batch": 1, "checkpoint": False, "steps": 2, "precision": "fp32",
-                             "seconds": served_record["seconds"], "stop_reason": "steps"}
+                             "masks": 0, "presets": [], "batch": 1, "checkpoint": False, "steps": 2,
+                             "precision": "fp32", "seconds": served_record["seconds"], "stop_reason": "steps",
+                             "queue_seconds": served_record["queue_seconds"],
+                             "total_seconds": served_record["total_seconds"]}
+    assert 0 <= served_record["queue_seconds"] <= served_record["total_seconds"]
+    assert served_record["seconds"] <= served_record["total_seconds"]
     assert refused_record == {"request_id": context.request_ids[1], "status": 400, "error": "InvalidParameter",
-                              "field": "steps"}
+                              "field": "steps", "total_seconds": refused_record["total_seconds"]}
 
 
 def test_a_style_scale_past_the_style_pixel_limit_is_refused(served):
@@ -196,7 +200,8 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
     limits = described["limits"]
     assert limits["memory_budget_bytes"] == handler_of(served).memory_budget > 0
-    assert {key: limits[key] for key in limits if key != "memory_budget_bytes"} == {
+    assert set(limits["device_speed"]) == {"forward_ns_per_mac", "iteration_ns_per_mac", "encode_ns_per_pixel"}
+    assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
         "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
     assert (described["weights"], described["device"]) == ("random", "cpu")

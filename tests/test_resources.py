@@ -98,8 +98,10 @@ def test_a_worker_start_is_counted_and_sets_the_alerted_counters_to_zero(tmp_pat
     model = "ModelName:style_transfer,Level:Model"
     assert metric_samples(caplog, "StyleWorkerStarts") == [("1", model)]
     assert metric_samples(caplog, "StyleOptimizationSeconds") == [("0", model)]
-    assert metric_samples(caplog, "StyleOutOfMemory") == [("0", f"{model},Stage:admission"),
-                                                          ("0", f"{model},Stage:run")]
+    stages = [("0", f"{model},Stage:{stage}") for stage in ("prepare", "run", "encode")]
+    assert metric_samples(caplog, "StyleOutOfMemory") == stages
+    assert metric_samples(caplog, "StyleInternalErrors") == stages
+    assert metric_samples(caplog, "StyleStreamErrors") == [("0", model)]
 
 
 def test_a_streamed_request_that_fails_before_its_first_chunk_gets_the_usual_error(handler_and_context):
