@@ -22,6 +22,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
+from call_limits import DecodingBudget, NoTimeLeft, answer_bytes_bound, bound_is_text
 from request_parsing import declared_pixels, decode_job, parse_request
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
@@ -29,7 +30,7 @@ from streaming import ProgressStream, json_line
 from style_engine import (NotEnoughMemory, ParamError, RequestError, StyleJob, TooLargeError, VGGFeatures,
                           batch_key, load_features_state_dict, parse_params)
 from style_engine.api import result_fields
-from style_engine.codec import encode_image, encoded_bytes_bound
+from style_engine.codec import encode_image
 from style_engine.cost import group_cost, largest_size_within, measure_speed
 from style_engine.errors import NotEnoughTime
 from style_engine.memory import admit, fitting_mode, free_bytes
@@ -61,32 +62,6 @@ CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultC
 GRPC_STREAM_REFUSED = ("stream=true is not available over gRPC: TorchServe 0.12 cannot tell Predictions from "
                        "StreamPredictions and a progress message would end a Predictions call; call without "
                        "stream (both RPCs return the result), or use REST for live progress")
-
-
-class NoTimeLeft(Exception):
-    """A request this call has no time left for: answered 503 with Retry-After, not the client's fault."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class DecodingBudget:
-    """The pixels one call of the handler may still decode (handler.max_decoded_pixels_per_call): decoding is
-    work that no time budget interrupts."""
-
-    def __init__(self, limit: int):
-        self.limit = self.left = limit
-
-    def take(self, pixels: int) -> None:
-        """Take a request's declared pixels; TooLargeError (413) if it alone is over the limit, NoTimeLeft
-        (503) if the requests before it in this call have used what it needs."""
-        if pixels > self.limit:
-            raise TooLargeError("content", f"the images of this request declare {pixels} pixels together; at most "
-                                           f"{self.limit} are decoded for one request: send smaller images")
-        if pixels > self.left:
-            raise NoTimeLeft("the requests that arrived with this one have used what this call may decode")
-        self.left -= pixels
 
 
 class StyleTransferHandler:
@@ -341,26 +316,6 @@ class StyleTransferHandler:
         _record_metrics(context, index, result)
         context.set_response_content_type(index, content_type)
         return body
-
-
-ANSWER_FIELDS_BYTES = 4096  # the JSON fields beside the image (format, sizes, losses...): a few hundred bytes
-PREVIEW_BOUND_SIZE = (128, 128)  # streaming.PREVIEW_SIZE, square at most
-
-
-def bound_is_text(output: OutputParams) -> bool:
-    """Whether the answer carries the image as base64 text: a JSON object, or a stream's last line."""
-    return output.stream or output.response == "json"
-
-
-def answer_bytes_bound(height: int, width: int, output: OutputParams) -> int:
-    """The most bytes one answer (or, streamed, one chunk of it) of an output of height x width can take."""
-    image = encoded_bytes_bound(height, width, output.format)
-    if not bound_is_text(output):
-        return image
-    chunk = 4 * math.ceil(image / 3) + ANSWER_FIELDS_BYTES
-    if output.stream and output.preview:
-        chunk = max(chunk, 4 * math.ceil(encoded_bytes_bound(*PREVIEW_BOUND_SIZE, "jpeg") / 3) + ANSWER_FIELDS_BYTES)
-    return chunk
 
 
 def _resized_output(job: StyleJob, size: int) -> tuple[int, int]:
