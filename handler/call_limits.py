@@ -53,7 +53,11 @@ def answer_bytes_bound(height: int, width: int, output: OutputParams) -> int:
     image = encoded_bytes_bound(height, width, output.format)
     if not bound_is_text(output):
         return image
-    chunk = 4 * math.ceil(image / 3) + ANSWER_FIELDS_BYTES
-    if output.stream and output.preview:
-        chunk = max(chunk, 4 * math.ceil(encoded_bytes_bound(PREVIEW_SIZE, PREVIEW_SIZE, "jpeg") / 3) + ANSWER_FIELDS_BYTES)
+    chunk = _base64_bytes(image) + ANSWER_FIELDS_BYTES
+    if output.stream and output.preview:  # a progress line with a preview
+        chunk = max(chunk, _base64_bytes(encoded_bytes_bound(PREVIEW_SIZE, PREVIEW_SIZE, "jpeg")) + ANSWER_FIELDS_BYTES)
     return chunk
+
+
+def _base64_bytes(data_bytes: int) -> int:
+    return 4 * math.ceil(data_bytes / 3)

@@ -69,6 +69,9 @@ def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     styles, masks, params = {}, {}, {}
     for name, value in row.items():
         style, mask = STYLE_PART.fullmatch(name), MASK_PART.fullmatch(name)
+        if name == "style_1":  # would silently stand for `style`, or be overwritten by it
+            raise ImageError(name, "style_1 is no part name: the first style image is the part style, the next "
+                                   "ones style_2, style_3, ...")
         if style:
             styles[int(style.group(1) or 1)] = _image_bytes(name, value)
         elif mask:

@@ -137,7 +137,8 @@ class StyleTransferHandler:
         _raise_for_a_lone_grpc_error(context, responses)
         return responses
 
-    def _prepare(self, row: dict, grpc: bool, decoding: "DecodingBudget | None" = None) -> tuple[StyleJob, OutputParams]:
+    def _prepare(self, row: dict, grpc: bool,
+                 decoding: DecodingBudget | None = None) -> tuple[StyleJob, OutputParams]:
         """Parse and check one request up to the point where only the optimisation is left. Its uploads'
         declared pixels are taken from `decoding`, this call's budget, before any is decoded."""
         request = parse_request(row, self.config.max_styles)
@@ -301,12 +302,11 @@ class StyleTransferHandler:
             headers["X-Style-Weights"] = RANDOM_WEIGHTS_NOTE
         for name, value in headers.items():
             context.set_response_header(index, name, value)
+        fields = {"image": base64.b64encode(image).decode("ascii"), **result_fields(result, output.format)}
         if output.stream:
-            content_type, body = STREAM_CONTENT_TYPE, json_line(
-                {"event": "done", "image": base64.b64encode(image).decode("ascii"), **result_fields(result, output.format)})
+            content_type, body = STREAM_CONTENT_TYPE, json_line({"event": "done", **fields})
         elif output.response == "json":
-            content_type, body = "application/json", json.dumps(
-                {"image": base64.b64encode(image).decode("ascii"), **result_fields(result, output.format)})
+            content_type, body = "application/json", json.dumps(fields)
         else:
             content_type, body = CONTENT_TYPES[output.format], image
         if len(body) > self.config.max_response_size:  # answer_bytes_bound was wrong: never let the worker go
@@ -349,8 +349,11 @@ def _asks_for_description(context, index: int) -> bool:
     frontend (ManagementRequestHandler.handleDescribeModel, and gRPC's DescribeModel) queues it as a job of
     the model, with no body and the header "describe" set to "True", and puts what the worker returns into
     the description's customizedMetadata. It is no control command, so it may share a batch with predictions:
-    BaseHandler looks at the first request only and answers the batch with one description; we answer each."""
-    return context.get_request_header(index, "describe") == "True"
+    BaseHandler looks at the first request only and answers the batch with one description; we answer each.
+    A request of the inference API may carry any header, "describe" too; its frontend adds "url_path" to each
+    (InferenceRequestHandler), which the management API's call lacks: such a request is a prediction."""
+    return (context.get_request_header(index, "describe") == "True"
+            and context.get_request_header(index, "url_path") is None)
 
 
 def _is_grpc(context, index: int) -> bool:

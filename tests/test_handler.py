@@ -93,6 +93,13 @@ def test_a_bad_request_in_a_batch_gets_its_own_400_and_the_others_succeed(served
     assert context.get_response_status(2)[0] == 400 and json.loads(third)["field"] == "content"
 
 
+def test_style_1_is_refused_rather_than_taken_for_style(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "style_1": STYLE, "size": "64"})
+    assert context.get_response_status(0)[0] == 400
+    assert json.loads(body)["field"] == "style_1" and "the first style image is the part style" in json.loads(body)[
+        "message"]
+
+
 def test_server_maxima_apply(served):
     (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
     assert context.get_response_status(0)[0] == 400
@@ -215,6 +222,16 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
         "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
     assert (described["weights"], described["device"]) == ("random", "cpu")
+
+
+def test_a_describe_header_on_the_inference_api_is_a_prediction(served):
+    """Only the management API's customized=true describes the model: its frontend adds "url_path" to every
+    inference request, whose headers are the client's own."""
+    handler, context = served
+    start_batch(context, 1)
+    context.request_processor[0].get_request_properties()["describe"] = "True"
+    (body,) = handler.handle([{"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 1}}], context)
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
 
 
 def test_masked_and_unmasked_requests_never_share_a_batch(served):
