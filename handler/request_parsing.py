@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from style_engine.codec import decode_image, decode_mask
+from style_engine.codec import declared_pixels as image_pixels
 from style_engine.errors import ImageError, ParamError, TooLargeError
 from style_engine.params import StyleParams, parse_json
 from style_engine.presets import PresetLibrary
@@ -55,10 +56,22 @@ def decode_job(request: RawRequest, params: StyleParams, presets: PresetLibrary,
     return StyleJob(content, uploads + named, params, masks, init_image)
 
 
+def declared_pixels(request: RawRequest, max_pixels: int) -> int:
+    """The pixels decode_job will decode for this request's uploaded images, read from their headers only.
+    Raises ImageError / TooLargeError naming the part at fault, as decoding it would."""
+    parts = [("content", request.content), *((_style_part_name(i + 1), data) for i, data in enumerate(request.styles)),
+             *((f"mask_{i + 1}", data) for i, data in enumerate(request.masks)),
+             *([("init_image", request.init_image)] if request.init_image is not None else [])]
+    return sum(image_pixels(data, part, max_pixels=max_pixels) for part, data in parts)
+
+
 def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     styles, masks, params = {}, {}, {}
     for name, value in row.items():
         style, mask = STYLE_PART.fullmatch(name), MASK_PART.fullmatch(name)
+        if name == "style_1":  # would silently stand for `style`, or be overwritten by it
+            raise ImageError(name, "style_1 is no part name: the first style image is the part style, the next "
+                                   "ones style_2, style_3, ...")
         if style:
             styles[int(style.group(1) or 1)] = _image_bytes(name, value)
         elif mask:

@@ -19,6 +19,10 @@ class ServerConfig:
     weights: str = "imagenet"  # where the weights came from: "imagenet", "random" or a file name
     deepest_layer: str = "relu5_1"  # the extractor is cut here; no request may use a deeper layer
     max_image_pixels: int = 40_000_000  # per uploaded image, checked before decoding (decompression bombs)
+    # Pixels one call of the handler decodes, all its requests together: decoding is work no time budget
+    # interrupts. A request over it alone is refused (413); one that would take the call past it is answered
+    # 503 with Retry-After.
+    max_decoded_pixels_per_call: int = 200_000_000
     max_styles: int = 4  # style images per request
     max_style_pixels: int = 2_097_152  # per style image at the output scale, after style_scale (targets.check_job)
     gram_cache_entries: int = 32  # style images whose Grams are kept (about 2.5 MB each with the default layers)
@@ -29,6 +33,10 @@ class ServerConfig:
     # decoding, encoding and the last iteration: every answer of the call must reach TorchServe before it
     # gives up on the worker and restarts it.
     reply_margin_seconds: float = 30.0
+    # TorchServe's max_response_size (config.properties), bytes: the frontend drops the worker's connection, and
+    # TorchServe restarts it, when one answer is larger. The handler refuses (413) a request whose answer could
+    # be. Keep it equal to config.properties' (tests/test_server_config.py compares every config.properties).
+    max_response_size: int = 67_108_864
     response_timeout: float = 120.0  # TorchServe's responseTimeout (s): read from the top level of model-config
     # Memory the worker lets requests use (memory.py estimates each before it runs): this many bytes, or with 0
     # the device's free memory when the worker starts, less memory_margin of it (for the estimate's error, the

@@ -11,8 +11,10 @@ _asks_for_description), and is answered with the model's description.
 import base64
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 from ts.metrics.dimension import Dimension
@@ -20,18 +22,22 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
-from request_parsing import decode_job, parse_request
+from call_limits import DecodingBudget, NoTimeLeft, answer_bytes_bound, bound_is_text
+from request_parsing import declared_pixels, decode_job, parse_request
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from streaming import ProgressStream, json_line
-from style_engine import (NotEnoughMemory, ParamError, RequestError, StyleJob, VGGFeatures, batch_key,
-                          load_features_state_dict, parse_params)
+from style_engine import (NotEnoughMemory, ParamError, RequestError, StyleJob, TooLargeError, VGGFeatures,
+                          batch_key, load_features_state_dict, parse_params)
 from style_engine.api import result_fields
 from style_engine.codec import encode_image
+from style_engine.cost import group_cost, largest_size_within, measure_speed
+from style_engine.errors import NotEnoughTime
 from style_engine.memory import admit, fitting_mode, free_bytes
 from style_engine.optimize import StyleResult, stylize_batch
-from style_engine.params import OutputParams, describe_params
+from style_engine.params import PARAM_FIELDS, OutputParams, describe_params
 from style_engine.presets import ARCHIVE_DIR, PresetLibrary
+from style_engine.resize import fit_longer_side
 from style_engine.targets import GramCache, check_job, output_size, shrink_to_need
 
 logger = logging.getLogger(__name__)
@@ -44,8 +50,12 @@ DEVICE_FAILED = {"code": 503, "type": "DeviceFailure", "field": None,
 DEVICE_FAILED_EXIT_STATUS = 3  # a worker that ends on a failed device (TorchServe restarts it)
 OUT_OF_MEMORY = {"code": 507, "type": "OutOfMemory", "field": "size",
                  "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
+BUSY = {"code": 503, "type": "Busy", "field": None,
+        "message": "this call of the worker had no time left for the request; send it again"}  # + a reason
 INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
                   "message": "the optimisation failed unexpectedly; the server log has the details"}
+OUTCOME_STAGES = ("prepare", "run", "encode")  # where a request's unexpected failure can happen
+STAGE_WORDS = {"prepare": "reading this request", "encode": "encoding this request's answer"}
 CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 # TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
 # progress chunk sent to a unary call makes it close the call and restart the worker.
@@ -73,40 +83,49 @@ class StyleTransferHandler:
         # after the weights are on the device: what is free then is what requests may use
         self.memory_budget = self.config.memory_budget_bytes or int(
             free_bytes(self.device) * (1 - self.config.memory_margin))
+        # the device's speed, timed here on the worker's own device: the time model's unit (style_engine/cost.py)
+        self.speed = measure_speed(self.extractor, self.device)
+        # the longest a request may take, all its work included: the server's max_seconds maximum
+        self.time_cap = min(self.config.seconds_per_call, self.config.maxima.get("max_seconds", math.inf))
         self.description = json.dumps({
             "presets": self.presets.describe(), "parameters": describe_params(self.config.defaults, self.config.maxima),
-            "limits": {**self.config.limits(), "memory_budget_bytes": self.memory_budget},
+            "limits": {**self.config.limits(), "memory_budget_bytes": self.memory_budget,
+                       "device_speed": self.speed.describe()},
             "weights": self.config.weights, "device": str(self.device)})
         self.device_failed = False  # set when the device can no longer run work: the worker then ends
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
-        logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s), %.2f GiB for requests",
-                    self.config.deepest_layer, self.device, gpu_id, self.memory_budget / 2**30)
+        logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s), %.2f GiB for requests, "
+                    "speed %s", self.config.deepest_layer, self.device, gpu_id, self.memory_budget / 2**30,
+                    json.dumps(self.speed.describe()))
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list:
         # One deadline for the whole call: TorchServe waits responseTimeout for all of its answers together.
-        deadline = time.perf_counter() + self.config.seconds_per_call
+        started = time.perf_counter()
+        deadline = started + self.config.seconds_per_call
         responses: list = [None] * len(data)
         prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
+        decoding = DecodingBudget(self.config.max_decoded_pixels_per_call)
         for index, row in enumerate(data):
             if _asks_for_description(context, index):
                 context.set_response_content_type(index, "application/json")
                 responses[index] = self.description
                 continue
             try:
-                prepared[index] = self._prepare(row, grpc=_is_grpc(context, index))
+                prepared[index] = self._prepare(row, _is_grpc(context, index), decoding)
             except RequestError as error:
-                if isinstance(error, NotEnoughMemory):
-                    _record_out_of_memory(context, index, stage="admission")
+                if isinstance(error, (NotEnoughMemory, NotEnoughTime)):
+                    _record_refusal(context, index, reason="memory" if isinstance(error, NotEnoughMemory) else "time")
                 responses[index] = _error(context, index, error.to_json())
-                _log_request(context, index, error.status, error=error.to_json())
-        groups = _batches(prepared, self._fit_as_they_are)
-        for position, indices in enumerate(groups):
-            share = _time_share(deadline, [_cost(prepared, group) for group in groups[position:]])
-            responses_of_group = self._serve(context, prepared, indices, share)
-            for index, response in zip(indices, responses_of_group):
-                responses[index] = response
+                _log_request(context, index, error.status, started, error=error.to_json())
+            except NoTimeLeft as busy:
+                responses[index] = self._busy(context, index, started, deadline, busy.reason)
+            except Exception as error:  # noqa: BLE001 - whatever it is, it is this request's alone
+                failure = _unexpected_failure(context, index, error, stage="prepare")
+                responses[index] = _error(context, index, failure)
+                _log_request(context, index, failure["code"], started, error=failure)
+        self._serve_groups(context, prepared, started, deadline, responses)
         for index in range(len(data)):
             if _is_grpc(context, index):
                 # TorchServe 0.12's gRPC StreamPredictions reads this header without a null check and restarts
@@ -118,25 +137,101 @@ class StyleTransferHandler:
         _raise_for_a_lone_grpc_error(context, responses)
         return responses
 
-    def _prepare(self, row: dict, grpc: bool) -> tuple[StyleJob, OutputParams]:
-        """Parse and check one request up to the point where only the optimisation is left."""
+    def _prepare(self, row: dict, grpc: bool,
+                 decoding: DecodingBudget | None = None) -> tuple[StyleJob, OutputParams]:
+        """Parse and check one request up to the point where only the optimisation is left. Its uploads'
+        declared pixels are taken from `decoding`, this call's budget, before any is decoded."""
         request = parse_request(row, self.config.max_styles)
         style_params, output_params = parse_params(request.params, defaults=self.config.defaults,
                                                    maxima=self.config.maxima)
         if grpc and output_params.stream:
             raise ParamError("stream", GRPC_STREAM_REFUSED)
+        (decoding or DecodingBudget(self.config.max_decoded_pixels_per_call)).take(
+            declared_pixels(request, self.config.max_image_pixels))
         job = decode_job(request, style_params, self.presets, self.config.max_image_pixels)
         check_job(job, self.extractor, self.config.max_style_pixels, self.config.max_styles)
+        self._check_answer_size(job, output_params)
         job = shrink_to_need(job)  # what waits for its batch holds megabytes, not gigabytes
-        admit(job, self.device, self.memory_budget, self.config.save_memory)
+        checkpoint = admit(job, self.device, self.memory_budget, self.config.save_memory)
+        self._admit_time(job, checkpoint)
         return job, output_params
+
+    def _check_answer_size(self, job: StyleJob, output: OutputParams) -> None:
+        """Refuse (413) a request whose answer could be larger than TorchServe's max_response_size: the frontend
+        would drop the worker's connection and restart it. Names `format` where another format fits at this
+        size, else `size` and the largest that fits."""
+        limit = self.config.max_response_size
+        bound = answer_bytes_bound(*output_size(job), output)
+        if bound <= limit:
+            return
+        others = [fmt for fmt in CONTENT_TYPES if answer_bytes_bound(*output_size(job), replace(output, format=fmt))
+                  <= limit]
+        largest = next((size for size in range(job.params.size - 1, 0, -1)
+                        if answer_bytes_bound(*_resized_output(job, size), output) <= limit), 0)
+        what = f"format {' or '.join(others)} fits" if others else f"size at most {largest} fits"
+        raise TooLargeError("format" if others else "size",
+                            f"a {output.format} answer{' in JSON (base64)' if bound_is_text(output) else ''} of "
+                            f"{'x'.join(map(str, output_size(job)[::-1]))} px can take up to {bound} bytes, over this "
+                            f"server's max_response_size of {limit} bytes: {what}")
+
+    def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
+        """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
+        interrupts could not end within the server's maximum even alone (style_engine/cost.py)."""
+        fixed = group_cost([job], self.device, self.speed, checkpoint).fixed
+        if fixed <= self.time_cap:
+            return
+        smallest = PARAM_FIELDS["size"].metadata["check"].lo
+        largest = largest_size_within(job, self.device, self.speed, self.time_cap, smallest)
+        fits = (f"size at most {largest} fits" if largest is not None else
+                "no size fits: send fewer or smaller style images or a smaller style_scale")
+        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about {fixed:.0f} "
+                                    f"s of work that no time budget interrupts (the style targets at every scale, "
+                                    f"the reported losses, encoding), at this worker's measured speed; a request "
+                                    f"may take at most {self.time_cap:g} s here: {fits}")
+
+    def _serve_groups(self, context, prepared: dict, started: float, deadline: float, responses: list) -> None:
+        """Optimise the prepared requests group by group, the cheapest first, so that the whole call ends by
+        `deadline`: before each group, the groups whose fixed work (cost.py) no longer fits the time left are
+        answered 503 (the most expensive first), and the group gets its fixed work plus its share of the time
+        the others' fixed work leaves, by its iterations' cost. What a group leaves unused goes to the next."""
+        costs = {tuple(group): group_cost([prepared[i][0] for i in group], self.device, self.speed,
+                                          checkpoint=not self._fit_as_they_are([prepared[i][0] for i in group]))
+                 for group in _batches(prepared, self._fit_as_they_are)}
+        waiting = sorted(costs, key=lambda group: costs[group].fixed + costs[group].iterations)
+        while waiting:
+            now = time.perf_counter()
+            while waiting and sum(costs[group].fixed for group in waiting) > deadline - now:
+                for index in waiting.pop():
+                    responses[index] = self._busy(context, index, started, deadline,
+                                                  "the requests of this call before it leave too little time")
+            if not waiting:
+                return
+            total = sum((costs[group] for group in waiting[1:]), costs[waiting[0]])
+            group = waiting.pop(0)
+            cost = costs[group]
+            spare = deadline - now - total.fixed
+            end = min(now + cost.fixed + spare * cost.iterations / max(total.iterations, 1e-9), now + self.time_cap)
+            for index, response in zip(group, self._serve(context, prepared, list(group), end - cost.fixed,
+                                                          started)):
+                responses[index] = response
+
+    def _busy(self, context, index: int, started: float, deadline: float, reason: str) -> str:
+        """503 with Retry-After: the request is fine, this call had no time left for it."""
+        retry = max(1, math.ceil(deadline - time.perf_counter()))
+        body = {**BUSY, "message": f"{reason}; send it again in {retry} s (Retry-After)"}
+        context.set_response_header(index, "Retry-After", str(retry))
+        _record_refusal(context, index, reason="busy")
+        _log_request(context, index, 503, started, error=body)
+        return _error(context, index, body)
 
     def _fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
         """Whether these jobs fit the memory budget optimised together without checkpointing."""
         return fitting_mode(jobs, self.device, self.memory_budget, save_memory=False) is not None
 
-    def _serve(self, context, prepared: dict, indices: list[int], deadline: float) -> list:
-        """Optimise one group of requests together; one response (or error) per request, in order."""
+    def _serve(self, context, prepared: dict, indices: list[int], deadline: float, started: float) -> list:
+        """Optimise one group of requests together; one response (or error) per request, in order. `deadline`
+        ends its iterations; `started` is when the call began (the log's queue and total times)."""
+        queued = time.perf_counter() - started
         streams = {item: ProgressStream(context, index, prepared[index][1].preview)
                    for item, index in enumerate(indices) if prepared[index][1].stream}
         jobs = [prepared[i][0] for i in indices]
@@ -146,15 +241,20 @@ class StyleTransferHandler:
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
+            logged = {"job": job, "batch": len(indices), "checkpoint": checkpoint, "queued": queued}
             if isinstance(outcome, StyleResult):
-                responses.append(self._respond(context, index, outcome, output))
-                _log_request(context, index, 200, job, outcome, batch=len(indices), checkpoint=checkpoint)
-            else:
-                if outcome["type"] == OUT_OF_MEMORY["type"]:
-                    _record_out_of_memory(context, index, stage="run")
-                responses.append(_failure(context, index, outcome, streams.get(item)))
-                _log_request(context, index, outcome["code"], job, batch=len(indices), checkpoint=checkpoint,
-                             error=outcome)
+                try:
+                    responses.append(self._respond(context, index, outcome, output))
+                    _log_request(context, index, 200, started, result=outcome, **logged)
+                    continue
+                except Exception as error:  # noqa: BLE001 - encoding one answer fails that answer only
+                    outcome = _unexpected_failure(context, index, error, stage="encode")
+            elif outcome["type"] == OUT_OF_MEMORY["type"]:
+                _record_out_of_memory(context, index, stage="run")
+            elif outcome["type"] == INTERNAL_ERROR["type"]:
+                _record_internal_error(context, index, stage="run")
+            responses.append(_failure(context, index, outcome, streams.get(item)))
+            _log_request(context, index, outcome["code"], started, error=outcome, **logged)
         return responses
 
     def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool) -> list[StyleResult | dict]:
@@ -202,17 +302,40 @@ class StyleTransferHandler:
             headers["X-Style-Weights"] = RANDOM_WEIGHTS_NOTE
         for name, value in headers.items():
             context.set_response_header(index, name, value)
-        _record_metrics(context, index, result)
+        fields = {"image": base64.b64encode(image).decode("ascii"), **result_fields(result, output.format)}
         if output.stream:
-            context.set_response_content_type(index, STREAM_CONTENT_TYPE)
-            return json_line({"event": "done", "image": base64.b64encode(image).decode("ascii"),
-                              **result_fields(result, output.format)})
-        if output.response == "json":
-            context.set_response_content_type(index, "application/json")
-            return json.dumps({"image": base64.b64encode(image).decode("ascii"),
-                               **result_fields(result, output.format)})
-        context.set_response_content_type(index, CONTENT_TYPES[output.format])
-        return image
+            content_type, body = STREAM_CONTENT_TYPE, json_line({"event": "done", **fields})
+        elif output.response == "json":
+            content_type, body = "application/json", json.dumps(fields)
+        else:
+            content_type, body = CONTENT_TYPES[output.format], image
+        if len(body) > self.config.max_response_size:  # answer_bytes_bound was wrong: never let the worker go
+            raise RuntimeError(f"the answer has {len(body)} bytes, over max_response_size "
+                               f"({self.config.max_response_size}); answer_bytes_bound said at most "
+                               f"{answer_bytes_bound(*result.image.shape[-2:], output)}")
+        _record_metrics(context, index, result)
+        context.set_response_content_type(index, content_type)
+        return body
+
+
+def _resized_output(job: StyleJob, size: int) -> tuple[int, int]:
+    return fit_longer_side(*job.content.shape[-2:], size)
+
+
+def _unexpected_failure(context, index: int, error: Exception, stage: str) -> dict:
+    """The error object for an exception no check foresaw while preparing or encoding request `index`
+    (`stage`): out of memory is 507 and counted as such, anything else a 500. Logged with its traceback."""
+    if _is_out_of_memory(error):
+        logger.error("style_transfer: out of memory at stage %s for request %s: %r", stage,
+                     context.request_ids[index], error)
+        _record_out_of_memory(context, index, stage=stage)
+        return {**OUT_OF_MEMORY, "field": "size" if stage == "encode" else None,
+                "message": f"the worker ran out of memory while {STAGE_WORDS[stage]}; try smaller images, a "
+                           f"smaller size or fewer styles"}
+    logger.exception("style_transfer: request %s failed at stage %s", context.request_ids[index], stage)
+    _record_internal_error(context, index, stage=stage)
+    return {**INTERNAL_ERROR, "message": f"the request failed unexpectedly while {STAGE_WORDS[stage]}; the "
+                                         f"server log has the details"}
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -226,8 +349,11 @@ def _asks_for_description(context, index: int) -> bool:
     frontend (ManagementRequestHandler.handleDescribeModel, and gRPC's DescribeModel) queues it as a job of
     the model, with no body and the header "describe" set to "True", and puts what the worker returns into
     the description's customizedMetadata. It is no control command, so it may share a batch with predictions:
-    BaseHandler looks at the first request only and answers the batch with one description; we answer each."""
-    return context.get_request_header(index, "describe") == "True"
+    BaseHandler looks at the first request only and answers the batch with one description; we answer each.
+    A request of the inference API may carry any header, "describe" too; its frontend adds "url_path" to each
+    (InferenceRequestHandler), which the management API's call lacks: such a request is a prediction."""
+    return (context.get_request_header(index, "describe") == "True"
+            and context.get_request_header(index, "url_path") is None)
 
 
 def _is_grpc(context, index: int) -> bool:
@@ -258,24 +384,10 @@ def _dispatch(streams: dict[int, ProgressStream]):
     return callback
 
 
-def _time_share(deadline: float, costs: list[float]) -> float:
-    """When the first of the call's remaining groups must end: its share of the time left by its cost. What a
-    group leaves unused goes to the next; each group's own max_seconds applies within its share."""
-    now = time.perf_counter()
-    return now + (deadline - now) * costs[0] / sum(costs)
-
-
-def _cost(prepared: dict, indices: list[int]) -> float:
-    """What a group costs, roughly: output pixels times iterations, for each of its images."""
-    job = prepared[indices[0]][0]
-    height, width = output_size(job)
-    return height * width * job.params.steps * len(indices)
-
-
 def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], fit) -> list[list[int]]:
     """Request indices grouped so that each group can be optimised as one batch: same settings and output
     size, and together within the memory budget as they are (`fit(jobs)`); a request that needs
-    checkpointing runs alone. Cheapest first."""
+    checkpointing runs alone."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
         groups.setdefault((batch_key(job), output_size(job)), []).append(index)
@@ -289,7 +401,7 @@ def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], fit) -> list[li
                 batches.append(batch)
                 batch = [index]
         batches.append(batch)
-    return sorted(batches, key=lambda batch: _cost(prepared, batch))  # the cheapest first: see _time_share
+    return batches
 
 
 def _error(context, index: int, body: dict) -> str:
@@ -303,23 +415,31 @@ def _failure(context, index: int, error: dict, stream: ProgressStream | None) ->
     """The answer of a request whose optimisation failed. Once a stream has begun, its status (200) and
     content type have gone out with the first chunk: the error then ends the stream as its last line."""
     if stream is not None and stream.started:
+        context.metrics.add_metric("StyleStreamErrors", 1, "count", index, _dimensions(context), MetricTypes.COUNTER)
         context.set_response_content_type(index, STREAM_CONTENT_TYPE)
         return json_line({"event": "error", **error})
     return _error(context, index, error)
 
 
-def _log_request(context, index: int, status: int, job: StyleJob | None = None, result: StyleResult | None = None,
-                 batch: int | None = None, checkpoint: bool = False, error: dict | None = None) -> None:
-    """One line per request for operators, as JSON: what was asked, what ran, how it ended. No image data."""
+def _log_request(context, index: int, status: int, started: float, job: StyleJob | None = None,
+                 result: StyleResult | None = None, batch: int | None = None, checkpoint: bool = False,
+                 queued: float | None = None, error: dict | None = None) -> None:
+    """One line per request for operators, as JSON: what was asked, what ran, how it ended, how long it waited
+    in this call for the groups before its own (`queued`) and how long the call had run when it was answered
+    (`total_seconds`). No image data. TorchServe's own queue time is its ts_queue_latency_microseconds."""
     record: dict = {"request_id": context.request_ids[index], "status": status}
     if job is not None:
         height, width = output_size(job)
-        record.update(size=f"{width}x{height}", styles=len(job.styles), batch=batch, checkpoint=checkpoint)
+        record.update(size=f"{width}x{height}", styles=len(job.styles), masks=len(job.masks),
+                      presets=list(job.params.presets), batch=batch, checkpoint=checkpoint)
     if result is not None:
         record.update(steps=result.steps, precision=result.precision, seconds=round(result.seconds, 3),
                       stop_reason=result.stop_reason)
     if error is not None:
         record.update(error=error["type"], field=error["field"])
+    if queued is not None:
+        record.update(queue_seconds=round(queued, 3))
+    record.update(total_seconds=round(time.perf_counter() - started, 3))
     logger.info("style_transfer request %s", json.dumps(record))
 
 
@@ -359,6 +479,19 @@ def _record_out_of_memory(context, index: int, stage: str) -> None:
                                MetricTypes.COUNTER)
 
 
+def _record_refusal(context, index: int, reason: str) -> None:
+    """One StyleRefusals count for a request refused before any work for what this worker can do, by reason:
+    memory or time (413: it could never fit here), busy (503: this call had no time left for it)."""
+    context.metrics.add_metric("StyleRefusals", 1, "count", index, _dimensions(context, Reason=reason),
+                               MetricTypes.COUNTER)
+
+
+def _record_internal_error(context, index: int, stage: str) -> None:
+    """One StyleInternalErrors count for a request answered 500 InternalError: a bug, at `stage`."""
+    context.metrics.add_metric("StyleInternalErrors", 1, "count", index, _dimensions(context, Stage=stage),
+                               MetricTypes.COUNTER)
+
+
 def _record_worker_start(context) -> None:
     """At each worker start, before anything that could fail: count the start, set alerted counters to 0.
 
@@ -372,8 +505,10 @@ def _record_worker_start(context) -> None:
     # Counters whose increase the alert rules watch start at 0: the first sample of a new series is no increase
     # to rate() or increase(), so the first success or out-of-memory answer of a server would go unseen.
     add("StyleOptimizationSeconds", 0, "s", None, _dimensions(context), counter)
-    for stage in ("admission", "run"):
+    for stage in OUTCOME_STAGES:
         add("StyleOutOfMemory", 0, "count", None, _dimensions(context, Stage=stage), counter)
+        add("StyleInternalErrors", 0, "count", None, _dimensions(context, Stage=stage), counter)
+    add("StyleStreamErrors", 0, "count", None, _dimensions(context), counter)
 
 
 def _dimensions(context, **extra: str) -> list[Dimension]:

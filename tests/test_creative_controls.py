@@ -114,6 +114,18 @@ def test_the_describe_call_lists_the_presets_parameters_and_limits(server):
     assert "customizedMetadata" not in plain
 
 
+def test_a_describe_header_on_the_inference_api_gets_a_prediction_not_the_description(server):
+    """Only the management API (with its own key) describes the model; on the inference API the header is the
+    client's, and the request a prediction like any other."""
+    response = requests.post(server.url("inference", "/predictions/style_transfer"),
+                             headers={**server.auth(), "describe": "True"}, files={"content": CONTENT, "style": STYLE},
+                             data={"params": json.dumps({"size": 64, "steps": 1})}, timeout=120)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png", response.text[:200]
+    no_body = requests.post(server.url("inference", "/predictions/style_transfer"),
+                            headers={**server.auth(), "describe": "True"}, timeout=120)
+    assert no_body.status_code == 400 and no_body.json()["type"] == "InvalidParameter"  # no body: no description
+
+
 NOT_AN_IMAGE = b"not an image at all"
 
 

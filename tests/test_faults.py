@@ -197,6 +197,37 @@ def test_groups_of_one_batch_share_one_deadline(limited_server):
     assert limited_server.worker_pids() == [pid]
 
 
+# At the CPU's maxima (handler/model-config.yaml, device_overrides.cpu): size 1024, 4 styles, style_scale up to
+# max_style_pixels (1.6 for these paintings at size 1024), no time budget of their own; and smaller ones.
+PRESETS = "shipwreck,starry_night,woman-with-hat-matisse"
+AT_THE_EDGES = [{"size": 1024, "presets": PRESETS, "style_scale": 1.6}, {"size": 1024},
+                {"size": 512, "presets": PRESETS, "style_scale": 1.6}, {"size": 256, "style_scale": 1.6},
+                {"size": 128, "presets": "shipwreck"}]
+
+
+def test_a_batch_at_the_maxima_is_answered_within_response_timeout_and_the_worker_stays(limited_server):
+    """Requests at the largest size, style count and style_scale the server admits, sent together, arrive in one
+    batch: each is served, refused before any work (413: its work that no time budget interrupts could not
+    fit the server's maximum even alone) or sent back to retry (503 with Retry-After: the call had no time
+    left for it); all within responseTimeout, and the worker is the same process."""
+    (pid,) = limited_server.worker_pids()
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(AT_THE_EDGES)) as pool:
+        pending = [pool.submit(predict, limited_server, {**LONG, "max_seconds": None, "precision": "fp32", **edge})
+                   for edge in AT_THE_EDGES]
+        results = [future.result(timeout=120) for future in pending]
+    for (response, arrived_at), edge in zip(results, AT_THE_EDGES):
+        assert arrived_at - started < LIMITED["responseTimeout"], (edge, response.status_code)
+        assert response.status_code in (200, 413, 503), (edge, response.text)
+        if response.status_code == 413:
+            assert response.json()["field"] == "size" and "fits" in response.json()["message"]
+        if response.status_code == 503:
+            assert response.json()["type"] == "Busy" and int(response.headers["Retry-After"]) >= 1
+    statuses = [response.status_code for response, _ in results]
+    assert statuses[-1] == 200, statuses  # the cheapest goes first
+    assert limited_server.worker_pids() == [pid]
+
+
 def test_a_device_that_fails_for_good_ends_its_worker_after_answering(limited_server):
     """A failure that leaves the device unusable (on a GPU: a poisoned CUDA context) is answered, then the
     worker ends so that TorchServe starts a fresh one, which serves the next request. The streamed request it
@@ -215,17 +246,22 @@ def test_a_device_that_fails_for_good_ends_its_worker_after_answering(limited_se
     assert limited_server.worker_pids() == [new_pid]
 
 
+# A response size limit that a 1024 px answer exceeds and the 512 px ones of the memory tests fit.
+SMALL_RESPONSES = 1_000_000
+
+
 def memory_server(tmp_path_factory, name: str, save_memory: bool, budget: int):
     """A private TorchServe whose worker has `budget` bytes for requests, with or without the memory-saving
-    path."""
+    path, and TorchServe's max_response_size lowered to SMALL_RESPONSES (the handler told the same)."""
     from build_mar import build
     from torchserve_instance import TorchServeInstance
 
     handler = {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
-               "memory_budget_bytes": budget, "save_memory": save_memory}
+               "memory_budget_bytes": budget, "save_memory": save_memory, "max_response_size": SMALL_RESPONSES}
     store = tmp_path_factory.mktemp(f"{name}_store")
     build("random", store, settings={"handler": handler})
-    return TorchServeInstance(store, tmp_path_factory.mktemp(name))
+    return TorchServeInstance(store, tmp_path_factory.mktemp(name),
+                              overrides={"max_response_size": str(SMALL_RESPONSES)})
 
 
 # Single scale, two iterations: 512 px needs more than the budget as it is, less with checkpointing.
@@ -258,7 +294,14 @@ def test_a_request_over_the_memory_budget_is_refused_at_once_and_a_smaller_one_s
         assert served.status_code == 200, served.text
         assert server.worker_pids() == [pid]
         metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
-        assert re.search(r'StyleOutOfMemory\{[^}]*Stage="admission"[^}]*\} 1\.0', metrics)
+        assert re.search(r'StyleRefusals\{[^}]*Reason="memory"[^}]*\} 1\.0', metrics)
+        # An answer larger than max_response_size would make TorchServe drop the worker: refused before any work
+        started = time.monotonic()
+        refused, refused_at = predict(server, {"size": 1024, "init": "noise", "steps": 1, "response": "json"})
+        assert refused.status_code == 413 and refused_at - started < 5, refused.text
+        error = refused.json()
+        assert error["field"] == "size" and f"max_response_size of {SMALL_RESPONSES} bytes" in error["message"]
+        assert server.worker_pids() == [pid]
 
 
 def test_with_the_memory_saving_path_the_same_request_is_served(tmp_path_factory):

@@ -50,6 +50,16 @@ def mask_png(white_from: float = 0.0) -> bytes:
     return png_of(image)
 
 
+def test_the_handler_module_defines_one_class_as_torchserve_needs():
+    # TorchServe 0.12's model loader takes a module's one class as the entry point and refuses a module with more
+    import inspect
+
+    import style_transfer_handler
+
+    assert [name for name, value in inspect.getmembers(style_transfer_handler, inspect.isclass)
+            if value.__module__ == style_transfer_handler.__name__] == ["StyleTransferHandler"]
+
+
 def test_multipart_fields_give_a_png_with_headers(served):
     (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "64", "steps": "5"})
     image = Image.open(io.BytesIO(body))
@@ -81,6 +91,13 @@ def test_a_bad_request_in_a_batch_gets_its_own_400_and_the_others_succeed(served
     assert json.loads(second) == {"code": 400, "type": "InvalidParameter", "field": "steps",
                                   "message": "steps must be an integer at least 1 and at most 2000; got 'many'"}
     assert context.get_response_status(2)[0] == 400 and json.loads(third)["field"] == "content"
+
+
+def test_style_1_is_refused_rather_than_taken_for_style(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "style_1": STYLE, "size": "64"})
+    assert context.get_response_status(0)[0] == 400
+    assert json.loads(body)["field"] == "style_1" and "the first style image is the part style" in json.loads(body)[
+        "message"]
 
 
 def test_server_maxima_apply(served):
@@ -147,10 +164,14 @@ def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     assert len(records) == 2 and all(len(line) < 400 for line in lines)
     served_record, refused_record = sorted(records, key=lambda record: record["status"])
     assert served_record == {"request_id": context.request_ids[0], "status": 200, "size": "64x48", "styles": 1,
-                             "batch": 1, "checkpoint": False, "steps": 2, "precision": "fp32",
-                             "seconds": served_record["seconds"], "stop_reason": "steps"}
+                             "masks": 0, "presets": [], "batch": 1, "checkpoint": False, "steps": 2,
+                             "precision": "fp32", "seconds": served_record["seconds"], "stop_reason": "steps",
+                             "queue_seconds": served_record["queue_seconds"],
+                             "total_seconds": served_record["total_seconds"]}
+    assert 0 <= served_record["queue_seconds"] <= served_record["total_seconds"]
+    assert served_record["seconds"] <= served_record["total_seconds"]
     assert refused_record == {"request_id": context.request_ids[1], "status": 400, "error": "InvalidParameter",
-                              "field": "steps"}
+                              "field": "steps", "total_seconds": refused_record["total_seconds"]}
 
 
 def test_a_style_scale_past_the_style_pixel_limit_is_refused(served):
@@ -196,10 +217,21 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
     limits = described["limits"]
     assert limits["memory_budget_bytes"] == handler_of(served).memory_budget > 0
-    assert {key: limits[key] for key in limits if key != "memory_budget_bytes"} == {
+    assert set(limits["device_speed"]) == {"forward_ns_per_mac", "iteration_ns_per_mac", "encode_ns_per_pixel"}
+    assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
         "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
     assert (described["weights"], described["device"]) == ("random", "cpu")
+
+
+def test_a_describe_header_on_the_inference_api_is_a_prediction(served):
+    """Only the management API's customized=true describes the model: its frontend adds "url_path" to every
+    inference request, whose headers are the client's own."""
+    handler, context = served
+    start_batch(context, 1)
+    context.request_processor[0].get_request_properties()["describe"] = "True"
+    (body,) = handler.handle([{"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 1}}], context)
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
 
 
 def test_masked_and_unmasked_requests_never_share_a_batch(served):

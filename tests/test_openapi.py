@@ -12,7 +12,7 @@ from request_parsing import JSON_BODY_KEYS
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from style_engine.errors import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, ParamError
 from style_engine.params import PARAM_FIELDS, describe_params
-from style_transfer_handler import CONTENT_TYPES, DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY
+from style_transfer_handler import BUSY, CONTENT_TYPES, DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY
 
 SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 SCHEMAS = SPEC["components"]["schemas"]
@@ -75,6 +75,7 @@ def test_an_error_echoes_at_most_what_the_spec_says():
 
 @pytest.mark.parametrize("error, schema", [
     (DEVICE_FAILED, "DeviceFailure"), (OUT_OF_MEMORY, "OutOfMemory"), (INTERNAL_ERROR, "InternalError"),
+    (BUSY, "Busy"),
     (ParamError("size", "size must be...").to_json(), "BadRequest")])
 def test_the_handlers_errors_are_the_specs(error, schema):
     jsonschema.validate(error, resolve({"$ref": f"#/components/schemas/{schema}"}))

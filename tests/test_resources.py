@@ -98,8 +98,10 @@ def test_a_worker_start_is_counted_and_sets_the_alerted_counters_to_zero(tmp_pat
     model = "ModelName:style_transfer,Level:Model"
     assert metric_samples(caplog, "StyleWorkerStarts") == [("1", model)]
     assert metric_samples(caplog, "StyleOptimizationSeconds") == [("0", model)]
-    assert metric_samples(caplog, "StyleOutOfMemory") == [("0", f"{model},Stage:admission"),
-                                                          ("0", f"{model},Stage:run")]
+    stages = [("0", f"{model},Stage:{stage}") for stage in ("prepare", "run", "encode")]
+    assert metric_samples(caplog, "StyleOutOfMemory") == stages
+    assert metric_samples(caplog, "StyleInternalErrors") == stages
+    assert metric_samples(caplog, "StyleStreamErrors") == [("0", model)]
 
 
 def test_a_streamed_request_that_fails_before_its_first_chunk_gets_the_usual_error(handler_and_context):
@@ -134,3 +136,58 @@ def test_other_runtime_errors_stay_internal_errors(handler_and_context):
     body = handle(handler, context, REQUEST)
     assert context.get_response_status(0) == (500, "InternalError")
     assert json.loads(body)["type"] == "InternalError"
+
+
+def batch_of_three(handler, context, middle: dict) -> tuple[list, list]:
+    """Two ordinary requests around `middle`, in one batch: their answers, and the handler's log lines."""
+    rows = [REQUEST, {**REQUEST, "params": {**REQUEST["params"], **middle}}, REQUEST]
+    start_batch(context, 3)
+    return handler.handle(rows, context)
+
+
+def assert_served(body) -> None:
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
+
+
+def test_a_failure_decoding_one_request_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
+                                                                                    monkeypatch):
+    import style_transfer_handler
+
+    def decode_or_run_out(request, params, *args):
+        if params.seed == 13:
+            raise MemoryError()  # what Pillow or numpy raise when an allocation fails
+        return decode_job(request, params, *args)
+
+    decode_job = style_transfer_handler.decode_job
+    monkeypatch.setattr(style_transfer_handler, "decode_job", decode_or_run_out)
+    caplog.set_level(logging.INFO)
+    handler, context = handler_and_context
+    first, failed, third = batch_of_three(handler, context, {"seed": 13})
+    assert_served(first) and assert_served(third)
+    assert context.get_response_status(1) == (507, "OutOfMemory")
+    assert json.loads(failed)["message"].startswith("the worker ran out of memory while reading this request")
+    assert metric_samples(caplog, "StyleOutOfMemory") == [("1", "ModelName:style_transfer,Level:Model,Stage:prepare")]
+    assert '"status": 507' in caplog.text and "MemoryError" in caplog.text
+
+
+def test_a_failure_encoding_one_answer_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
+                                                                                   monkeypatch):
+    import style_transfer_handler
+
+    def encode_or_fail(image, fmt, quality):
+        if quality == 77:
+            raise ValueError("encoder failure")
+        return encode_image(image, fmt, quality)
+
+    encode_image = style_transfer_handler.encode_image
+    monkeypatch.setattr(style_transfer_handler, "encode_image", encode_or_fail)
+    caplog.set_level(logging.INFO)
+    handler, context = handler_and_context
+    first, failed, third = batch_of_three(handler, context, {"format": "jpeg", "quality": 77})
+    assert_served(first) and assert_served(third)
+    assert context.get_response_status(1) == (500, "InternalError")
+    assert context.get_response_content_type(1) == "application/json"
+    assert json.loads(failed)["message"].startswith("the request failed unexpectedly while encoding")
+    assert metric_samples(caplog, "StyleInternalErrors") == [
+        ("1", "ModelName:style_transfer,Level:Model,Stage:encode")]
+    assert "ValueError: encoder failure" in caplog.text

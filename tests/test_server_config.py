@@ -29,3 +29,14 @@ def test_a_wrong_setting_stops_the_worker_at_start_with_a_reason(change, says):
     handler = {**MODEL_YAML["handler"], **change}
     with pytest.raises(ValueError, match=says.replace("[", r"\[").replace("]", r"\]")):
         ServerConfig.from_model_yaml({**MODEL_YAML, "handler": handler}, "cpu")
+
+
+@pytest.mark.parametrize("properties", ["config.properties", "deploy/config.properties",
+                                        "deploy/kserve/config/config.properties"])
+def test_the_handler_knows_each_servers_max_response_size(properties):
+    """The handler refuses what TorchServe's max_response_size would not let through (it would drop the worker
+    instead): every config.properties that serves the archive must say the same as the archive."""
+    settings = dict(line.split("=", 1) for line in (ROOT / properties).read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    for kind in ("cpu", "cuda"):
+        assert ServerConfig.from_model_yaml(MODEL_YAML, kind).max_response_size == int(settings["max_response_size"])

@@ -38,6 +38,15 @@ def decode_mask(data: bytes, part: str, *, max_pixels: int) -> torch.Tensor:
     return _to_tensor(_decode(data, part, max_pixels).convert("L"))
 
 
+def declared_pixels(data: bytes, part: str, *, max_pixels: int) -> int:
+    """Width x height as the image's header declares it, nothing decoded; raises as decode_image would for a
+    file that is not an image or declares more than `max_pixels`. What decoding it will cost, told beforehand."""
+    if not data:
+        raise ImageError(part, f"{part} is empty (0 bytes); send an image file: {ALLOWED}")
+    with _open_header(data, part, max_pixels) as image:
+        return image.width * image.height
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(image))
     return (pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None]).float().div_(255)
@@ -130,6 +139,20 @@ def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 92) -> by
     options = {"png": {}, "jpeg": {"quality": quality}, "webp": {"quality": quality}}[fmt]
     Image.fromarray(pixels).save(buffer, format=fmt.upper(), **options)
     return buffer.getvalue()
+
+
+# The most bytes an encoded image can take, per pixel and on top: PNG stores every row with a filter byte and
+# deflate can only add to incompressible rows (5 bytes a block, plus chunk framing), so its bound is exact but
+# for that 1 %; JPEG and WebP have no such bound, these hold with a wide margin over uniform noise at quality
+# 100, the largest any image made here has encoded to (tests/test_answer_size.py).
+ENCODED_BYTES_PER_PIXEL = {"png": 3.0 * 1.01, "jpeg": 4.0, "webp": 3.0}
+ENCODED_OVERHEAD_BYTES = {"png": 1024, "jpeg": 2048, "webp": 2048}
+
+
+def encoded_bytes_bound(height: int, width: int, fmt: str) -> int:
+    """The most bytes encode_image can return for an image of height x width in `fmt`, at any quality."""
+    rows = height if fmt == "png" else 0  # PNG's filter byte per row
+    return int(ENCODED_BYTES_PER_PIXEL[fmt] * (height * width + rows)) + ENCODED_OVERHEAD_BYTES[fmt]
 
 
 def load_image_file(path: str, *, max_pixels: int = 10**9) -> torch.Tensor:

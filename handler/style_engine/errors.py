@@ -43,5 +43,10 @@ class NotEnoughMemory(TooLargeError):
     """A request whose estimated peak memory exceeds what the worker has for one (memory.py)."""
 
 
+class NotEnoughTime(TooLargeError):
+    """A request whose work that no time budget interrupts could not end within the server's maximum time
+    even alone (cost.py)."""
+
+
 def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... (cut at {limit} characters)"
