@@ -9,7 +9,8 @@ from style_engine import losses
 from style_engine.losses import gram_matrix
 from style_engine.resize import resize, resize_mask
 from style_engine.targets import GramCache, build_objective, mask_at_layer
-from test_optimize import PRECISIONS, params
+from conftest import PRECISIONS
+from test_optimize import params
 
 OUTPUT = (48, 64)  # the 96x72 content at size 64
 

@@ -9,17 +9,15 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLES, STYLES, sample
+from conftest import ROOT, SAMPLES, STYLES, needs_fast_bf16, sample
 from style_engine import NotEnoughMemory, StyleJob, parse_params, stylize
 from style_engine.memory import admit, fitting_mode, peak_bytes, workload
-from style_engine.precision import cpu_has_native_bf16
 
 CPU = torch.device("cpu")
 # A request whose peak the model must know within 20 %: the default schedule (coarse to fine from 128 px), one
 # iteration per scale, since memory per iteration does not grow with their number.
 MEASURED = {"steps": 4, "early_stop_tol": 0}
-PRECISIONS = ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="this CPU has no native bf16: bf16 requests run in float32 here"))]
+PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_fast_bf16)]
 
 
 def measure(params: dict, checkpoint: bool = False, masks: int = 0) -> dict:

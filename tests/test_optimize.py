@@ -1,11 +1,13 @@
 """The optimisation loop: what it converges to, when it stops, and that batching changes nothing."""
 
+import os
 import re
 import time
 
 import pytest
 import torch
 
+from conftest import PRECISIONS, needs_bf16
 from style_engine import ImageError, ParamError, StyleJob, TooLargeError, parse_params, stylize, stylize_batch
 from style_engine import precision, targets
 from style_engine.codec import encode_image
@@ -14,10 +16,6 @@ from style_engine.optimize import scale_sizes
 from style_engine.resize import resize
 from style_engine.targets import GramCache, build_objective, check_job
 
-# bf16 only runs where the CPU has it natively (precision.py); emulated, a bf16 request runs in float32.
-needs_native_bf16 = pytest.mark.skipif(not precision.cpu_has_native_bf16(),
-                                       reason="this CPU has no native bf16: bf16 requests run in float32 here")
-PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_native_bf16)]
 
 
 def params(**overrides):
@@ -112,14 +110,23 @@ def test_time_budget_returns_the_best_image_so_far(extractor, content, style):
             warm_up.append(time.perf_counter()))
     budget = 10 * max(b - a for a, b in zip(warm_up, warm_up[1:]))
     stamps, seen = [], []
-    result = stylize(extractor, content, [style], params(steps=10_000, size=96, min_scale=48, max_seconds=budget),
-                     callback=lambda progress: (seen.append(progress), stamps.append(time.perf_counter())))
+    p = params(steps=10_000, size=96, min_scale=48, max_seconds=budget)
+    result = stylize(extractor, content, [style], p, callback=lambda progress: (
+        seen.append((progress.size, progress.loss["total"], progress.image.clone())),
+        stamps.append(time.perf_counter())))
     assert result.stop_reason == "max_seconds" and result.stopped_early
     assert 0 < result.steps < 10_000 and result.image.shape == (3, 72, 96)
     longest = max(b - a for a, b in zip(stamps, stamps[1:]))
     assert result.seconds < budget + 3 * longest
-    at_output = [progress.loss["total"] for progress in seen if progress.size == (72, 96)]
-    assert result.final_loss["total"] == pytest.approx(min(at_output or [result.initial_loss["total"]]), rel=1e-6)
+    at_output = [(loss, image) for size, loss, image in seen if size == (72, 96)]
+    if at_output:  # the image returned is the best shown, which is the last shown
+        assert torch.equal(result.image, at_output[-1][1])
+    if result.precision == "fp32":  # the losses shown are the optimised ones, in float32
+        best_shown = min([loss for loss, _ in at_output] or [result.initial_loss["total"]])
+        assert result.final_loss["total"] == pytest.approx(best_shown, rel=1e-6)
+    else:  # bf16 optimised and chose the best; the loss reported is the float32 one of that image
+        float32 = total_loss(extractor, StyleJob(content, (style,), p), result.image, (72, 96))
+        assert result.final_loss["total"] == pytest.approx(float32, rel=1e-5)
 
 
 def test_early_stop_when_the_loss_stops_improving(extractor, content, style):
@@ -229,7 +236,7 @@ def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style)
     assert not torch.equal(first.image, again.image)
 
 
-@needs_native_bf16
+@needs_bf16
 def test_bf16_grams_are_cached_apart_from_float32_ones(extractor, content, style):
     cache = GramCache(capacity=4)
     stylize(extractor, content, [style], params(steps=1, size=64, min_scale=64, precision="fp32"), gram_cache=cache)
@@ -303,3 +310,23 @@ def test_bf16_asked_for_without_native_bf16_runs_float32_and_says_so(extractor, 
     plain = stylize(extractor, content, [style], params(steps=3, precision="fp32"))
     assert asked.precision == plain.precision == "fp32"
     assert torch.equal(asked.image, plain.image)
+
+
+@pytest.mark.parametrize("forced, native", [("fp32", False), ("bf16", True), ("", precision.cpu_flags_have_bf16())])
+def test_the_forced_precision_overrides_the_cpus_flags(forced, native):
+    """STYLE_FORCE_PRECISION (read once, in precision.py) is how the suite runs the other CPU's paths here."""
+    before = os.environ.get(precision.FORCE_PRECISION_ENV)
+    try:
+        os.environ[precision.FORCE_PRECISION_ENV] = forced
+        precision.cpu_has_native_bf16.cache_clear()
+        assert precision.cpu_has_native_bf16() is native
+        assert precision.use_bf16("auto", torch.device("cpu"), 256 * 256) is native
+        os.environ[precision.FORCE_PRECISION_ENV] = "float32"
+        precision.cpu_has_native_bf16.cache_clear()
+        with pytest.raises(ValueError, match="STYLE_FORCE_PRECISION must be fp32, bf16 or unset"):
+            precision.cpu_has_native_bf16()
+    finally:
+        os.environ.pop(precision.FORCE_PRECISION_ENV, None)
+        if before is not None:
+            os.environ[precision.FORCE_PRECISION_ENV] = before
+        precision.cpu_has_native_bf16.cache_clear()

@@ -16,12 +16,29 @@ Every GPU with TF32 also has bf16, which `auto` picks there, so TF32 would speed
 
 import contextlib
 import functools
+import os
 
 import torch
 
 
+# Set to "fp32" or "bf16", takes the CPU as without or with native bf16, whatever its flags: "fp32" runs every
+# request in float32, as a CPU without it does; "bf16" runs bf16 where it is asked for or picked, emulated (and
+# slow) on a CPU without it. For tests and diagnosis: scripts/test.sh runs either machine's paths on this one.
+FORCE_PRECISION_ENV = "STYLE_FORCE_PRECISION"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
+    """Whether the engine takes this CPU to have native bf16: the CPU's flags, unless STYLE_FORCE_PRECISION
+    (the one place it is read) says otherwise."""
+    forced = os.environ.get(FORCE_PRECISION_ENV, "")
+    if forced not in ("", "fp32", "bf16"):
+        raise ValueError(f"{FORCE_PRECISION_ENV} must be fp32, bf16 or unset, not {forced!r}")
+    return cpu_flags_have_bf16() if not forced else forced == "bf16"
+
+
+@functools.cache
+def cpu_flags_have_bf16() -> bool:
     """True when the CPU has AVX512-BF16 or AMX-BF16 (Linux: read from /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
