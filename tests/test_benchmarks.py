@@ -31,6 +31,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     report = json.loads(output.read_text())
     assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
     assert report["memory_model"]["32"]["fp32"]["estimated_mib"] > 0
+    assert report["fp32_tf32_flags"] == {"forward": [[False, False]], "backward": [[False, False]]}
     assert abs(report["fast_loss_vs_fp32"]) < 0.5
     assert "TFLOP/s" in run.stdout
     fp32 = report["fp32"]  # 2 iterations at 32x24 px (the 4:3 sample), 2 FLOP per multiply-add, forward + backward

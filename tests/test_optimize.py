@@ -330,3 +330,37 @@ def test_the_forced_precision_overrides_the_cpus_flags(forced, native):
         if before is not None:
             os.environ[precision.FORCE_PRECISION_ENV] = before
         precision.cpu_has_native_bf16.cache_clear()
+
+
+
+def test_float32_has_no_tf32_in_the_backward_pass_nor_the_recompute(extractor, content, style):
+    """On a GPU, PyTorch lets cuDNN run float32 convolutions in TF32 unless told not to; precision fp32 means
+    float32 in every convolution and product of a step: the forward pass, the backward pass (hooks on each
+    convolution's output) and, checkpointed, the convolutions run again inside the backward pass. The flags
+    act only on a GPU; they are read here, on the CPU, while each part runs."""
+    def tf32():
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    before, forward, backward = tf32(), [], []
+
+    def on_forward(module, inputs, output):
+        forward.append(tf32())
+        if output.requires_grad:
+            output.register_hook(lambda grad: backward.append(tf32()))
+
+    hooks = [m.register_forward_hook(on_forward) for m in extractor.modules() if isinstance(m, torch.nn.Conv2d)]
+    runs = {}
+    try:
+        for checkpoint in (False, True):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a host may set
+            stylize(extractor, content, [style], params(steps=2, min_scale=64, precision="fp32"),
+                    checkpoint=checkpoint)
+            runs[checkpoint] = len(forward)
+            assert tf32() == (True, True)  # the host's settings are given back
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        for hook in hooks:
+            hook.remove()
+    assert backward and set(forward) == set(backward) == {(False, False)}
+    # checkpointed, the iterations' convolutions ran again in their backward passes, and were seen there
+    assert runs[True] - runs[False] > runs[False]

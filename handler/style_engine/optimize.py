@@ -16,7 +16,7 @@ from .color import keep_content_chroma
 from .lbfgs import BatchedLBFGS
 from .losses import Losses, StyleObjective
 from .params import StyleParams
-from .precision import extractor_precision, use_bf16
+from .precision import extractor_precision, pass_precision, use_bf16
 from .resize import fit_longer_side, resample, resize
 from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
                       style_keys, style_size)
@@ -180,8 +180,9 @@ class _Run:
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
         """Losses of images x; with grad=True also fills x.grad."""
-        with torch.set_grad_enabled(grad):
-            with extractor_precision(x.device, self.bf16 if bf16 is None else bf16):
+        bf16 = self.bf16 if bf16 is None else bf16
+        with torch.set_grad_enabled(grad), pass_precision(bf16):  # float32: the backward pass too
+            with extractor_precision(x.device, bf16):
                 features = self.extractor(x, objective.layers, self.params.pooling, checkpoint=self.checkpoint)
             losses = objective(features, x)
             del features  # the loss keeps what its backward pass needs; the rest may go before that pass

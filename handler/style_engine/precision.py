@@ -73,11 +73,28 @@ def use_bf16(precision: str, device: torch.device, pixels: int) -> bool:
 
 
 def extractor_precision(device: torch.device, bf16: bool):
-    """The context the extractor runs in: bf16 autocast, or strict float32."""
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if device.type == "cuda":
-        cudnn = torch.backends.cudnn  # flags() resets every setting it is not given: pass the current ones
-        return cudnn.flags(enabled=True, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                           allow_tf32=False)
-    return contextlib.nullcontext()
+    """The context the extractor's forward pass runs in: bf16 autocast, or strict float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else strict_float32()
+
+
+def pass_precision(bf16: bool):
+    """The context a whole forward and backward pass runs in (optimize.py): strict float32 for a float32 run,
+    so that the backward pass and checkpointing's recompute, which run after the forward pass's context has
+    ended, are float32 too; nothing for a bf16 run, whose autocast covers the extractor's forward pass alone."""
+    return contextlib.nullcontext() if bf16 else strict_float32()
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """No TF32 in cuDNN's convolutions or cuBLAS's matrix products while the context lasts. The flags are the
+    process's, not the thread's: the autograd engine's device threads, which run the backward pass, see them.
+    They only act on a GPU; they are set on any device, so that the CPU runs (and tests) the same code. The
+    flags rather than torch.backends.cudnn.flags(), which also resets every cuDNN setting it is not given, and
+    rather than the fp32_precision settings, which older PyTorch (2.11 on the GPU machines) lacks in part."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
