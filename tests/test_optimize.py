@@ -11,7 +11,7 @@ from conftest import PRECISIONS, needs_bf16
 from style_engine import ImageError, ParamError, StyleJob, TooLargeError, parse_params, stylize, stylize_batch
 from style_engine import precision, targets
 from style_engine.codec import encode_image
-from style_engine.color import match_colors, rgb_to_yiq
+from style_engine.color import keep_content_chroma, match_colors, rgb_to_yiq
 from style_engine.optimize import scale_sizes
 from style_engine.resize import resize
 from style_engine.targets import GramCache, build_objective, check_job
@@ -92,6 +92,19 @@ def test_preserve_color_luminance_keeps_the_contents_chroma(extractor, content, 
     assert (chroma - content_chroma).abs().mean() < 0.01
     plain = stylize(extractor, content, [style], params())
     assert (rgb_to_yiq(plain.image)[1:] - content_chroma).abs().mean() > 0.02
+
+
+def test_luminance_preservation_against_the_standards_luma():
+    """Reference values, not the module's own conversion: YIQ's Y is BT.601 luma, 0.299 R + 0.587 G + 0.114 B,
+    and a grey has no chroma (I = Q = 0). So with a grey content any result turns grey at its own luma, and a
+    grey result at the content's luma gives the content back."""
+    result = torch.tensor([[1.0, 0.0, 0.0, 0.2], [0.0, 1.0, 0.0, 0.9], [0.0, 0.0, 1.0, 0.4]]).reshape(3, 1, 4)
+    luma = 0.299 * result[0] + 0.587 * result[1] + 0.114 * result[2]  # red 0.299, green 0.587, blue 0.114
+    greyed = keep_content_chroma(result, torch.full((3, 1, 4), 0.5))
+    torch.testing.assert_close(greyed, luma.expand(3, 1, 4), rtol=0, atol=1e-5)
+    orange = torch.tensor([0.8, 0.4, 0.2]).reshape(3, 1, 1).expand(3, 2, 2)
+    grey_at_its_luma = torch.full((3, 2, 2), 0.299 * 0.8 + 0.587 * 0.4 + 0.114 * 0.2)
+    torch.testing.assert_close(keep_content_chroma(grey_at_its_luma, orange), orange, rtol=0, atol=1e-5)
 
 
 def test_histogram_matching_gives_the_style_the_contents_colour_statistics(content, style):
