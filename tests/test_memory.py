@@ -127,3 +127,21 @@ def test_a_request_that_fits_only_checkpointed_runs_checkpointed_or_is_refused_w
     assert admit(job, CPU, budget) is True and admit(job, CPU, plain) is False
     with pytest.raises(NotEnoughMemory):
         admit(job, CPU, budget, save_memory=False)
+
+
+def test_a_request_whose_style_scale_cannot_fit_is_refused_naming_style_scale():
+    """When the style images' targets are what exceeds the budget and a smaller style_scale fits at the size
+    asked for, the refusal names style_scale and the largest that fits, not size."""
+    def at(style_scale):
+        return StyleJob(torch.rand(3, 300, 400), (torch.rand(3, 300, 400),),
+                        parse_params({"size": 512, "precision": "fp32", "style_scale": style_scale})[0])
+
+    budget = (peak_bytes(workload([at(1)], CPU)) + peak_bytes(workload([at(4)], CPU, checkpoint=True))) // 2
+    with pytest.raises(NotEnoughMemory) as refusal:
+        admit(at(4), CPU, budget)
+    assert (refusal.value.status, refusal.value.field) == (413, "style_scale")
+    assert str(refusal.value).startswith("style_scale 4 with these images and settings needs about")
+    largest = float(re.search(r"style_scale at most ([0-9.]+) fits at size 512", str(refusal.value)).group(1))
+    assert 1 <= largest < 4
+    assert fitting_mode([at(largest)], CPU, budget) is not None
+    assert fitting_mode([at(round(largest + 0.01, 2))], CPU, budget) is None

@@ -29,6 +29,7 @@ backward pass (vgg.py): the forward pass then keeps the block inputs and the los
 peak moves to the backward pass of the first block, which holds that block's activations again.
 """
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,24 +96,39 @@ def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_m
 
 
 def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = True) -> bool:
-    """Whether `job` alone needs checkpointing to fit in `budget` bytes; raises NotEnoughMemory naming `size`
-    and the largest size that fits, before any work, where it does not fit at all."""
+    """Whether `job` alone needs checkpointing to fit in `budget` bytes. Where it does not fit at all, raises
+    NotEnoughMemory before any work, naming what does not fit and the largest value of it that does: its
+    style_scale where a smaller one fits at this size (its style images' targets are the peak), else its size."""
     checkpoint = fitting_mode([job], device, budget, save_memory)
     if checkpoint is not None:
         return checkpoint
     needed = peak_bytes(workload([job], device, save_memory))
-    fits, too_large = 0, job.params.size  # the largest size known to fit, the smallest known not to
+    field, largest = "style_scale", _largest_that_fits(job, "style_scale", True, device, budget, save_memory)
+    if largest is None:
+        field, largest = "size", _largest_that_fits(job, "size", False, device, budget, save_memory)
+    value = getattr(job.params, field)
+    fits = f"{field} at most {largest:g} fits" if largest is not None else "no size fits"
+    where = f" at size {job.params.size}" if field == "style_scale" else ""
+    raise NotEnoughMemory(field, f"{field} {value:g} with these images and settings needs about "
+                                 f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} GiB "
+                                 f"for a request: {fits}{where}")
+
+
+def _largest_that_fits(job: StyleJob, field: str, hundredths: bool, device: torch.device, budget: int,
+                       save_memory: bool) -> float | None:
+    """The largest value of the parameter `field` below the job's, in whole units or hundredths, down to the
+    parameter's smallest, with which the job fits in `budget`; None where none does. Its peak grows with it."""
+    unit = 100 if hundredths else 1
+    smallest = math.ceil(PARAM_FIELDS[field].metadata["check"].lo * unit)
+    fits, too_large = smallest - 1, round(getattr(job.params, field) * unit)  # known to fit, known not to
     while too_large - fits > 1:
-        size = (fits + too_large) // 2
-        if fitting_mode([replace(job, params=replace(job.params, size=size))], device, budget, save_memory) is None:
-            too_large = size
+        middle = (fits + too_large) // 2
+        trial = replace(job, params=replace(job.params, **{field: middle / unit if hundredths else middle}))
+        if fitting_mode([trial], device, budget, save_memory) is None:
+            too_large = middle
         else:
-            fits = size
-    smallest = PARAM_FIELDS["size"].metadata["check"].lo
-    largest = f"size at most {fits} fits" if fits >= smallest else "no size fits"
-    raise NotEnoughMemory("size", f"size {job.params.size} with these images and settings needs about "
-                                  f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} "
-                                  f"GiB for a request: {largest}")
+            fits = middle
+    return None if fits < smallest else (fits / unit if hundredths else fits)
 
 
 def peak_bytes(work: Workload) -> int:
