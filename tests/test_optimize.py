@@ -166,17 +166,19 @@ def test_coarse_to_fine_scales_and_progress(extractor, content, style):
     assert result.steps == 12 and result.image.shape == (3, 72, 96)
 
 
-def test_a_finer_scale_starts_where_the_coarser_one_ended(extractor, content, style):
-    """What the coarse scale did is kept: the finer scale's first loss is no worse than the coarse result's own
-    loss at the finer size (its plain upsampling; ours carries the change onto the sharper content, so it does
-    better). Clamping the carried change to [0, 1] lost every darkening and started 10 times higher."""
-    p = params(size=96, min_scale=48, steps=60, early_stop_tol=0, precision="fp32")
+@pytest.mark.parametrize("init", ["content", "noise", "style"])
+def test_a_finer_scale_never_starts_above_the_coarse_result_upsampled(extractor, content, style, init):
+    """What the coarse scale did is kept: the finer scale's first loss is no higher than the coarse result's
+    own loss at the finer size (its plain upsampling). Carrying only the coarse scale's change onto the finer
+    scale's own start brought the noise of init=noise back (a start near the raw noise's loss), and clamping
+    that change to [0, 1] lost every darkening and started 10 times higher."""
+    p = params(size=96, min_scale=48, steps=20, early_stop_tol=0, precision="fp32", init=init, seed=3)
     seen = []
     stylize(extractor, content, [style], p, callback=seen.append)
     coarse_end = [progress for progress in seen if progress.scale == 1][-1]
     fine_start = next(progress for progress in seen if progress.scale == 2)
     coarse_at_fine_size = total_loss(extractor, StyleJob(content, (style,), p), coarse_end.image, fine_start.size)
-    assert fine_start.loss["total"] <= 1.5 * coarse_at_fine_size
+    assert fine_start.loss["total"] <= coarse_at_fine_size * (1 + 1e-6)
 
 
 def test_progress_shows_the_best_image_and_its_loss(extractor, content, style):
