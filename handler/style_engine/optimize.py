@@ -136,7 +136,10 @@ def finer_start(run: "_Run", objective: StyleObjective, coarse: torch.Tensor, in
     """Where a finer scale starts, per image the lower in loss of two candidates, so that it never starts above
     the coarse result: the coarse result upsampled, and what the coarser scale changed carried onto this
     scale's own start (sharper where the start is the content, but noise again where it is noise). Measured
-    against either alone in benchmarks/coarse_to_fine_start.py; costs two forward passes without gradients."""
+    against either alone in benchmarks/coarse_to_fine_start.py; costs two forward passes without gradients,
+    which a request whose time is up does not spend: it goes on from the upsampled result, unevaluated."""
+    if time.perf_counter() >= run.end:
+        return upsampled_start(coarse, size)
     candidates = [upsampled_start(coarse, size), carried_start(coarse, init_full, coarse_size, size)]
     upsampled_loss, carried_loss = (run.evaluate(objective, x0, grad=False).total for x0 in candidates)
     return torch.where((carried_loss < upsampled_loss)[:, None, None, None], candidates[1], candidates[0])
