@@ -48,6 +48,7 @@ def main(argv=None) -> int:
                                          args.repeats)
                           for batch in (1, 2, 4, 8) if batch <= args.max_batch}
     report["memory_model"] = {size: memory_check(extractor, content, style, size) for size in args.memory_sizes}
+    report["fp32_tf32_flags"] = tf32_check(extractor, content, style, args.size)
     show(report)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,33 @@ def measure(extractor, pairs, raw_params: dict, repeats: int) -> dict:
             "final_loss": results[0].final_loss["total"], "stop_reason": results[0].stop_reason}
 
 
+def tf32_check(extractor, content, style, size: int) -> dict:
+    """The TF32 flags (cuDNN, cuBLAS) as a float32 request's convolutions saw them in its forward passes and in
+    its backward passes (checkpointed, so the recompute is among them), the host having turned TF32 on:
+    each must be [[false, false]] (precision.strict_float32)."""
+    seen = {"forward": set(), "backward": set()}
+
+    def flags():
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    def on_forward(module, inputs, output):
+        seen["forward"].add(flags())
+        if output.requires_grad:
+            output.register_hook(lambda grad: seen["backward"].add(flags()))
+
+    hooks = [m.register_forward_hook(on_forward) for m in extractor.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        params, _ = parse_params({"size": size, "steps": 2, "min_scale": size, "precision": "fp32"})
+        stylize_batch(extractor, [StyleJob(content, (style,), params)], checkpoint=True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        for hook in hooks:
+            hook.remove()
+    return {part: sorted(states) for part, states in seen.items()}
+
+
 def memory_check(extractor, content, style, size: int) -> dict:
     """Peak memory of two iterations at `size` (one scale) in float32 and the fast mode: style_engine/memory.py's
     estimate and, on a GPU, the measured peak allocated beyond what was allocated before (MiB)."""
@@ -150,6 +178,7 @@ def show(report: dict) -> None:
         for precision, row in rows.items():
             print(f"memory at {size} px {precision}: estimated {row['estimated_mib']:.0f} MiB, "
                   f"measured {row['measured_mib'] or 0:.0f} MiB")
+    print(f"fp32's TF32 flags (cuDNN, cuBLAS), should be [[False, False]]: {report['fp32_tf32_flags']}")
 
 
 if __name__ == "__main__":

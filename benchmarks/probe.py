@@ -1,6 +1,6 @@
 """Measurements that need a fresh process: benchmarks/run.py and tests/test_memory.py call them.
 
-    python benchmarks/probe.py memory WEIGHTS CONTENT STYLE PARAMS_JSON [--checkpoint] [--masks N]   -> JSON
+    python benchmarks/probe.py memory WEIGHTS CONTENT STYLE PARAMS_JSON... [--checkpoint] [--masks N]   -> JSON
 
 memory: what one request adds to the process at its peak, measured, beside memory.py's estimate of it
 ("estimated"). "measured" is the allocator's peak: on a GPU, peak allocated memory less what was allocated
@@ -9,6 +9,8 @@ before; on the CPU, glibc's bytes in use (mallinfo2), sampled every half millise
 (after glibc has handed freed memory back), less the resident set then: it also counts memory glibc keeps
 after a tensor is freed, to reuse it. A few iterations per scale suffice: memory per iteration does not grow
 with their number. --masks N makes it N styles (STYLE each time), each in its own vertical strip of the image.
+Several PARAMS_JSON are measured one after the other in the same process, one JSON line each: the first pays
+for what a process allocates on its first request, the others do not (a worker's case).
 """
 
 import argparse
@@ -30,9 +32,15 @@ from style_engine.memory import peak_bytes, workload  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def memory(weights: str, content: str, style: str, raw_params: str, checkpoint: bool, masks: int) -> dict:
+def memory(weights: str, content: str, style: str, raw_params: list[str], checkpoint: bool, masks: int):
+    """memory.py's estimate and the measured peak of each of the requests `raw_params`, in turn."""
     extractor = VGGFeatures(load_features_state_dict(weights)).to(DEVICE)
     content_image, style_image = load_image_file(content), load_image_file(style)
+    for raw in raw_params:
+        yield _memory(extractor, content_image, style_image, raw, checkpoint, masks)
+
+
+def _memory(extractor, content_image, style_image, raw_params: str, checkpoint: bool, masks: int) -> dict:
     job = StyleJob(content_image, (style_image,) * max(1, masks), parse_params(json.loads(raw_params))[0],
                    _strips(masks, *content_image.shape[-2:]))
     estimated = peak_bytes(workload([job], DEVICE, checkpoint))
@@ -100,8 +108,9 @@ if __name__ == "__main__":
     parser.add_argument("weights")
     parser.add_argument("content")
     parser.add_argument("style")
-    parser.add_argument("params", help="request parameters as a JSON object")
+    parser.add_argument("params", nargs="+", help="request parameters as a JSON object (several: in turn)")
     parser.add_argument("--checkpoint", action="store_true", help="recompute VGG19's blocks in the backward pass")
     parser.add_argument("--masks", type=int, default=0, help="this many styles, each with a mask of its own")
     args = parser.parse_args()
-    print(json.dumps(memory(args.weights, args.content, args.style, args.params, args.checkpoint, args.masks)))
+    for row in memory(args.weights, args.content, args.style, args.params, args.checkpoint, args.masks):
+        print(json.dumps(row), flush=True)

@@ -5,13 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from style_engine import VGGFeatures, load_features_state_dict
+from style_engine import VGGFeatures, load_features_state_dict, precision
 from style_engine.codec import load_image_file
 from style_engine.resize import fit_longer_side, resize
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 STYLES = SAMPLES / "styles"  # the paintings: the archive's presets by default (scripts/build_mar.py --styles)
+
+# bf16 runs where the engine takes the CPU to have it natively (precision.py): where it has none, a bf16 request
+# runs in float32. STYLE_FORCE_PRECISION=fp32 runs the suite as on such a CPU; =bf16 runs the bf16 paths on any
+# CPU, emulated where it has none, and `needs_fast_bf16` then skips what emulation would make too slow.
+needs_bf16 = pytest.mark.skipif(not precision.cpu_has_native_bf16(),
+                                reason="bf16 is not native here (or float32 is forced): bf16 requests run in float32")
+needs_fast_bf16 = pytest.mark.skipif(not (precision.cpu_has_native_bf16() and precision.cpu_flags_have_bf16()),
+                                     reason="bf16 is not native here: too slow emulated at this size")
+PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_bf16)]
 
 
 @pytest.fixture(scope="session")

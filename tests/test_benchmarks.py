@@ -31,6 +31,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     report = json.loads(output.read_text())
     assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
     assert report["memory_model"]["32"]["fp32"]["estimated_mib"] > 0
+    assert report["fp32_tf32_flags"] == {"forward": [[False, False]], "backward": [[False, False]]}
     assert abs(report["fast_loss_vs_fp32"]) < 0.5
     assert "TFLOP/s" in run.stdout
     fp32 = report["fp32"]  # 2 iterations at 32x24 px (the 4:3 sample), 2 FLOP per multiply-add, forward + backward
@@ -43,3 +44,14 @@ def test_gpu_check_counts_each_scale_at_its_own_size(monkeypatch):
 
     # reports every 10 iterations and at the last one of each scale: 15 iterations at 100 px, 20 at 400 px
     assert _pixel_iterations([(10, 100), (15, 100), (25, 400), (35, 400)]) == 15 * 100 + 20 * 400
+
+
+def test_the_coarse_to_fine_start_benchmark_runs(tmp_path):
+    output = tmp_path / "starts.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coarse_to_fine_start.py"), "--sizes", "64",
+                          "--seconds", "0.5", "--repeats", "1", "--inits", "noise", "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(output.read_text())
+    assert {row["start"] for row in report["runs"]} == {"upsampled", "carried", "lower"}
+    assert all(row["final_loss"] > 0 and row["init"] == "noise" for row in report["runs"])

@@ -9,7 +9,8 @@ from style_engine import losses
 from style_engine.losses import gram_matrix
 from style_engine.resize import resize, resize_mask
 from style_engine.targets import GramCache, build_objective, mask_at_layer
-from test_optimize import PRECISIONS, params
+from conftest import PRECISIONS
+from test_optimize import params
 
 OUTPUT = (48, 64)  # the 96x72 content at size 64
 
@@ -39,16 +40,20 @@ def test_an_all_white_mask_equals_no_mask(extractor, content, style, precision):
     objective is then the seed's, operation for operation."""
     p = params(size=96, min_scale=48, steps=10, precision=precision)
     plain = stylize(extractor, content, [style], p)
-    masked = stylize(extractor, content, [style], p, masks=[white()])
+    # whatever its style_blend weight: normalised to a sum of 1, as without masks
+    masked = stylize(extractor, content, [style], params(size=96, min_scale=48, steps=10, precision=precision,
+                                                         style_blend=[2.5]), masks=[white()])
     for term in ("content", "style", "total"):
         assert masked.initial_loss[term] == pytest.approx(plain.initial_loss[term], rel=1e-5)
         assert masked.final_loss[term] == pytest.approx(plain.final_loss[term], rel=1e-5)
     assert encode_image(masked.image) == encode_image(plain.image)
 
 
-def test_a_white_and_a_black_mask_equal_the_first_style_alone(extractor, content, style, style2):
+def test_a_white_and_a_black_mask_equal_the_first_style_alone_at_its_share(extractor, content, style, style2):
+    """A black mask takes its style's term out, not its share of the style weight: the first style pulls at
+    half the weight, as a mask that is nearly black would have it (no jump in between)."""
     p = params(steps=10)
-    alone = stylize(extractor, content, [style], p)
+    alone = stylize(extractor, content, [style], params(steps=10, style_weight=p.style_weight / 2))
     masked = stylize(extractor, content, [style, style2], p, masks=[white(), torch.zeros(1, 10, 10)])
     for term in ("content", "style", "total"):
         assert masked.initial_loss[term] == pytest.approx(alone.initial_loss[term], rel=1e-5)
@@ -67,13 +72,27 @@ def test_complementary_masks_each_region_takes_its_own_style(extractor, content,
         assert after <= 0.2 * before, (before, after)
 
 
-def test_with_masks_style_blend_weighs_each_styles_term(extractor, content, style, style2):
-    """Not a blend of Grams: a weight of 0 takes its style's term out, whatever the others' weights."""
-    p = params(steps=5)
+def test_with_masks_style_blend_weighs_each_styles_term_by_its_share(extractor, content, style, style2):
+    """Not a blend of Grams: each style's own term (that of the request with its mask alone) weighed by its
+    share of style_blend, so that the weights sum to 1 as they do without masks."""
+    p = params(steps=1)
     left, right = halves()
-    alone = stylize(extractor, content, [style], p, masks=[left])
-    weighed = stylize(extractor, content, [style, style2], params(steps=5, style_blend=[3, 0]), masks=[left, right])
-    assert weighed.initial_loss["style"] == pytest.approx(3 * alone.initial_loss["style"], rel=1e-5)
+    alone = [stylize(extractor, content, [own], p, masks=[mask]).initial_loss["style"]
+             for own, mask in ((style, left), (style2, right))]
+    weighed = stylize(extractor, content, [style, style2], params(steps=1, style_blend=[3, 1]), masks=[left, right])
+    assert weighed.initial_loss["style"] == pytest.approx(0.75 * alone[0] + 0.25 * alone[1], rel=1e-5)
+    only_first = stylize(extractor, content, [style, style2], params(steps=1, style_blend=[3, 0]), masks=[left, right])
+    assert only_first.initial_loss["style"] == pytest.approx(alone[0], rel=1e-5)
+
+
+def test_masks_leave_the_total_style_weight_as_it_is(extractor, content, style):
+    """The same style twice is that style once, with masks as without: the terms' weights sum to 1. Adding an
+    all-white mask_1 to the two-style request used to double its style term."""
+    p = params(steps=1)
+    once = stylize(extractor, content, [style], p).initial_loss["style"]
+    twice = stylize(extractor, content, [style, style], p).initial_loss["style"]
+    masked = stylize(extractor, content, [style, style], p, masks=[white()]).initial_loss["style"]
+    assert twice == pytest.approx(once, rel=1e-5) and masked == pytest.approx(once, rel=1e-5)
 
 
 def test_a_uniform_grey_mask_scales_the_style_term_by_its_square(extractor, content, style):

@@ -11,8 +11,9 @@ is compared with):
 style   = style_weight * sum_l w_l * sum_k blend_k * mean((G_k - T_k)^2) / (d * sum_p m_k(p)^2)
 
 which is the seed's term with the region's size, sum_p m_k(p)^2, in place of h*w: an all-white mask is the seed's
-term exactly. It is computed as the seed's / (d*h*w), times blend_k * h*w / sum_p m_k(p)^2 (`term_weights`), so
-that with an all-white mask every operation is the seed's but a multiplication by 1.0.
+term exactly; blend_k is style k's style_blend weight over their sum, so the weights of the terms sum to 1, as
+they do without masks. It is computed as the seed's / (d*h*w), times blend_k * h*w / sum_p m_k(p)^2
+(`term_weights`), so that with one all-white mask every operation is the seed's but a multiplication by 1.0.
 """
 
 from dataclasses import dataclass

@@ -5,23 +5,31 @@ measured peaks. Every term below is counted from the shapes of VGG19's activatio
 holds for any size, batch and layer choice; where a term depends on the device's libraries, the comment says
 which and why.
 
-The peak of a request is the largest of its phases:
+The peak of a request is the largest of its phases, on top of the objectives that live through the request (one
+per scale, each with its content and Gram targets, and in bf16 the float32 one for the reported losses):
 - optimising at the output size (the largest scale; coarser scales need a quarter as much and less):
-  the state that lives through the scale (the images, the optimiser's history, the targets), plus one
-  iteration's forward and backward pass, whose peak is where the backward pass begins: every activation the
-  backward pass needs is still kept, and the loss has just produced a gradient for each loss layer;
-- computing the style targets: each style image through VGG19 at its size, without gradients.
+  the state that lives through the scale (the images, the optimiser's history), plus one iteration's forward
+  and backward pass, whose peak is where the backward pass begins: every activation the backward pass needs is
+  still kept, and the loss has just produced a gradient for each loss layer;
+- computing the style targets: each style image through VGG19 at its size, without gradients, in the
+  activations' precision and, in bf16, in float32 too: the float32 objective at the output size (whose
+  losses are the ones reported) takes its style targets in float32, at the same sizes.
 What it counts is the allocator's view: tensors alive at once. A CPU process's resident set runs up to a fifth
 higher, since glibc keeps freed memory to reuse it (docs/limits.md, "Memory and admission").
 
 With masks, each style adds its masks (at the output size and, squared, at each style layer's resolution) and
 its own targets, and the guided Grams' float32 tiles of weighted activations (losses.py).
 
+On the CPU, oneDNN's backward pass of a convolution (channels_last) works on a reordered copy of its weights:
+one at a time, so the largest convolution's weights once more (2026-12-03: 8.4 MB measured for conv4's 9.4 MB,
+none without gradients).
+
 With `checkpoint`, each block of VGG19 keeps only its input during the forward pass and runs again in the
 backward pass (vgg.py): the forward pass then keeps the block inputs and the loss layers' activations, and the
 peak moves to the backward pass of the first block, which holds that block's activations again.
 """
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +39,7 @@ from .errors import NotEnoughMemory
 from .layers import CONV_CHANNELS, LAYER_INDEX, LAYER_NAMES, deepest, poolings_before
 from .lbfgs import HISTORY
 from .losses import GRAM_TILE_BYTES
+from .optimize import scale_sizes
 from .params import PARAM_FIELDS
 from .precision import use_bf16
 from .targets import StyleJob, output_size, style_size
@@ -61,6 +70,7 @@ class Workload:
     checkpoint: bool  # blocks run again in the backward pass
     device_type: str  # "cpu" or "cuda"
     guided_styles: int = 0  # with masks, the styles of each job (each with its mask and guided Gram), else 0
+    coarser: tuple[tuple[int, int], ...] = ()  # (height, width) of the scales before the output's
 
 
 def workload(jobs: list[StyleJob], device: torch.device, checkpoint: bool = False) -> Workload:
@@ -72,7 +82,8 @@ def workload(jobs: list[StyleJob], device: torch.device, checkpoint: bool = Fals
         content_layer=params.content_layer, style_layers=tuple(dict(params.style_layers)),
         pooling=params.pooling, optimizer=params.optimizer,
         bf16=use_bf16(params.precision, device, output[0] * output[1]), checkpoint=checkpoint,
-        device_type=device.type, guided_styles=len(jobs[0].styles) if jobs[0].masks else 0)
+        device_type=device.type, guided_styles=len(jobs[0].styles) if jobs[0].masks else 0,
+        coarser=tuple(scale_sizes(jobs, output)[:-1]))
 
 
 def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_memory: bool = True) -> bool | None:
@@ -85,50 +96,84 @@ def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_m
 
 
 def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = True) -> bool:
-    """Whether `job` alone needs checkpointing to fit in `budget` bytes; raises NotEnoughMemory naming `size`
-    and the largest size that fits, before any work, where it does not fit at all."""
+    """Whether `job` alone needs checkpointing to fit in `budget` bytes. Where it does not fit at all, raises
+    NotEnoughMemory before any work, naming what does not fit and the largest value of it that does: its
+    style_scale where a smaller one fits at this size (its style images' targets are the peak), else its size."""
     checkpoint = fitting_mode([job], device, budget, save_memory)
     if checkpoint is not None:
         return checkpoint
     needed = peak_bytes(workload([job], device, save_memory))
-    fits, too_large = 0, job.params.size  # the largest size known to fit, the smallest known not to
+    field, largest = "style_scale", _largest_that_fits(job, "style_scale", True, device, budget, save_memory)
+    if largest is None:
+        field, largest = "size", _largest_that_fits(job, "size", False, device, budget, save_memory)
+    value = getattr(job.params, field)
+    fits = f"{field} at most {largest:g} fits" if largest is not None else "no size fits"
+    where = f" at size {job.params.size}" if field == "style_scale" else ""
+    raise NotEnoughMemory(field, f"{field} {value:g} with these images and settings needs about "
+                                 f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} GiB "
+                                 f"for a request: {fits}{where}")
+
+
+def _largest_that_fits(job: StyleJob, field: str, hundredths: bool, device: torch.device, budget: int,
+                       save_memory: bool) -> float | None:
+    """The largest value of the parameter `field` below the job's, in whole units or hundredths, down to the
+    parameter's smallest, with which the job fits in `budget`; None where none does. Its peak grows with it."""
+    unit = 100 if hundredths else 1
+    smallest = math.ceil(PARAM_FIELDS[field].metadata["check"].lo * unit)
+    fits, too_large = smallest - 1, round(getattr(job.params, field) * unit)  # known to fit, known not to
     while too_large - fits > 1:
-        size = (fits + too_large) // 2
-        if fitting_mode([replace(job, params=replace(job.params, size=size))], device, budget, save_memory) is None:
-            too_large = size
+        middle = (fits + too_large) // 2
+        trial = replace(job, params=replace(job.params, **{field: middle / unit if hundredths else middle}))
+        if fitting_mode([trial], device, budget, save_memory) is None:
+            too_large = middle
         else:
-            fits = size
-    smallest = PARAM_FIELDS["size"].metadata["check"].lo
-    largest = f"size at most {fits} fits" if fits >= smallest else "no size fits"
-    raise NotEnoughMemory("size", f"size {job.params.size} with these images and settings needs about "
-                                  f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} "
-                                  f"GiB for a request: {largest}")
+            fits = middle
+    return None if fits < smallest else (fits / unit if hundredths else fits)
 
 
 def peak_bytes(work: Workload) -> int:
     """The bytes a batch adds to the device at its peak, beyond the extractor's weights."""
-    targets = max((_targets_bytes(work, size) for size in work.style_sizes), default=0)
-    return max(_optimisation_bytes(work), targets) + _library_bytes(work)
+    # checkpointed, the backward pass keeps no bf16 weights: checkpointing drops them with the activations
+    kept_weights = 0 if work.checkpoint else _library_bytes(work)
+    optimisation = _optimisation_bytes(work) + kept_weights + _backward_weights_bytes(work)
+    targets = max((_targets_bytes(work, size) for size in work.style_sizes), default=0) + _library_bytes(work)
+    float32_targets = max((_targets_bytes(work, size, FLOAT32) for size in work.style_sizes if work.bf16),
+                          default=0)
+    return _objectives_bytes(work) + max(optimisation, targets, float32_targets)
+
+
+def _objectives_bytes(work: Workload) -> int:
+    """The objectives built so far, which live until the request ends (optimize._Run keeps them): one per scale
+    and, in bf16, the float32 one at the output size. Per image, each holds its content target, its Gram targets
+    (with masks, one per style) and, with masks, their squares at each style layer's resolution."""
+    sizes = [*work.coarser, work.output, *([work.output] if work.bf16 else [])]
+    grams = max(1, work.guided_styles) * sum(_channels(name) ** 2 for name in work.style_layers)
+    return work.batch * FLOAT32 * sum(
+        _elements(work.content_layer, size) + grams
+        + work.guided_styles * sum(_elements(name, size) // _channels(name) for name in work.style_layers)
+        for size in sizes)
 
 
 def _optimisation_bytes(work: Workload) -> int:
     height, width = work.output
     pixels = height * width
     state = (IMAGE_COPIES + OPTIMIZER_IMAGES[work.optimizer]) * 3 * pixels * FLOAT32
-    content_target = _elements(work.content_layer, work.output) * FLOAT32
     step = _checkpointed_step(work) if work.checkpoint else _plain_step(work)
-    return work.batch * (state + content_target + step + _guidance_bytes(work))
+    return work.batch * (state + step + _guidance_bytes(work))
 
 
 def _guidance_bytes(work: Workload) -> int:
-    """With masks, per image and style: its mask at the output size and the squares of it at each style layer's
-    resolution, and its Gram target at each style layer, which live through the scale; and the guided Gram's
-    float32 tiles of weighted activations, the backward pass's two at a time."""
-    if not work.guided_styles:
+    """With masks, per image and style: its mask at the output size, and the guided Gram's float32 tiles of
+    weighted activations, the backward pass's two at a time."""
+    return work.guided_styles * (_pixels(work.output) * FLOAT32 + 2 * GRAM_TILE_BYTES)
+
+
+def _backward_weights_bytes(work: Workload) -> int:
+    """On the CPU, the reordered copy of the largest convolution's weights that its backward pass works on."""
+    if work.device_type != "cpu":
         return 0
-    masks = _pixels(work.output) + sum(_elements(name, work.output) // _channels(name) for name in work.style_layers)
-    targets = sum(_channels(name) ** 2 for name in work.style_layers)
-    return work.guided_styles * ((masks + targets) * FLOAT32 + 2 * GRAM_TILE_BYTES)
+    return FLOAT32 * max(in_channels * out_channels * 9 for index, (in_channels, out_channels)
+                         in CONV_CHANNELS.items() if index <= LAYER_INDEX[_deepest(work)])
 
 
 def _plain_step(work: Workload) -> int:
@@ -183,20 +228,26 @@ def _content_difference(work: Workload) -> int:
     return _elements(work.content_layer, work.output) * FLOAT32
 
 
-def _targets_bytes(work: Workload, size: tuple[int, int]) -> int:
-    """One style image of `size` through VGG19 without gradients: the style layers' activations are kept for
-    their Grams while the widest pair of consecutive activations (a layer's input and output) is live."""
-    activation = 2 if work.bf16 else FLOAT32
-    modules = LAYER_NAMES[: LAYER_INDEX[deepest(work.style_layers)] + 1]
-    kept = sum(_elements(name, size) * activation for name in work.style_layers)
-    widest = max(_elements(name, size) for name in modules) * activation
-    return kept + 2 * widest + 3 * _pixels(size) * FLOAT32
+def _targets_bytes(work: Workload, size: tuple[int, int], activation: int | None = None) -> int:
+    """One style image of `size` through VGG19 without gradients, its activations `activation` bytes each (by
+    default the run's): the image and its normalised copy (float32) live through the pass; at each layer its
+    input and output are live, with the style layers' activations before it, kept for their Grams. The peak
+    is usually at relu1_2: relu1_1 kept, conv1_2's output and relu1_2's, three full-size activations."""
+    activation = activation or (2 if work.bf16 else FLOAT32)
+    style_layers = set(work.style_layers)
+    peak, kept, previous = 0, 0, 0  # the first convolution's input is the normalised image, counted apart
+    for name in LAYER_NAMES[: LAYER_INDEX[deepest(work.style_layers)] + 1]:
+        output = _elements(name, size) * activation
+        peak = max(peak, kept + previous + output)
+        kept, previous = (kept + output, 0) if name in style_layers else (kept, output)
+    return peak + 2 * 3 * _pixels(size) * FLOAT32
 
 
 def _library_bytes(work: Workload) -> int:
     """What is paid once per batch: bf16 autocast keeps a bf16 copy of the convolution weights while the
-    forward pass runs. cuDNN's workspace is bounded by PyTorch's choice of algorithms, not counted here: the
-    handler's margin covers it, as it covers what the CPU allocator keeps of freed memory to reuse."""
+    forward pass runs, and the autograd graph keeps them for the backward pass. cuDNN's workspace is bounded
+    by PyTorch's choice of algorithms, not counted here: the handler's margin covers it, as it covers what the
+    CPU allocator keeps of freed memory to reuse."""
     if not work.bf16:
         return 0
     return 2 * sum(in_channels * out_channels * 9 + out_channels

@@ -251,8 +251,8 @@ class StyleParams:
     # The seed's notebook reads conv4_2 after torchvision's in-place ReLU has overwritten it: relu4_2.
     content_layer: str = _param("relu4_2", Layer(), "layer whose activations the content term compares")
     style_layers: tuple[tuple[str, float], ...] = _param(SEED_STYLE_LAYERS, LayerWeights(), "layer -> weight")
-    # Without masks the styles' Gram targets are blended, style_blend normalised to a sum of 1; with masks each
-    # style has a term of its own, which its weight multiplies (null: 1 each). See targets.py.
+    # Normalised to a sum of 1: without masks it blends the styles' Gram targets; with masks each style has a
+    # term of its own, which its weight multiplies (null: equal weights). See targets.py.
     style_blend: tuple[float, ...] | None = _param(None, Weights(), "one weight per style (uploads, then presets)")
     # Styles stored in the archive, after the uploaded ones (GET /models/style_transfer?customized=true).
     presets: tuple[str, ...] = _param((), Names(), "names of the server's preset styles to use")

@@ -16,12 +16,29 @@ Every GPU with TF32 also has bf16, which `auto` picks there, so TF32 would speed
 
 import contextlib
 import functools
+import os
 
 import torch
 
 
+# Set to "fp32" or "bf16", takes the CPU as without or with native bf16, whatever its flags: "fp32" runs every
+# request in float32, as a CPU without it does; "bf16" runs bf16 where it is asked for or picked, emulated (and
+# slow) on a CPU without it. For tests and diagnosis: scripts/test.sh runs either machine's paths on this one.
+FORCE_PRECISION_ENV = "STYLE_FORCE_PRECISION"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
+    """Whether the engine takes this CPU to have native bf16: the CPU's flags, unless STYLE_FORCE_PRECISION
+    (the one place it is read) says otherwise."""
+    forced = os.environ.get(FORCE_PRECISION_ENV, "")
+    if forced not in ("", "fp32", "bf16"):
+        raise ValueError(f"{FORCE_PRECISION_ENV} must be fp32, bf16 or unset, not {forced!r}")
+    return cpu_flags_have_bf16() if not forced else forced == "bf16"
+
+
+@functools.cache
+def cpu_flags_have_bf16() -> bool:
     """True when the CPU has AVX512-BF16 or AMX-BF16 (Linux: read from /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -56,11 +73,28 @@ def use_bf16(precision: str, device: torch.device, pixels: int) -> bool:
 
 
 def extractor_precision(device: torch.device, bf16: bool):
-    """The context the extractor runs in: bf16 autocast, or strict float32."""
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if device.type == "cuda":
-        cudnn = torch.backends.cudnn  # flags() resets every setting it is not given: pass the current ones
-        return cudnn.flags(enabled=True, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                           allow_tf32=False)
-    return contextlib.nullcontext()
+    """The context the extractor's forward pass runs in: bf16 autocast, or strict float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else strict_float32()
+
+
+def pass_precision(bf16: bool):
+    """The context a whole forward and backward pass runs in (optimize.py): strict float32 for a float32 run,
+    so that the backward pass and checkpointing's recompute, which run after the forward pass's context has
+    ended, are float32 too; nothing for a bf16 run, whose autocast covers the extractor's forward pass alone."""
+    return contextlib.nullcontext() if bf16 else strict_float32()
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """No TF32 in cuDNN's convolutions or cuBLAS's matrix products while the context lasts. The flags are the
+    process's, not the thread's: the autograd engine's device threads, which run the backward pass, see them.
+    They only act on a GPU; they are set on any device, so that the CPU runs (and tests) the same code. The
+    flags rather than torch.backends.cudnn.flags(), which also resets every cuDNN setting it is not given, and
+    rather than the fp32_precision settings, which older PyTorch (2.11 on the GPU machines) lacks in part."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -274,7 +274,9 @@ def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16,
     (losses.py): each pixel of a region is pulled towards its style as hard as in a whole-image request,
     whatever the region's size; normalised by h*w, a style confined to a tenth of the image would pull a
     tenth as hard, and the content would win there. An all-white mask gives the seed's target and term
-    exactly, a black one (no region) no term at all. style_blend multiplies each style's term (default 1).
+    exactly, a black one (no region) no term at all. style_blend weighs each style's term, normalised to a sum
+    of 1 as without masks, so that masks never change a request's total style weight: one all-white mask is
+    the request without it, whatever its weight, and K styles on the same image pull as hard as one.
     """
     params, count = job.params, len(job.styles)
     blend = params.style_blend or (1.0,) * count
@@ -287,7 +289,7 @@ def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16,
         areas = layer_masks.double().pow(2).sum(dim=(1, 2)).tolist()  # sum_p m(p)^2, exact for a white mask
         positions = layer_masks.shape[-2] * layer_masks.shape[-1]
         targets = torch.stack([style[layer][0] * (area / style[layer][1]) for style, area in zip(grams, areas)])
-        weights = [blend[k] * positions / area if area > 0 else 0.0 for k, area in enumerate(areas)]
+        weights = [blend[k] / sum(blend) * positions / area if area > 0 else 0.0 for k, area in enumerate(areas)]
         guided[layer] = (targets, layer_masks.square(), torch.tensor(weights, device=content.device))
     return guided
 
