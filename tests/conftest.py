@@ -78,3 +78,12 @@ def breakable_server(model_store, tmp_path_factory):
                                   overrides={"job_queue_size": "2", "enable_model_api": "true"})
     with instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (Debian's) on a free loopback port with a password, stopped by its pid afterwards."""
+    from redis_instance import RedisInstance
+
+    with RedisInstance(tmp_path_factory.mktemp("redis")) as instance:
+        yield instance
