@@ -4,16 +4,9 @@ store stops at its next iteration; without Redis, or with a Redis that fails, re
 import socket
 import time
 
-import pytest
 import redis
 
 from cancellation import CANCEL_KEY_PREFIX, POLL_INTERVAL, REDIS_TIMEOUT, CancelSignals, job_key
-from conftest import SAMPLES, STYLES
-from handler_context import make_context, model_dir_with_weights, start_batch
-from style_transfer_handler import StyleTransferHandler
-
-CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (STYLES / "starry_night.jpg").read_bytes()
 
 
 def test_the_job_key_comes_from_the_header_in_any_case_and_only_in_the_ids_alphabet():
@@ -54,32 +47,3 @@ def test_a_redis_that_does_not_answer_neither_stops_nor_slows_the_work():
             spent += time.monotonic() - start
             time.sleep(0.05)
     assert answers == [False] * 20 and spent < 1.8 * REDIS_TIMEOUT
-
-
-@pytest.fixture(scope="module")
-def handler_with_redis(tmp_path_factory, random_state_dict, redis_server, monkeypatch_module):
-    monkeypatch_module.setenv("STYLE_JOBS_REDIS_URL", redis_server.url)
-    context = make_context(model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict),
-                           {"weights": "random"})
-    handler = StyleTransferHandler()
-    handler.initialize(context)
-    return handler, context
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-def test_the_handler_stops_a_canceled_job_and_answers_the_others_in_full(handler_with_redis, redis_server):
-    handler, context = handler_with_redis
-    redis.Redis.from_url(redis_server.url).set(CANCEL_KEY_PREFIX + "gone.1", "1", ex=60)
-    start_batch(context, 2)
-    context.request_processor[0].get_request_properties()["X-Style-Job-Id"] = "gone.1"
-    context.request_processor[1].get_request_properties()["X-Style-Job-Id"] = "kept.1"
-    row = {"content": CONTENT, "style": STYLE, "size": "32", "steps": "6", "early_stop_tol": "0"}
-    handler.handle([dict(row), dict(row)], context)
-    canceled, kept = (context.get_response_headers(i) for i in (0, 1))
-    assert (canceled["X-Style-Stop-Reason"], canceled["X-Style-Steps"]) == ("canceled", "0")
-    assert (kept["X-Style-Stop-Reason"], kept["X-Style-Steps"]) == ("steps", "6")
