@@ -18,6 +18,7 @@ from .store import EVENTS
 
 JOB_FIELDS = ("webhook", "webhook_events")
 DEFAULT_WEBHOOK_EVENTS = ("done", "error", "canceled")
+TEXT_FIELDS = ("params", "response", *JOB_FIELDS)  # the fields read here
 
 
 class SubmitError(Exception):
@@ -53,6 +54,8 @@ async def _from_multipart(request: web.Request) -> Submission:
         if isinstance(value, web.FileField):
             data = value.file.read()
             digest.update(f"{name}\0file\0{len(data)}\0".encode() + data)
+            if name in TEXT_FIELDS:  # clients may send any field as a file part (requests' files= does)
+                texts[name] = data.decode("utf-8", "replace")
             if name not in JOB_FIELDS and name != "stream":
                 fields.append((name, (value.filename or name, data, value.content_type)))
         else:
