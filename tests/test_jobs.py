@@ -246,3 +246,24 @@ def test_a_torchserve_worker_killed_mid_job_is_retried_once(jobs, breakable_serv
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
         jobs.start()
+
+
+def test_the_client_submits_follows_and_resumes_a_job_by_id(jobs, tmp_path, capsys):
+    import stylize
+
+    content, style = tmp_path / "content.jpg", tmp_path / "style.jpg"
+    content.write_bytes(CONTENT)
+    style.write_bytes(STYLE)
+    common = ["--async", "--jobs-url", jobs.url(), "--token", jobs.token, "--json"]
+    settings = [item for key, value in TINY.items() for item in ("--set", f"{key}={value}")]
+    assert stylize.main([str(content), str(style), "-o", str(tmp_path / "a.png"), *common, *settings]) == 0
+    fields = json.loads(capsys.readouterr().out)
+    assert (fields["width"], fields["steps"]) == (32, 3) and Image.open(tmp_path / "a.png").size == (32, 24)
+    # a job followed by a client that stopped: another run of the client picks it up by its id
+    job_id = submit(jobs, TINY, response="json").json()["id"]
+    assert stylize.main(["-o", str(tmp_path / "b.png"), *common, "--job", job_id]) == 0
+    assert Image.open(tmp_path / "b.png").size == (32, 24)
+    long_job = submit(jobs, {**LONG, "max_seconds": 60}).json()["id"]
+    assert stylize.main([*common, "--job", long_job, "--cancel"]) == 0
+    assert status(jobs, long_job)["status"] == "canceled"
+    assert stylize.main(["-o", str(tmp_path / "c.png"), *common, "--job", long_job]) == 1
