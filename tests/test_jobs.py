@@ -12,14 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import jsonschema
 import psutil
 import pytest
 import redis
 import requests
+import yaml
 from PIL import Image
 
 import cancellation
-from conftest import SAMPLES, STYLES
+from conftest import ROOT, SAMPLES, STYLES
 from jobs import store as job_store
 from jobs.webhooks import WebhookPolicy, WebhookRefused
 from jobs_instance import JobsInstance
@@ -31,6 +33,13 @@ STYLE = (STYLES / "starry_night.jpg").read_bytes()
 TINY = {"size": 32, "steps": 3, "min_scale": 32}
 LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0, "min_scale": 64, "precision": "fp32"}
 ENDED = ("succeeded", "failed", "canceled")
+SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+
+
+def conforms(body, schema: str) -> None:
+    """`body` is what openapi.yaml's components/schemas/`schema` says."""
+    jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": SPEC["components"]},
+                                    format_checker=jsonschema.FormatChecker()).validate(body)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +109,12 @@ def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
     assert first.headers["Location"] == f"/jobs/{ids[0]}" and first.json()["status"] == "queued"
     assert first.json()["urls"] == {"self": f"/jobs/{ids[0]}", "events": f"/jobs/{ids[0]}/events",
                                     "result": f"/jobs/{ids[0]}/result", "cancel": f"/jobs/{ids[0]}/cancel"}
+    conforms(first.json(), "JobSubmitted")
+    metrics = requests.get(jobs.url("/metrics"), timeout=10).text
+    assert "\nstyle_jobs_queued " in metrics and "\nstyle_jobs_running " in metrics
     for job_id, (_, kind) in zip(ids, kinds):
         state = wait_for(jobs, job_id)
+        conforms(state, "JobStatus")
         assert state["status"] == "succeeded", state
         assert state["progress"]["steps"] == 3 and state["error"] is None
         assert state["created_at"] <= state["started_at"] <= state["finished_at"]
@@ -151,6 +164,8 @@ def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_er
     bad = submit(jobs, {**TINY, "steps": -1})
     state = wait_for(jobs, bad.json()["id"])
     assert state["status"] == "failed" and state["error"]["code"] == 400 and state["error"]["field"] == "steps"
+    conforms(state, "JobStatus")
+    conforms(no_content.json(), "JobErrorBody")
     result = requests.get(jobs.url(bad.headers["Location"] + "/result"), headers=jobs.auth, timeout=10)
     assert result.status_code == 400 and result.json() == state["error"]
 
@@ -169,6 +184,8 @@ def test_a_job_canceled_mid_run_stops_and_frees_the_worker_at_once(jobs, redis_s
     assert [name for _, name, _ in read_events(jobs, long_job)][-1] == "canceled"
     result = requests.get(jobs.url(f"/jobs/{long_job}/result"), headers=jobs.auth, timeout=10)
     assert result.status_code == 409 and result.json()["status"] == "canceled"
+    conforms(result.json(), "JobErrorBody")
+    conforms(canceled.json(), "JobStatus")
     ttl = redis.Redis.from_url(redis_server.url).ttl(job_store.key("job", long_job))
     assert 0 < ttl <= 600  # kept for the retention time, then deleted
 
