@@ -145,7 +145,8 @@ class StyleTransferHandler:
         # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
         checkpoint = not self._fit_as_they_are(jobs)
         should_stop = self.cancel_signals.watch([job_key(context.get_all_request_header(i)) for i in indices])
-        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint, should_stop)
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint,
+                             should_stop=should_stop)
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
