@@ -23,6 +23,7 @@ from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
 from call_limits import DecodingBudget, NoTimeLeft, answer_bytes_bound, bound_is_text
+from cancellation import CancelSignals, job_key
 from request_parsing import declared_pixels, decode_job, parse_request
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
@@ -93,6 +94,7 @@ class StyleTransferHandler:
                        "device_speed": self.speed.describe()},
             "weights": self.config.weights, "device": str(self.device)})
         self.device_failed = False  # set when the device can no longer run work: the worker then ends
+        self.cancel_signals = CancelSignals.from_environment()  # jobs canceled through the jobs service
         if self.config.random_weights:
             logger.warning("style_transfer: this archive has RANDOM VGG19 weights (%s)", RANDOM_WEIGHTS_NOTE)
         logger.info("style_transfer: VGG19 up to %s on %s (TorchServe's gpu_id: %s), %.2f GiB for requests, "
@@ -237,7 +239,9 @@ class StyleTransferHandler:
         jobs = [prepared[i][0] for i in indices]
         # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
         checkpoint = not self._fit_as_they_are(jobs)
-        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint)
+        should_stop = self.cancel_signals.watch([job_key(context.get_all_request_header(i)) for i in indices])
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint,
+                             should_stop=should_stop)
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
@@ -257,13 +261,14 @@ class StyleTransferHandler:
             _log_request(context, index, outcome["code"], started, error=outcome, **logged)
         return responses
 
-    def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool) -> list[StyleResult | dict]:
+    def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool,
+             should_stop=None) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
         if self.device_failed:  # an earlier group of this call broke the device
             return [DEVICE_FAILED] * len(jobs)
         try:
             return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
-                                 deadline=deadline, checkpoint=checkpoint)
+                                 deadline=deadline, checkpoint=checkpoint, should_stop=should_stop)
         except Exception as error:
             if not _is_out_of_memory(error):  # not the client's fault
                 logger.exception("style_transfer: optimisation failed")

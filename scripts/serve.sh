@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The serving command (README.md, "Two commands"): sets up .venv/, builds model_store/style_transfer.mar and
-# runs TorchServe in the foreground with config.properties (Ctrl-C stops it).
+# runs TorchServe in the foreground with config.properties (Ctrl-C stops it), and beside it, on loopback, the jobs
+# service (jobs/, http://127.0.0.1:8070) and the Redis it keeps its state in (Debian's redis-server).
 #   WEIGHTS=imagenet (default) | random (tests only) | /path/to/vgg19.pth
+#   JOBS=off                 serve without the jobs service and Redis
+#   JOBS_LISTEN=127.0.0.1:8070, JOBS_REDIS_PORT=6390, STYLE_JOBS_*: the jobs service's settings (jobs/config.py)
+# Redis listens on 127.0.0.1 only, with a password kept in run/jobs/ (mode 0600); its data (append-only file)
+# stays there too, so that queued jobs outlive a restart. The jobs token is written to ./jobs_token at the
+# first start, as TorchServe writes ./key_file.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,9 +15,52 @@ if ! java -version >/dev/null 2>&1; then
     echo "serve: TorchServe needs Java 11 or newer (e.g. apt-get install openjdk-17-jre-headless)" >&2
     exit 1
 fi
+redis_server=$(command -v redis-server || { [ -x /usr/sbin/redis-server ] && echo /usr/sbin/redis-server; } || true)
+if [ "${JOBS:-on}" != off ] && [ -z "$redis_server" ]; then
+    echo "serve: the jobs service needs Redis (apt-get install redis-server), or serve without it: JOBS=off" >&2
+    exit 1
+fi
 scripts/setup.sh
 .venv/bin/python scripts/build_mar.py --weights "${WEIGHTS:-imagenet}" --export-path model_store
 echo "serve: the token is in $(pwd)/key_file.json once TorchServe has started (docs/api.md)" >&2
 export PATH="$PWD/.venv/bin:$PATH"
-exec torchserve --start --foreground --ncs --ts-config config.properties \
-    --model-store model_store --models style_transfer=style_transfer.mar
+torchserve_command=(torchserve --start --foreground --ncs --ts-config config.properties
+                    --model-store model_store --models style_transfer=style_transfer.mar)
+if [ "${JOBS:-on}" = off ]; then
+    exec "${torchserve_command[@]}"
+fi
+
+state="$PWD/run/jobs"
+mkdir -p "$state/redis"
+chmod 700 "$state"
+if [ ! -s "$state/redis-password" ]; then
+    (umask 077 && .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' > "$state/redis-password")
+fi
+password=$(cat "$state/redis-password")
+redis_port="${JOBS_REDIS_PORT:-6390}"
+(umask 077 && cat > "$state/redis.conf" <<CONF
+bind 127.0.0.1
+port $redis_port
+protected-mode yes
+requirepass $password
+dir $state/redis
+appendonly yes
+daemonize no
+logfile $state/redis.log
+CONF
+)
+"$redis_server" "$state/redis.conf" &
+redis_pid=$!
+# The one setting of the Redis URL: the jobs service and TorchServe's worker (which reads cancellations) share it.
+export STYLE_JOBS_REDIS_URL="redis://:$password@127.0.0.1:$redis_port/0"
+export STYLE_JOBS_LISTEN="${JOBS_LISTEN:-127.0.0.1:8070}"
+.venv/bin/python -m jobs >> "$state/jobs.log" 2>&1 &
+jobs_pid=$!
+stop_beside() {
+    kill -TERM "$jobs_pid" 2>/dev/null && wait "$jobs_pid" 2>/dev/null || true
+    kill -TERM "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null || true
+}
+trap stop_beside EXIT
+trap 'exit 130' INT TERM
+echo "serve: jobs service on http://$STYLE_JOBS_LISTEN (token in $(pwd)/jobs_token, log in $state/jobs.log)" >&2
+"${torchserve_command[@]}"

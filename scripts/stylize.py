@@ -7,6 +7,9 @@
     python scripts/stylize.py content.jpg -o out.png --url http://127.0.0.1:8080 --preset starry_night
     python scripts/stylize.py content.jpg a.jpg --preset shipwreck --mask sky.png --mask town.png -o out.png ...
     python scripts/stylize.py --list-presets [--management http://127.0.0.1:8081]
+    python scripts/stylize.py content.jpg style.jpg -o out.png --async [--jobs-url http://127.0.0.1:8070]
+    python scripts/stylize.py -o out.png --async --job JOB_ID          (resume: watch and fetch a job)
+    python scripts/stylize.py --async --job JOB_ID --cancel            (stop it)
 
 --url calls the REST API and streams progress (--no-stream turns that off); --grpc calls gRPC StreamPredictions
 (TorchServe 0.12 cannot stream progress over gRPC, so the bar only shows that it waits); --local runs the engine
@@ -21,6 +24,10 @@ prints the result's fields (those of `response=json`, without the image) to stdo
 --management, with the management token from --management-token or --key-file), or with --local from
 --styles; with --json as a JSON list. Exit status 0 on success; 1 when the request is refused (the server's
 error is printed as it came) or the server cannot be reached; 2 on a usage error.
+--async submits the request to the jobs service (--jobs-url, token from --token or --jobs-token-file) and
+follows the job's events with the progress bar, then fetches the result. The job runs on the server whatever
+the client does: Ctrl-C stops only the client (exit status 130) and prints the job's id; --job ID watches that
+job again and fetches its result, --cancel stops it on the server.
 """
 
 import argparse
@@ -52,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_presets:
             _print_presets(_presets_local(args) if args.local else _presets_of_server(args), args.json)
             return 0
-        run = _run_local if args.local else _run_rest if args.url else _run_grpc
+        if args.async_ and args.cancel:
+            print(json.dumps(_cancel_job(args)))
+            return 0
+        run = _run_async if args.async_ else _run_local if args.local else _run_rest if args.url else _run_grpc
         image, fields = run(args, _request_params(args))
     except (RequestError, WeightsError, OSError) as error:  # OSError: an input file that cannot be read
         print(f"error: {error}", file=sys.stderr)
@@ -60,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as error:
         print(error, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.async_ and args.job:
+            print(f"stopped watching; job {args.job} goes on: resume with --async --job {args.job} -o OUT, "
+                  f"or stop it with --async --job {args.job} --cancel", file=sys.stderr)
+        return 130
     Path(args.output).write_bytes(image)
     if args.json:
         print(json.dumps(fields))
@@ -95,6 +110,15 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="with --local: torch device (default: cuda if available)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a request parameter")
     parser.add_argument("--json", action="store_true", help="print the result's fields as JSON to stdout")
+    jobs = parser.add_argument_group("jobs (--async)")
+    jobs.add_argument("--async", action="store_true", dest="async_",
+                      help="submit to the jobs service and follow the job (it goes on if the client stops)")
+    jobs.add_argument("--jobs-url", default="http://127.0.0.1:8070", metavar="URL",
+                      help="the jobs service (default: %(default)s, scripts/serve.sh's)")
+    jobs.add_argument("--jobs-token-file", default="jobs_token", metavar="FILE",
+                      help="the jobs service's token, unless --token gives it (default: ./jobs_token)")
+    jobs.add_argument("--job", metavar="ID", help="with --async: a job submitted before: watch it and fetch its result")
+    jobs.add_argument("--cancel", action="store_true", help="with --async --job ID: cancel that job")
     return parser
 
 
@@ -104,7 +128,20 @@ def _check_usage(parser: argparse.ArgumentParser, args) -> None:
         if args.url or args.grpc:
             parser.error("--list-presets asks the management API (--management) or, with --local, --styles")
         return
-    if not (args.content and args.output and (args.url or args.grpc or args.local)):
+    if args.async_:
+        if args.url or args.grpc or args.local:
+            parser.error("--async talks to the jobs service (--jobs-url), not --url, --grpc or --local")
+        if args.cancel and not args.job:
+            parser.error("--cancel needs --job ID")
+        if not args.cancel and not args.output:
+            parser.error("-o OUT is required")
+        if args.job or args.cancel:
+            return
+        if not args.content:
+            parser.error("CONTENT is required, unless --job ID resumes a job")
+    elif args.job or args.cancel:
+        parser.error("--job and --cancel go with --async")
+    elif not (args.content and args.output and (args.url or args.grpc or args.local)):
         parser.error("CONTENT, -o OUT and one of --url, --grpc or --local are required")
     if not (args.styles or args.presets):
         parser.error("give at least one style: a STYLE file or --preset NAME")
@@ -281,6 +318,95 @@ def _run_grpc(args, params: dict) -> tuple[bytes, dict]:
     if not replies:
         raise Refused("error: the server closed the stream without a result")
     return _image_and_fields(json.loads(replies[-1].prediction))
+
+
+def _jobs_headers(args) -> dict[str, str]:
+    token = args.token
+    if not token:
+        try:
+            token = Path(args.jobs_token_file).read_text().strip()
+        except OSError:
+            token = None  # the service will say that a token is needed
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _jobs_call(method: str, args, path: str, **kwargs):
+    import requests
+
+    url = f"{args.jobs_url.rstrip('/')}{path}"
+    try:
+        response = requests.request(method, url, headers={**_jobs_headers(args), **kwargs.pop("headers", {})},
+                                    timeout=kwargs.pop("timeout", 60), **kwargs)
+    except requests.RequestException as error:
+        raise Refused(f"error: cannot reach {url}: {error}") from None
+    if response.status_code >= 400:
+        raise Refused(response.text)
+    return response
+
+
+def _run_async(args, params: dict) -> tuple[bytes, dict]:
+    """Submit (unless --job names a job), follow the events, fetch the result."""
+    import uuid
+
+    if not args.job:
+        # the same key if this submit is sent again: a network error never makes two jobs
+        submitted = _jobs_call("POST", args, "/jobs", files=_parts(args, {**params, "response": "json"}),
+                               headers={"Idempotency-Key": uuid.uuid4().hex})
+        args.job = submitted.json()["id"]
+        print(f"job {args.job}", file=sys.stderr)
+    _follow(args, params.get("steps"))
+    result = _jobs_call("GET", args, f"/jobs/{args.job}/result")
+    if result.headers.get("Content-Type", "").startswith("application/json"):
+        return _image_and_fields(result.json())
+    return result.content, {}  # submitted by another client without response=json
+
+
+def _follow(args, steps) -> None:
+    """The job's events with a progress bar until it ends; a dropped connection is resumed where it stopped."""
+    from tqdm import tqdm
+
+    last_id, tries = None, 0
+    with tqdm(total=steps, unit="step", file=sys.stderr, leave=False) as bar:
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with _jobs_call("GET", args, f"/jobs/{args.job}/events", headers=headers, stream=True,
+                                timeout=(10, 120)) as response:
+                    for event_id, name, data in _server_sent_events(response.iter_lines(decode_unicode=True)):
+                        last_id, tries = event_id, 0
+                        if name == "progress":
+                            _advance(bar, data["step"], data["steps"], data["loss"]["total"], data["scale"],
+                                     data["scales"])
+                        elif name == "done":
+                            return
+                        elif name == "error":
+                            raise Refused(json.dumps(data))
+                        elif name == "canceled":
+                            raise Refused(f"error: job {args.job} was canceled")
+            except Refused as error:
+                if "cannot reach" not in str(error) or tries >= 5:
+                    raise
+            except OSError:  # the connection dropped mid-stream
+                if tries >= 5:
+                    raise Refused(f"error: lost the events of job {args.job}") from None
+            tries += 1
+
+
+def _server_sent_events(lines):
+    """(id, event, data) of each server-sent event; comments (keep-alives) skipped."""
+    fields = {}
+    for line in lines:
+        if line:
+            if not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        elif "event" in fields:
+            yield fields.get("id"), fields["event"], json.loads(fields.get("data", "{}"))
+            fields = {}
+
+
+def _cancel_job(args) -> dict:
+    return _jobs_call("POST", args, f"/jobs/{args.job}/cancel").json()
 
 
 if __name__ == "__main__":

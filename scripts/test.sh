@@ -19,6 +19,15 @@ if ! command -v promtool >/dev/null; then
         $sudo systemctl disable --now prometheus
     fi
 fi
+# The jobs tests (tests/test_jobs*.py, tests/test_cancellation.py) run a real Redis: Debian's redis-server. Only the
+# binary is wanted: where the package's service started (systemd), stop it and keep it from starting at boot.
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+    if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+        $sudo systemctl disable --now redis-server
+    fi
+fi
 # tests/test_playground.py drives a real headless browser: Debian's chromium, which brings the libraries it
 # needs (a font too, through fontconfig; its recommends are desktop services); Playwright (requirements.txt)
 # only starts it, and downloads no browser of its own.

@@ -67,23 +67,35 @@ def model_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(model_store, tmp_path_factory):
-    """A real TorchServe (Java) with our config.properties on free loopback ports, stopped afterwards."""
+def server(model_store, tmp_path_factory, redis_server):
+    """A real TorchServe (Java) with our config.properties on free loopback ports, stopped afterwards. Its worker
+    reads the cancellations of the jobs service from `redis_server`, as scripts/serve.sh sets it up."""
     from torchserve_instance import TorchServeInstance
 
-    instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("torchserve"))
+    instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("torchserve"),
+                                  env={"STYLE_JOBS_REDIS_URL": redis_server.url})
     with instance:
         yield instance
 
 
 @pytest.fixture(scope="session")
-def breakable_server(model_store, tmp_path_factory):
+def breakable_server(model_store, tmp_path_factory, redis_server):
     """A private TorchServe for tests that break or fill it, never the shared `server`: its worker may be
     SIGKILLed, its job queue holds only 2 requests, and its model registration API is on, to show what
     allowed_urls still refuses when an operator turns it on."""
     from torchserve_instance import TorchServeInstance
 
     instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("breakable_torchserve"),
-                                  overrides={"job_queue_size": "2", "enable_model_api": "true"})
+                                  overrides={"job_queue_size": "2", "enable_model_api": "true"},
+                                  env={"STYLE_JOBS_REDIS_URL": redis_server.url})
     with instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (Debian's) on a free loopback port with a password, stopped by its pid afterwards."""
+    from redis_instance import RedisInstance
+
+    with RedisInstance(tmp_path_factory.mktemp("redis")) as instance:
         yield instance

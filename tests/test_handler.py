@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 from ts.utils.util import PredictionException
 
+from cancellation import CANCEL_KEY_PREFIX, CancelSignals
 from conftest import SAMPLES, STYLES
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_transfer_handler import StyleTransferHandler
@@ -245,3 +247,18 @@ def test_masked_and_unmasked_requests_never_share_a_batch(served):
                 3: handler._prepare({"content": CONTENT, "style": STYLE, "mask_1": white, "params": row["params"]},
                                     grpc=False)}
     assert sorted(_batches(prepared, lambda jobs: True)) == [[0], [1, 2], [3]]  # memory no bound here
+
+
+def test_the_handler_stops_a_canceled_job_and_answers_the_others_in_full(served, redis_server, monkeypatch):
+    handler, context = served
+    # the jobs service's cancel key (jobs/store.py), read as the worker reads it (handler/cancellation.py)
+    monkeypatch.setattr(handler, "cancel_signals", CancelSignals(redis_server.url))
+    redis.Redis.from_url(redis_server.url).set(CANCEL_KEY_PREFIX + "gone.1", "1", ex=60)
+    start_batch(context, 2)
+    context.request_processor[0].get_request_properties()["X-Style-Job-Id"] = "gone.1"
+    context.request_processor[1].get_request_properties()["X-Style-Job-Id"] = "kept.1"
+    row = {"content": CONTENT, "style": STYLE, "size": "32", "steps": "6", "early_stop_tol": "0"}
+    handler.handle([dict(row), dict(row)], context)
+    canceled, kept = (context.get_response_headers(i) for i in (0, 1))
+    assert (canceled["X-Style-Stop-Reason"], canceled["X-Style-Steps"]) == ("canceled", "0")
+    assert (kept["X-Style-Stop-Reason"], kept["X-Style-Steps"]) == ("steps", "6")

@@ -379,3 +379,29 @@ def test_float32_has_no_tf32_in_the_backward_pass_nor_the_recompute(extractor, c
     assert backward and set(forward) == set(backward) == {(False, False)}
     # checkpointed, the iterations' convolutions ran again in their backward passes, and were seen there
     assert runs[True] - runs[False] > runs[False]
+
+
+def test_should_stop_cancels_within_one_iteration_at_a_coarse_scale(extractor, content, style):
+    """Asked at the coarse scale, the image stops there for good: no later scale optimises it, and its result is
+    the coarse image brought up to the output size, with the loss of what is returned."""
+    p = params(size=96, min_scale=24, steps=40, early_stop_tol=0, precision="fp32")
+    seen, asked = [], []
+    result = stylize(extractor, content, [content.flip(-1)], p, callback=seen.append,
+                     should_stop=lambda item: asked.append(item) or len(seen) >= 3)
+    assert result.stop_reason == "canceled" and result.steps == 3
+    assert [s.step for s in seen] == [1, 2, 3] and asked == [0, 0, 0, 0]
+    assert result.image.shape == (3, 72, 96)
+    objective_loss = total_loss(extractor, StyleJob(content, (content.flip(-1),), p), result.image, (72, 96))
+    assert result.final_loss["total"] == pytest.approx(objective_loss, rel=1e-4)
+
+
+def test_should_stop_cancels_one_image_of_a_batch_and_the_others_go_on(extractor, content, style):
+    common = dict(size=64, steps=12, early_stop_tol=0, precision="fp32")
+    jobs = [StyleJob(content, (style,), params(**common)), StyleJob(content.flip(-1), (style,), params(**common))]
+    alone = stylize_batch(extractor, [jobs[0]])[0]
+    calls = []
+    kept, canceled = stylize_batch(extractor, jobs, should_stop=lambda item: calls.append(item) or
+                                   (item == 1 and calls.count(1) > 5))
+    assert canceled.stop_reason == "canceled" and canceled.steps == 5 and canceled.image.shape == (3, 48, 64)
+    assert kept.stop_reason == "steps" and kept.steps == 12
+    assert kept.final_loss["total"] == pytest.approx(alone.final_loss["total"], rel=1e-2)

@@ -50,7 +50,7 @@ class StyleResult:
     seconds: float
     initial_loss: dict[str, float]  # of the initial image at the output size
     final_loss: dict[str, float]  # of the returned image before any colour preservation
-    stop_reason: str  # "steps" (budget used), "converged", "max_seconds" or "target_loss"
+    stop_reason: str  # "steps" (budget used), "converged", "max_seconds", "target_loss" or "canceled"
     precision: str  # the activations' precision the optimisation ran in: "fp32" or "bf16"
 
     @property
@@ -79,7 +79,7 @@ def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: Style
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
                   callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
                   gram_cache: GramCache | None = None, deadline: float | None = None,
-                  checkpoint: bool = False) -> list[StyleResult]:
+                  checkpoint: bool = False, should_stop: Callable[[int], bool] | None = None) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
     Jobs must share `batch_key` and output size. Each image stops by its own budget and convergence, as it
@@ -88,19 +88,22 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     given loss with it). `gram_cache` keeps style Grams across calls. `deadline`, a time.perf_counter() value,
     ends the optimisation then at the latest, whatever the jobs' max_seconds. `checkpoint` runs VGG19's blocks
     again in each backward pass instead of keeping their activations: the same results, in about a third
-    more time and less memory (memory.py).
+    more time and less memory (memory.py). `should_stop(item)`, asked before each iteration for every image
+    still running, stops that image for good when true (stop reason "canceled": its best image so far, brought
+    to the output size, is its result); it must be cheap.
     """
     start = time.perf_counter()
     jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
     output = _check_batch(jobs, extractor)
-    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint)
+    run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint,
+               should_stop)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
     evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
     initial = None if evaluated_first else run.float32_losses(init_full)
     x, best = _coarse_to_fine(run, init_full, output)
     initial = initial or run.first_losses or run.float32_losses(init_full)  # the last: no iteration ran
-    final = best if not run.bf16 else run.confirmed or run.float32_losses(x)
+    final = best if best is not None and not run.bf16 else run.confirmed or run.float32_losses(x)
     seconds = time.perf_counter() - start
     return [
         StyleResult(image=_finish(job, x[i]), steps=run.steps_done[i], seconds=seconds,
@@ -123,10 +126,13 @@ def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int
     """Optimise at each scale in turn; returns the output-size images and their losses."""
     x, size = None, None
     for index, scale_size in enumerate(sizes := scale_sizes(run.jobs, output)):
-        objective = run.objective(scale_size)
-        x0 = resize(init_full, scale_size) if x is None else finer_start(run, objective, x, init_full, size,
-                                                                         scale_size)
-        x, best = run.optimise(objective, x0, index, sizes)
+        if x is not None and run.all_canceled:  # nothing left to optimise: carry the images up to the output size
+            x, best = upsampled_start(x, scale_size), None
+        else:
+            objective = run.objective(scale_size)
+            x0 = resize(init_full, scale_size) if x is None else finer_start(run, objective, x, init_full, size,
+                                                                             scale_size)
+            x, best = run.optimise(objective, x0, index, sizes)
         size = scale_size
     return x, best
 
@@ -179,10 +185,10 @@ class _Run:
     iterations done and why it stopped."""
 
     def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline,
-                 checkpoint):
+                 checkpoint, should_stop):
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
         self.checkpoint = checkpoint
-        self.start, self.callback, self.stop_below = start, callback, stop_below
+        self.start, self.callback, self.stop_below, self.should_stop = start, callback, stop_below, should_stop
         self.gram_cache, self.style_keys = gram_cache, style_keys
         budget_end = math.inf if self.params.max_seconds is None else start + self.params.max_seconds
         self.end = min(budget_end, math.inf if deadline is None else deadline)
@@ -194,6 +200,10 @@ class _Run:
         self.confirmed: Losses | None = None  # float32 losses of the images that met stop_below
         self.first_losses: Losses | None = None  # of the first images evaluated
         self._objectives: dict[tuple, StyleObjective] = {}
+
+    @property
+    def all_canceled(self) -> bool:
+        return all(reason == "canceled" for reason in self.stop_reasons)
 
     def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
         """The objective at `size`, built once (its targets are computed once per request and scale)."""
@@ -223,12 +233,15 @@ class _Run:
         """Run this scale's share of each image's iterations; returns the best images seen and their losses."""
         scales, final_scale = len(sizes), scale_index == len(sizes) - 1
         # each image's share of what it has left: what a coarse scale leaves unused goes on to the next
-        budgets = [(self.params.steps - done) // (scales - scale_index) for done in self.steps_done]
+        budgets = [0 if reason == "canceled" else (self.params.steps - done) // (scales - scale_index)
+                   for done, reason in zip(self.steps_done, self.stop_reasons)]
         scale = _Scale(x0, self.params, budgets)
         deadline = self._deadline(sizes[scale_index:])
         for _ in range(max(budgets)):
             if time.perf_counter() >= deadline:
                 self._stop(scale.stop_all(), "max_seconds", final_scale)
+                break
+            if self._cancel(scale) and not scale.any_active:
                 break
             losses = self.evaluate(objective, scale.x, grad=True)
             self.first_losses = self.first_losses or losses
@@ -246,6 +259,15 @@ class _Run:
             if not scale.any_active:
                 break
         return scale.best_x, scale.best or self.evaluate(objective, x0, grad=False)  # the last: no iteration ran
+
+    def _cancel(self, scale: "_Scale") -> bool:
+        """Stop, at any scale and for good, the running images that should_stop asks to; whether any."""
+        if self.should_stop is None:
+            return False
+        canceled = scale.stop([item for item, active in enumerate(scale.active) if active and self.should_stop(item)])
+        for item in canceled:
+            self.stop_reasons[item] = "canceled"
+        return bool(canceled)
 
     def _stop(self, items: list[int], reason: str, final_scale: bool) -> None:
         """At the output size, record why these images stopped; at a coarser scale they just go on to the next."""
@@ -332,9 +354,13 @@ class _Scale:
 
     def stop_all(self) -> list[int]:
         """Stop every running image; returns which."""
-        stopped = [item for item, active in enumerate(self.active) if active]
-        self.active = [False] * len(self.active)
-        return stopped
+        return self.stop([item for item, active in enumerate(self.active) if active])
+
+    def stop(self, items: list[int]) -> list[int]:
+        """Stop these images; returns them."""
+        for item in items:
+            self.active[item] = False
+        return items
 
     def stop_converged(self) -> list[int]:
         """Stop the running images whose best loss improved by less than early_stop_tol (relative) over the last

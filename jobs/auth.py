@@ -1,0 +1,93 @@
+"""Credentials: the clients' token this service checks, and the key it sends to TorchServe.
+
+Why a token of its own rather than TorchServe's inference key: TorchServe 0.12 makes a new key at every start and
+one per pod, and the key expires (token_expiration_min); a job is fetched minutes or hours after it was
+submitted, possibly from another replica, so its clients need a token that outlives TorchServe's restarts. The
+service keeps TorchServe's key to itself and renews it, as the playground and the cluster's auth proxy do.
+"""
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in `path`; a new random one written there (0600) when the file does not exist."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token + "\n")
+        logger.info("jobs: wrote a new client token to %s", path)
+    if not token:
+        raise ValueError(f"{path} holds no token")
+    return token
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """Whether an Authorization header is `Bearer <token>` (compared in constant time)."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class TorchServeCredentials:
+    """The Authorization header for TorchServe: a fixed token from a file, or the inference key of TorchServe's
+    key_file.json, read again whenever the file changes (a restarted TorchServe writes a new one) and renewed
+    through the management API shortly before it expires."""
+
+    def __init__(self, key_file: Path, token_file: Path | None, management_url: str, renew_before: float):
+        self.key_file, self.token_file = key_file, token_file
+        self.management_url, self.renew_before = management_url.rstrip("/"), renew_before
+        self._read_at: tuple[float, int] | None = None
+        self._entries: dict = {}
+
+    async def header(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        if self.token_file is not None:
+            return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        self._reload()
+        if not self._entries:
+            return {}  # no key file yet: TorchServe will answer that a token is needed
+        if self._expires_in("inference") < self.renew_before:
+            await self._renew(session)
+        return {"Authorization": f"Bearer {self._entries['inference']['key']}"}
+
+    def _reload(self) -> None:
+        try:
+            stat = self.key_file.stat()
+            if self._read_at != (stat.st_mtime, stat.st_size):
+                self._entries, self._read_at = json.loads(self.key_file.read_text()), (stat.st_mtime, stat.st_size)
+        except (OSError, ValueError):  # not written yet, or being written: keep what was read before
+            pass
+
+    def _expires_in(self, kind: str) -> float:
+        try:
+            expiry = datetime.fromisoformat(self._entries[kind]["expiration time"])
+        except (KeyError, TypeError, ValueError):
+            return float("inf")
+        return expiry.timestamp() - time.time()  # a naive time is local, as TorchServe writes it
+
+    async def _renew(self, session: aiohttp.ClientSession) -> None:
+        """TorchServe's token API writes the renewed key into its key file, which the next call reads."""
+        api_key = self._entries.get("API", {}).get("key")
+        try:
+            async with session.post(f"{self.management_url}/token", params={"type": "inference"},
+                                    headers={"Authorization": f"Bearer {api_key}"},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status != 200:
+                    logger.warning("jobs: renewing TorchServe's inference key failed: %s", response.status)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            logger.warning("jobs: renewing TorchServe's inference key failed: %s", error)
+        self._read_at = None
+        self._reload()

@@ -1,0 +1,146 @@
+"""One attempt at a job: its request sent to TorchServe's streaming REST API, the answer read as it comes.
+
+TorchServe applies everything it applies to any request (batching, the time cap, memory admission, metrics).
+The answer is a stream of JSON lines (stream=true): progress lines, then `done` with the image, or `error`.
+What can go wrong is sorted into what the caller does about it:
+  Done         the result
+  Refused      the request's own error (bad input, too large, out of memory): the job fails with it
+  Busy         TorchServe cannot take it now (its queue is full, no worker is up, it is not reachable): wait
+               and send it again; this does not count as an attempt
+  Interrupted  the run broke off (the worker died, the stream was cut, the device failed): another attempt
+"""
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiohttp
+
+from .auth import TorchServeCredentials
+
+MODEL = "style_transfer"
+STREAM_TYPE = "application/x-ndjson"
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+TOKEN_REFUSED = "Token Authorization failed"  # TorchServe 0.12's message for a wrong or expired key
+
+
+@dataclass(frozen=True)
+class Done:
+    fields: dict  # the done line: image (base64) and the response=json fields
+
+
+@dataclass(frozen=True)
+class Refused:
+    error: dict  # CONTRACT.md's error body
+
+
+@dataclass(frozen=True)
+class Busy:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    error: dict
+
+
+Outcome = Done | Refused | Busy | Interrupted
+
+
+class TorchServeClient:
+    def __init__(self, url: str, credentials: TorchServeCredentials):
+        self.url = f"{url.rstrip('/')}/predictions/{MODEL}"
+        self.credentials = credentials
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # no pool limit of its own: the worker's concurrency bounds the requests in flight
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def run(self, body: bytes, content_type: str, attempt_key: str, timeout: float,
+                  on_progress: Callable[[dict], Awaitable[None]]) -> Outcome:
+        headers = {**await self.credentials.header(self.session), "Content-Type": content_type,
+                   "X-Style-Job-Id": attempt_key}
+        try:
+            async with self.session.post(self.url, data=body, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                if response.status != 200:
+                    return _sorted_error(response.status, await response.read())
+                if response.content_type != STREAM_TYPE:
+                    return Interrupted(_error(502, "BadGateway", f"TorchServe answered {response.content_type}, "
+                                                                 f"not a stream", None))
+                return await _read_stream(response, on_progress)
+        except aiohttp.ClientConnectorError as error:
+            return Busy(f"TorchServe is not reachable: {error}")
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+            return Interrupted(_error(502, "WorkerLost", f"the connection to TorchServe broke off: {error}", None))
+        except TimeoutError:
+            return Interrupted(_error(504, "Timeout", f"no answer from TorchServe within {timeout:.0f} s", None))
+
+
+async def _read_stream(response: aiohttp.ClientResponse, on_progress) -> Outcome:
+    """Lines may be megabytes (the done line holds the image): split them here rather than with readline's
+    size limit."""
+    pending = b""
+    async for chunk in response.content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event.get("event") == "progress":
+                await on_progress(event)
+            elif event.get("event") == "done":
+                return Done(event)
+            elif event.get("event") == "error":
+                return _sorted_error(event.get("code", 500), json.dumps(
+                    {key: event.get(key) for key in ("code", "type", "message", "field")}).encode())
+    return Interrupted(_error(502, "WorkerLost", "TorchServe's stream ended without a result: its worker stopped "
+                                                 "mid-run", None))
+
+
+def _sorted_error(status: int, raw: bytes) -> Outcome:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    error = _error(status, body.get("type") or "TorchServeError", body.get("message") or raw[:500].decode(
+        "utf-8", "replace"), body.get("field"))
+    if status == 503 and error["type"] == "ServiceUnavailableException":
+        return Busy(error["message"])  # its queue is full or no worker is up yet
+    if TOKEN_REFUSED in error["message"]:
+        return Interrupted(_error(502, "TorchServeAuthFailed", "TorchServe refused the jobs service's key", None))
+    if status == 507 and error["type"] == "InternalServerException":
+        return Interrupted(_error(502, "WorkerLost", f"TorchServe's worker died mid-run ({error['message']})", None))
+    if status >= 500 and status != 507:  # 507 with our own type is the request's memory: refused
+        return Interrupted(error)
+    return Refused(error)
+
+
+def _error(code: int, type_: str, message: str, field: str | None) -> dict:
+    return {"code": code, "type": type_, "message": message, "field": field}
+
+
+def result_of(done: dict, response: str) -> tuple[bytes, str, dict]:
+    """What GET /jobs/{id}/result returns: the body, its content type and headers, as the predictions endpoint
+    answers the same request without stream."""
+    fields = {key: value for key, value in done.items() if key != "event"}
+    headers = {"X-Style-Steps": str(fields.get("steps")), "X-Style-Seconds": f"{fields.get('seconds', 0):.3f}",
+               "X-Style-Stop-Reason": str(fields.get("stop_reason")), "X-Style-Precision": str(fields.get("precision"))}
+    if response == "json":
+        return json.dumps(fields).encode(), "application/json", headers
+    return base64.b64decode(fields["image"]), CONTENT_TYPES.get(fields.get("format"), "image/png"), headers
+
+
+def done_event(done: dict, job_id: str) -> dict:
+    """The `done` event: the response=json fields without the image, and where the result is."""
+    return {**{key: value for key, value in done.items() if key not in ("event", "image")},
+            "result": f"/jobs/{job_id}/result"}

@@ -1,0 +1,286 @@
+"""The jobs service (jobs/) against a real Redis and a real TorchServe: submit, watch, fetch, cancel, and no job
+lost when the service or a TorchServe worker is killed mid-run (CONTRACT.md "jobs")."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import jsonschema
+import psutil
+import pytest
+import redis
+import requests
+import yaml
+from PIL import Image
+
+import cancellation
+from conftest import ROOT, SAMPLES, STYLES
+from jobs import store as job_store
+from jobs.webhooks import WebhookPolicy, WebhookRefused
+from jobs_instance import JobsInstance
+
+pytestmark = pytest.mark.integration
+
+CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
+TINY = {"size": 32, "steps": 3, "min_scale": 32}
+LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0, "min_scale": 64, "precision": "fp32"}
+ENDED = ("succeeded", "failed", "canceled")
+SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+
+
+def conforms(body, schema: str) -> None:
+    """`body` is what openapi.yaml's components/schemas/`schema` says."""
+    jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": SPEC["components"]},
+                                    format_checker=jsonschema.FormatChecker()).validate(body)
+
+
+@pytest.fixture(scope="module")
+def jobs(server, redis_server, tmp_path_factory):
+    with JobsInstance(tmp_path_factory.mktemp("jobs"), redis_server.url, server,
+                      webhook_allow="127.0.0.1/32", retention_seconds=600) as instance:
+        yield instance
+
+
+def submit(jobs, params: dict, *, as_json=False, headers=None, method="POST", job_id=None, **extra):
+    url = jobs.url(f"/jobs/{job_id}" if job_id else "/jobs")
+    headers = {**jobs.auth, **(headers or {})}
+    if as_json:
+        body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(),
+                "params": params, **extra}
+        return requests.request(method, url, json=body, headers=headers, timeout=30)
+    return requests.request(method, url, files={"content": CONTENT, "style": STYLE},
+                            data={"params": json.dumps(params), **extra}, headers=headers, timeout=30)
+
+
+def status(jobs, job_id: str) -> dict:
+    response = requests.get(jobs.url(f"/jobs/{job_id}"), headers=jobs.auth, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(jobs, job_id: str, until=lambda s: s["status"] in ENDED, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not until(state := status(jobs, job_id)):
+        assert time.monotonic() < deadline, f"{job_id} still {state} after {timeout} s:\n{jobs.log_tail()}"
+        assert state["status"] not in ENDED, state
+        time.sleep(0.1)
+    return state
+
+
+def read_events(jobs, job_id: str, last_event_id: str | None = None) -> list[tuple[str, str, dict]]:
+    headers = {**jobs.auth, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+    with requests.get(jobs.url(f"/jobs/{job_id}/events"), headers=headers, stream=True, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
+        events, fields = [], {}
+        for line in response.iter_lines(decode_unicode=True):
+            if line == "" and fields:
+                events.append((fields["id"], fields["event"], json.loads(fields["data"])))
+                fields = {}
+            elif line and not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+    return events
+
+
+def running_with_progress(state: dict) -> bool:
+    return state["status"] == "running" and state["progress"] is not None
+
+
+def test_the_cancel_keys_are_the_handlers():
+    assert job_store.CANCEL_KEY_PREFIX == cancellation.CANCEL_KEY_PREFIX
+
+
+def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
+    kinds = [(as_json, response) for as_json in (False, True) for response in ("image", "json")] * 5
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda kind: submit(jobs, {**TINY, "response": kind[1]}, as_json=kind[0]), kinds))
+    assert [answer.status_code for answer in answers] == [202] * 20
+    ids = [answer.json()["id"] for answer in answers]
+    assert len(set(ids)) == 20
+    first = answers[0]
+    assert first.headers["Location"] == f"/jobs/{ids[0]}" and first.json()["status"] == "queued"
+    assert first.json()["urls"] == {"self": f"/jobs/{ids[0]}", "events": f"/jobs/{ids[0]}/events",
+                                    "result": f"/jobs/{ids[0]}/result", "cancel": f"/jobs/{ids[0]}/cancel"}
+    conforms(first.json(), "JobSubmitted")
+    metrics = requests.get(jobs.url("/metrics"), timeout=10).text
+    assert "\nstyle_jobs_queued " in metrics and "\nstyle_jobs_running " in metrics
+    for job_id, (_, kind) in zip(ids, kinds):
+        state = wait_for(jobs, job_id)
+        conforms(state, "JobStatus")
+        assert state["status"] == "succeeded", state
+        assert state["progress"]["steps"] == 3 and state["error"] is None
+        assert state["created_at"] <= state["started_at"] <= state["finished_at"]
+        result = requests.get(jobs.url(f"/jobs/{job_id}/result"), headers=jobs.auth, timeout=10)
+        assert result.status_code == 200
+        if kind == "json":
+            fields = result.json()
+            assert (fields["width"], fields["height"], fields["steps"]) == (32, 24, 3) and "image" in fields
+        else:
+            assert result.headers["Content-Type"] == "image/png" and result.headers["X-Style-Steps"] == "3"
+            assert Image.open(io.BytesIO(result.content)).size == (32, 24)
+    events = read_events(jobs, ids[0])
+    names = [name for _, name, _ in events]
+    assert names[:2] == ["queued", "started"] and names[-1] == "done" and set(names) <= {"queued", "started",
+                                                                                         "progress", "done"}
+    assert events[-1][2]["result"] == f"/jobs/{ids[0]}/result" and "image" not in events[-1][2]
+    # a client that reconnects with the last id it saw gets only what came after
+    assert [name for _, name, _ in read_events(jobs, ids[0], last_event_id=events[-2][0])] == ["done"]
+
+
+def test_every_jobs_call_needs_the_token_and_unknown_jobs_are_404(jobs):
+    assert requests.get(jobs.url("/jobs/nope"), timeout=5).status_code == 401
+    wrong = requests.post(jobs.url("/jobs"), headers={"Authorization": "Bearer wrong"}, timeout=5)
+    assert wrong.status_code == 401 and wrong.json()["field"] == "Authorization"
+    missing = requests.get(jobs.url("/jobs/nope"), headers=jobs.auth, timeout=5)
+    assert missing.status_code == 404 and missing.json()["code"] == 404
+
+
+def test_idempotent_submits(jobs):
+    key = {"Idempotency-Key": f"key-{time.time()}"}
+    first, again = (submit(jobs, TINY, headers=key) for _ in range(2))
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = submit(jobs, {**TINY, "steps": 4}, headers=key)
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    job_id = f"mine-{int(time.time() * 1000)}"
+    created, repeated = (submit(jobs, TINY, method="PUT", job_id=job_id, as_json=True) for _ in range(2))
+    assert (created.status_code, repeated.status_code) == (201, 200) and repeated.json()["id"] == job_id
+    assert submit(jobs, {**TINY, "steps": 4}, method="PUT", job_id=job_id, as_json=True).status_code == 409
+    assert submit(jobs, TINY, method="PUT", job_id="no.dots").status_code == 400
+    assert wait_for(jobs, job_id)["status"] == "succeeded" and wait_for(jobs, first.json()["id"])
+
+
+def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_error(jobs):
+    no_content = requests.post(jobs.url("/jobs"), headers=jobs.auth, files={"style": STYLE}, timeout=10)
+    assert no_content.status_code == 400 and no_content.json()["field"] == "content"
+    bad = submit(jobs, {**TINY, "steps": -1})
+    state = wait_for(jobs, bad.json()["id"])
+    assert state["status"] == "failed" and state["error"]["code"] == 400 and state["error"]["field"] == "steps"
+    conforms(state, "JobStatus")
+    conforms(no_content.json(), "JobErrorBody")
+    result = requests.get(jobs.url(bad.headers["Location"] + "/result"), headers=jobs.auth, timeout=10)
+    assert result.status_code == 400 and result.json() == state["error"]
+
+
+def test_a_job_canceled_mid_run_stops_and_frees_the_worker_at_once(jobs, redis_server):
+    long_job = submit(jobs, {**LONG, "max_seconds": 60}).json()["id"]
+    wait_for(jobs, long_job, until=running_with_progress, timeout=60)
+    canceled = requests.post(jobs.url(f"/jobs/{long_job}/cancel"), headers=jobs.auth, timeout=10)
+    canceled_at = time.monotonic()
+    assert canceled.status_code == 202 and canceled.json()["status"] == "canceled"
+    # queued behind the canceled run in TorchServe's one worker: it runs as soon as that run has stopped
+    next_job = submit(jobs, TINY).json()["id"]
+    assert wait_for(jobs, next_job, timeout=30)["status"] == "succeeded"
+    assert time.monotonic() - canceled_at < 10, "the canceled run went on holding the worker"
+    assert status(jobs, long_job)["status"] == "canceled"
+    assert [name for _, name, _ in read_events(jobs, long_job)][-1] == "canceled"
+    result = requests.get(jobs.url(f"/jobs/{long_job}/result"), headers=jobs.auth, timeout=10)
+    assert result.status_code == 409 and result.json()["status"] == "canceled"
+    conforms(result.json(), "JobErrorBody")
+    conforms(canceled.json(), "JobStatus")
+    ttl = redis.Redis.from_url(redis_server.url).ttl(job_store.key("job", long_job))
+    assert 0 < ttl <= 600  # kept for the retention time, then deleted
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        _Receiver.received.append((self.headers["X-Style-Event"],
+                                   json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhooks_go_only_where_the_allowlist_permits(jobs):
+    for forbidden in ("http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://127.0.0.2:9/hook",
+                      "http://[::1]:9/hook", "ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook",
+                      "http://localhost:9/hook"):
+        refused = submit(jobs, TINY, webhook=forbidden)
+        assert refused.status_code == 400 and refused.json()["field"] == "webhook", forbidden
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_port}/hook"
+        job_id = submit(jobs, TINY, as_json=True, webhook=url, webhook_events=["started", "done"]).json()["id"]
+        wait_for(jobs, job_id)
+        deadline = time.monotonic() + 10
+        while len(_Receiver.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        receiver.shutdown()
+    assert [event for event, _ in _Receiver.received] == ["started", "done"]
+    assert _Receiver.received[-1][1]["job"]["id"] == job_id and _Receiver.received[-1][1]["job"]["status"] == \
+        "succeeded"
+
+
+def test_the_webhook_policy_checks_what_a_name_resolves_to():
+    check = lambda allow, url: asyncio.run(WebhookPolicy(allow).check_url(url))  # noqa: E731
+    with pytest.raises(WebhookRefused, match="loopback, private"):
+        check(["localhost"], "http://localhost/hook")  # the name is allowed, its address is not
+    check(["localhost", "127.0.0.0/8"], "http://localhost/hook")
+    with pytest.raises(WebhookRefused, match="not enabled"):
+        check([], "https://hooks.example.com/")
+    with pytest.raises(WebhookRefused, match="not in the server's allowlist"):
+        check(["*.example.com"], "https://hooks.example.org/")
+
+
+def test_the_service_killed_mid_run_and_started_again_loses_no_job(jobs):
+    running = submit(jobs, {**LONG, "max_seconds": 3}).json()["id"]
+    queued = [submit(jobs, TINY).json()["id"] for _ in range(3)]
+    wait_for(jobs, running, until=running_with_progress, timeout=60)
+    jobs.kill()
+    jobs.start()
+    for job_id in [running, *queued]:
+        assert wait_for(jobs, job_id, timeout=60)["status"] == "succeeded", jobs.log_tail()
+    started = [data for _, name, data in read_events(jobs, running) if name == "started"]
+    assert [data["attempt"] for data in started] == [1, 2]
+
+
+def test_a_torchserve_worker_killed_mid_job_is_retried_once(jobs, breakable_server, redis_server, tmp_path):
+    jobs.stop()  # the only replica on the queue: this one, in front of the TorchServe whose worker is killed
+    try:
+        with JobsInstance(tmp_path, redis_server.url, breakable_server) as service:
+            job_id = submit(service, {**LONG, "max_seconds": 3}).json()["id"]
+            wait_for(service, job_id, until=running_with_progress, timeout=60)
+            (pid,) = breakable_server.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            state = wait_for(service, job_id, timeout=120)
+            assert state["status"] == "succeeded", state
+            started = [data["attempt"] for _, name, data in read_events(service, job_id) if name == "started"]
+            assert started == [1, 2]
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        jobs.start()
+
+
+def test_the_client_submits_follows_and_resumes_a_job_by_id(jobs, tmp_path, capsys):
+    import stylize
+
+    content, style = tmp_path / "content.jpg", tmp_path / "style.jpg"
+    content.write_bytes(CONTENT)
+    style.write_bytes(STYLE)
+    common = ["--async", "--jobs-url", jobs.url(), "--token", jobs.token, "--json"]
+    settings = [item for key, value in TINY.items() for item in ("--set", f"{key}={value}")]
+    assert stylize.main([str(content), str(style), "-o", str(tmp_path / "a.png"), *common, *settings]) == 0
+    fields = json.loads(capsys.readouterr().out)
+    assert (fields["width"], fields["steps"]) == (32, 3) and Image.open(tmp_path / "a.png").size == (32, 24)
+    # a job followed by a client that stopped: another run of the client picks it up by its id
+    job_id = submit(jobs, TINY, response="json").json()["id"]
+    assert stylize.main(["-o", str(tmp_path / "b.png"), *common, "--job", job_id]) == 0
+    assert Image.open(tmp_path / "b.png").size == (32, 24)
+    long_job = submit(jobs, {**LONG, "max_seconds": 60}).json()["id"]
+    assert stylize.main([*common, "--job", long_job, "--cancel"]) == 0
+    assert status(jobs, long_job)["status"] == "canceled"
+    assert stylize.main(["-o", str(tmp_path / "c.png"), *common, "--job", long_job]) == 1

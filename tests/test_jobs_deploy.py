@@ -1,0 +1,66 @@
+"""The jobs service's deployment pieces: its image, its Kubernetes objects (validated against the schemas with
+the other manifests by tests/test_deploy.py, which reads deploy/k8s/ recursively), and that they fit together
+with the style-transfer objects and with what the service really serves."""
+
+import subprocess
+
+import yaml
+
+from conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+JOBS_K8S = DEPLOY / "k8s" / "jobs"
+
+
+def objects(path) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text()) if doc}
+
+
+def test_the_jobs_image_passes_hadolint_and_copies_only_what_it_needs():
+    run = subprocess.run([str(ROOT / ".venv" / "bin" / "hadolint"), "--no-color", str(DEPLOY / "Dockerfile.jobs")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    allowed = [line for line in (DEPLOY / "Dockerfile.jobs.dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    assert allowed == ["!requirements.txt", "!jobs/"]
+    packages = (DEPLOY / "Dockerfile.jobs").read_text().split("--constraint /tmp/requirements.txt")[1].split("\\")[0]
+    pinned = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert set(packages.split()) <= pinned  # every package the image installs has its version in requirements.txt
+
+
+def test_the_jobs_objects_refer_to_each_other_and_to_the_style_transfer_ones():
+    jobs, redis = objects(JOBS_K8S / "jobs.yaml"), objects(JOBS_K8S / "redis.yaml")
+    pod = jobs["Deployment"]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert jobs["Service"]["spec"]["selector"].items() <= labels.items()
+    assert jobs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    port = container["ports"][0]["containerPort"]
+    assert env["STYLE_JOBS_LISTEN"]["value"] == f"0.0.0.0:{port}" and pod["metadata"]["annotations"][
+        "prometheus.io/port"] == str(port)
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    for setting in ("STYLE_JOBS_TORCHSERVE_TOKEN_FILE", "STYLE_JOBS_TOKEN_FILE"):
+        assert env[setting]["value"].rsplit("/", 1)[0] in mounts
+    assert redis["Service"]["spec"]["selector"].items() <= redis["StatefulSet"]["spec"]["template"]["metadata"][
+        "labels"].items()
+    style_transfer = objects(DEPLOY / "k8s" / "deployment.yaml")["Deployment"]
+    (torchserve,) = style_transfer["spec"]["template"]["spec"]["containers"]
+    worker_redis = {item["name"]: item for item in torchserve["env"]}["STYLE_JOBS_REDIS_URL"]["valueFrom"]
+    assert worker_redis["secretKeyRef"] == {**env["STYLE_JOBS_REDIS_URL"]["valueFrom"]["secretKeyRef"],
+                                            "optional": True}  # the one Redis URL, from the one Secret
+    service = objects(DEPLOY / "k8s" / "service.yaml")["Service"]
+    assert env["STYLE_JOBS_TORCHSERVE_URL"]["value"] == f"http://{service['metadata']['name']}"
+    allowed = jobs["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    assert [peer["podSelector"]["matchLabels"] for peer in allowed] == [
+        labels, style_transfer["spec"]["template"]["metadata"]["labels"]]
+
+
+def test_the_style_transfer_autoscaler_follows_the_jobs_queue_the_service_reports():
+    hpa = objects(DEPLOY / "k8s" / "hpa.yaml")["HorizontalPodAutoscaler"]
+    (external,) = [metric["external"]["metric"]["name"] for metric in hpa["spec"]["metrics"]
+                   if metric["type"] == "External"]
+    (adapter,) = objects(DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml").values()
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["externalRules"]
+    assert [rule["name"]["matches"] for rule in rules] == [f"^{external}$"]
+    assert f"{external} " in (ROOT / "jobs" / "api.py").read_text()  # a series /metrics serves
