@@ -98,8 +98,8 @@ class Nginx:
     def url(self) -> str:
         return f"http://{self.host}:{self.listen_port}"
 
-    def start(self, timeout: float = 20, ready_path: str = "/ping") -> "Nginx":
-        """Starts nginx and waits until `ready_path` answers 200."""
+    def start(self, timeout: float = 20, ready_path: str = "/ping", ready_statuses=(200,)) -> "Nginx":
+        """Starts nginx and waits until `ready_path` answers one of `ready_statuses`."""
         command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf),
                    "-e", str(self.prefix / "logs/error.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -109,7 +109,7 @@ class Nginx:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log_tail('error.log')}")
             try:
-                if requests.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{ready_path}", timeout=2).status_code in ready_statuses:
                     return self
             except requests.RequestException:
                 pass
