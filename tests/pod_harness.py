@@ -313,7 +313,9 @@ class Pod:
         return self.config_maps[source["configMapKeyRef"]["name"]][source["configMapKeyRef"]["key"]]
 
     def volume_dir(self, name: str) -> Path:
-        return self.root / "volumes" / name
+        """Where a volume's files are: a hostPath's own path, else a folder of the pod's."""
+        volume = next(v for v in self.spec.get("volumes", []) if v["name"] == name)
+        return Path(volume["hostPath"]["path"]) if "hostPath" in volume else self.root / "volumes" / name
 
     def volume_source(self, mount: dict) -> Path:
         base = self.volume_dir(mount["name"])
@@ -322,6 +324,8 @@ class Pod:
     def make_volumes(self) -> None:
         fs_group = self.spec.get("securityContext", {}).get("fsGroup")
         for volume in self.spec.get("volumes", []):
+            if "hostPath" in volume:
+                continue  # the node's own folder, as it is
             path = self.volume_dir(volume["name"])
             path.mkdir(parents=True)
             if "emptyDir" in volume:

@@ -139,11 +139,12 @@ def test_kserve_config_differs_from_the_repository_config_only_where_kserve_need
     kserve = properties(DEPLOY / "kserve" / "config" / "config.properties")
     local = properties(ROOT / "config.properties")
     assert differing_keys(kserve, local) == {
-        "inference_address", "metrics_address", "model_store", "metrics_config", "allowed_urls",
-        "disable_token_authorization", "default_workers_per_model"}
+        "model_store", "metrics_config", "allowed_urls", "disable_token_authorization", "default_workers_per_model"}
     assert "default_workers_per_model" not in kserve
     assert kserve["model_store"] == "/mnt/models/model-store"  # where KServe puts storageUri's model-store/
-    assert kserve["management_address"].startswith("http://127.0.0.1:") and kserve["enable_model_api"] == "false"
+    assert all(kserve[key].startswith("http://127.0.0.1:") for key in ("inference_address", "management_address",
+                                                                       "metrics_address"))  # behind the proxy
+    assert kserve["enable_model_api"] == "false"
 
 
 @pytest.mark.integration
@@ -377,9 +378,6 @@ def test_the_proxy_starts_with_its_mounts_and_not_without_them(removed, pod_root
 
 # --- KServe -----------------------------------------------------------------------------------------------------
 
-KSERVE_ONLY_FIELDS = {"storageUri", "runtimeVersion", "protocolVersion", "storage"}  # the rest is a Container
-
-
 def kubernetes_schema_validator(definition: str, version: str = KUBERNETES_VERSIONS[-1]):
     directory = f"kubernetes-json-schema/v{version}.0-local-strict"
     definitions = schema_contents(f"{directory}/_definitions.json", version)
@@ -387,25 +385,67 @@ def kubernetes_schema_validator(definition: str, version: str = KUBERNETES_VERSI
     return jsonschema.Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{definition}"}, registry=registry)
 
 
-def test_inference_service_has_kserve_s_structure():
+def inference_service() -> dict:
     (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
+    return service
+
+
+def test_inference_service_has_kserve_s_structure():
+    service = inference_service()
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert service["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert service["metadata"]["annotations"]["serving.kserve.io/enable-metric-aggregation"] == "true"
     predictor = service["spec"]["predictor"]
-    # ComponentExtensionSpec fields of KServe's v1beta1 PredictorSpec that we set, with their types
-    assert set(predictor) == {"containerConcurrency", "scaleMetric", "scaleTarget", "minReplicas", "maxReplicas",
-                              "timeout", "pytorch"}
+    # ComponentExtensionSpec fields of KServe's v1beta1 PredictorSpec that we set, with their types, and the
+    # PodSpec it embeds
+    scaling = {"containerConcurrency", "scaleMetric", "scaleTarget", "minReplicas", "maxReplicas", "timeout"}
+    assert set(predictor) == scaling | {"securityContext", "containers", "volumes"}
     assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
-    assert all(isinstance(predictor[key], int) for key in set(predictor) - {"scaleMetric", "pytorch"})
+    assert all(isinstance(predictor[key], int) for key in scaling - {"scaleMetric"})
     assert predictor["containerConcurrency"] == 1  # one optimisation at a time per GPU worker
     assert predictor["timeout"] >= 300  # TorchServe's responseTimeout (handler/model-config.yaml)
     assert all(isinstance(value, str) for value in service["metadata"]["annotations"].values())
 
 
-def test_inference_service_predictor_is_a_valid_container_serving_kserve_s_layout():
-    (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
-    pytorch = service["spec"]["predictor"]["pytorch"]
-    container = {"name": "kserve-container", **{k: v for k, v in pytorch.items() if k not in KSERVE_ONLY_FIELDS}}
-    kubernetes_schema_validator("io.k8s.api.core.v1.Container").validate(container)
-    assert pytorch["storageUri"].split("://")[0] in ("s3", "gs", "pvc", "https", "hf", "oci", "azure")
-    assert "/mnt/models/config/config.properties" in pytorch["args"]  # storageUri's config/config.properties
-    assert pytorch["resources"]["limits"]["nvidia.com/gpu"] == 1
+def test_inference_service_predictor_is_a_valid_pod_serving_kserve_s_layout():
+    predictor = inference_service()["spec"]["predictor"]
+    pod = {key: value for key, value in predictor.items() if key in ("securityContext", "containers", "volumes")}
+    kubernetes_schema_validator("io.k8s.api.core.v1.PodSpec").validate(pod)
+    torchserve, proxy = predictor["containers"]
+    assert torchserve["name"] == "kserve-container"  # where KServe's storage initializer puts storageUri
+    storage = next(item["value"] for item in torchserve["env"] if item["name"] == "STORAGE_URI")
+    assert storage.split("://")[0] in ("s3", "gs", "pvc", "https", "hf", "oci", "azure")
+    assert "/mnt/models/config/config.properties" in torchserve["command"]  # storageUri's config/config.properties
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert [c for c in predictor["containers"] if c.get("ports")] == [proxy]  # Knative routes to one port: the proxy
+
+
+@pytest.mark.integration
+def test_the_inference_service_s_pod_is_authenticated_and_serves_through_its_proxy_only(model_store, pod_root):
+    """The InferenceService's predictor as a pod, with /mnt/models as KServe's storage initializer fills it:
+    200 with the Secret's token, 401 without, and nothing of TorchServe (inference, metrics) reachable from
+    outside the pod."""
+    provisioned = pod_root / "mnt-models"
+    (provisioned / "model-store").mkdir(parents=True)
+    (provisioned / "config").mkdir()
+    shutil.copy(model_store / "style_transfer.mar", provisioned / "model-store")
+    shutil.copy(DEPLOY / "kserve" / "config" / "config.properties", provisioned / "config")
+    predictor = inference_service()["spec"]["predictor"]
+    spec = {**predictor, "volumes": [*predictor["volumes"], {"name": "kserve-provision-location",
+                                                               "hostPath": {"path": str(provisioned)}}]}
+    torchserve = {**spec["containers"][0]}
+    torchserve["volumeMounts"] = [*torchserve["volumeMounts"], {"name": "kserve-provision-location",
+                                                                "mountPath": "/mnt/models", "readOnly": True}]
+    spec["containers"] = [torchserve, spec["containers"][1]]
+    token = secrets.token_hex(32)
+    pod = Pod(spec, images_for(spec, model_store / "style_transfer.mar"), config_maps(manifests()),
+              {"style-transfer-token": {"token": token}}, pod_root / "pod", name="style-transfer-predictor")
+    with pod:
+        proxy = pod.containers["auth-proxy"]
+        proxy.wait_for("readinessProbe", timeout=180)
+        answer = predict(pod.url(8000), token)
+        assert answer.status_code == 200 and answer.headers["Content-Type"] == "image/png", answer.text
+        assert predict(pod.url(8000), None).status_code == 401
+        for port in (8080, 8081, 8082, 7070):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(pod.url(port, "/ping"), timeout=5)
