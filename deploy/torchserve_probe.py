@@ -8,9 +8,11 @@
 
 TorchServe 0.12 wants the inference key even on /ping and makes its keys itself, so no probe that carries a
 fixed header can pass: these read the key from the key_file.json TorchServe writes into its working
-directory. `live` tolerates a 500 (TorchServe is restarting a worker itself) but not a rejected key: the
-keys expire (config.properties token_expiration_min), and only a restart brings new ones. Standard library
-only, so that any Python in the image can run it.
+directory. Where token authorization is off (the Kubernetes pod, whose TorchServe listens on loopback behind
+its auth proxy: deploy/k8s/torchserve-config.yaml) there is no key file, and they send no key.
+`live` tolerates a 500 (TorchServe is restarting a worker itself) but not a rejected key: the keys expire
+(config.properties token_expiration_min), and only a restart brings new ones. Standard library only, so that
+any Python in the image can run it.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ ESTABLISHED = "01"  # connection state in /proc/net/tcp
 
 
 def ping_status(url: str, key_file: str, timeout: float) -> int | None:
-    """The HTTP status of GET /ping with the inference key, or None when the frontend does not answer."""
-    with open(key_file) as file:
-        key = json.load(file)["inference"]["key"]
-    request = urllib.request.Request(f"{url}/ping", headers={"Authorization": f"Bearer {key}"})
+    """The HTTP status of GET /ping, with the inference key when TorchServe wrote a key file (token
+    authorization on; without the key it answers 400), or None when the frontend does not answer."""
+    headers = {}
+    if os.path.exists(key_file):
+        with open(key_file) as file:
+            headers["Authorization"] = f"Bearer {json.load(file)['inference']['key']}"
+    request = urllib.request.Request(f"{url}/ping", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if drain(port, args.timeout, args.quiet_for) else 1
     try:
         status = ping_status(args.url, args.key_file, args.timeout)
-    except (OSError, ValueError, KeyError) as error:  # no key file yet, or not TorchServe's
+    except (OSError, ValueError, KeyError) as error:  # a key file that is not (wholly) TorchServe's
         print(f"torchserve_probe: cannot read the key: {error}", file=sys.stderr)
         return 1
     healthy = status == 200 if args.check == "ready" else status in (200, 500)

@@ -5,7 +5,7 @@
         [--concurrency 4] [--size 64] [--steps 5] [--timeout 330] [--content FILE] [--style FILE]
 
 Prints one JSON line per finished request ({"event": "response", "ok", "status", "seconds", "served_by",
-"error"}) as it finishes, then one summary line ({"event": "summary", "sent", "succeeded", "failed",
+"retry_after", "error"}) as it finishes, then one summary line ({"event": "summary", "sent", "succeeded", "failed",
 "latency_seconds": {"p50", "p90", "p99", "max"}}), latencies over the requests that succeeded. A request
 succeeds when it gets 200 and a PNG. Nothing is retried here: retrying is the load balancer's job. The token
 comes from the environment so that it does not show in the process list.
@@ -66,7 +66,7 @@ class LoadClient:
         ok = response.status_code == 200 and response.content.startswith(PNG_SIGNATURE)
         return {"event": "response", "ok": ok, "status": response.status_code,
                 "seconds": time.monotonic() - started, "served_by": response.headers.get("X-Served-By"),
-                "error": None if ok else response.text[:300]}
+                "retry_after": response.headers.get("Retry-After"), "error": None if ok else response.text[:300]}
 
 
 def run(client: LoadClient, count: int, concurrency: int, emit) -> list[dict]:

@@ -3,6 +3,7 @@
 
     scripts/local_cluster.py [--instances 2] [--model-store model_store] [--requests 40] [--concurrency 4]
                              [--size 64] [--steps 5] [--kill-after 0.4] [--report FILE]
+    scripts/local_cluster.py --overload --queue-size 1 [--requests 24] [--concurrency 8] ...
 
 Starts N private TorchServe instances (scripts/torchserve_instance.py) and a real nginx configured from
 deploy/nginx.conf on free loopback ports, checks that nginx enforces the client token, runs scripts/load.py in
@@ -12,6 +13,11 @@ what was in flight there on the other instances. Prints requests sent, succeeded
 percentiles, writes them as JSON with --report, and exits 1 when a request failed or the kill did not come
 mid-run. Everything it started is stopped by process id; its temporary directory (configs, logs) is removed
 unless the run failed.
+
+With --overload nothing is killed: more requests come at once than the instances can queue (--queue-size sets
+their job_queue_size). Every request must then get either its image (200) or, at once, 503 with Retry-After,
+and no job may be computed twice: the images the instances answered (each one's access log: TorchServe 0.12's
+frontend counters count requests as they arrive, and pings with them) must be the 200s the clients got.
 
 The archive comes from --model-store (scripts/build_mar.py writes model_store/style_transfer.mar); random
 weights are fine for this test of the plumbing.
@@ -92,8 +98,8 @@ class Nginx:
     def url(self) -> str:
         return f"http://{self.host}:{self.listen_port}"
 
-    def start(self, timeout: float = 20, ready_path: str = "/ping") -> "Nginx":
-        """Starts nginx and waits until `ready_path` answers 200."""
+    def start(self, timeout: float = 20, ready_path: str = "/ping", ready_statuses=(200,)) -> "Nginx":
+        """Starts nginx and waits until `ready_path` answers one of `ready_statuses`."""
         command = [find_nginx(), "-p", str(self.prefix), "-c", str(self.conf),
                    "-e", str(self.prefix / "logs/error.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -103,7 +109,7 @@ class Nginx:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log_tail('error.log')}")
             try:
-                if requests.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{ready_path}", timeout=2).status_code in ready_statuses:
                     return self
             except requests.RequestException:
                 pass
@@ -138,14 +144,15 @@ class Nginx:
         return sum(1 for line in log.splitlines() if PREDICT_PATH in line and "," in line.rsplit('"', 2)[-2])
 
 
-def start_instances(model_store: Path, root: Path, count: int) -> list[TorchServeInstance]:
+def start_instances(model_store: Path, root: Path, count: int,
+                    overrides: dict[str, str] | None = None) -> list[TorchServeInstance]:
     """All instances started at once (each spends seconds in the JVM); none left running if one fails."""
     # The instances share this machine's cores. Left to themselves, each worker's OpenMP threads take every
     # core and the instances spin against each other (requests of 0.3 s took 12 s on 2 cores): give each
     # its share, as if it had a machine of its own.
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
-    instances = [TorchServeInstance(model_store, root / f"instance-{i + 1}", env={"OMP_NUM_THREADS": threads})
-                 for i in range(count)]
+    instances = [TorchServeInstance(model_store, root / f"instance-{i + 1}", overrides,
+                                    env={"OMP_NUM_THREADS": threads}) for i in range(count)]
     with ThreadPoolExecutor(max_workers=count) as pool:
         outcomes = list(pool.map(_start_quietly, instances))
     failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
@@ -179,20 +186,23 @@ def check_client_auth(url: str, token: str) -> dict[str, int]:
 
 
 class KillSwitch:
-    """Kills the victim's process group once `after` responses are in and every instance has served."""
+    """Kills the victim's process group once `after` responses are in and every instance has served (never when
+    `after` is None). Keeps what each response was: status, seconds and Retry-After."""
 
-    def __init__(self, victim: TorchServeInstance, victim_name: str, names: list[str], after: int):
+    def __init__(self, victim: TorchServeInstance, victim_name: str, names: list[str], after: int | None):
         self.victim, self.victim_name, self.names, self.after = victim, victim_name, names, after
         self.served = {"before_kill": Counter(), "after_kill": Counter()}
-        self.responses = 0
+        self.responses: list[dict] = []
         self.killed_at_response: int | None = None
 
     def observe(self, result: dict) -> None:
-        self.responses += 1
+        self.responses.append(result)
         self.served["after_kill" if self.fired else "before_kill"][result.get("served_by")] += 1
-        if not self.fired and self.responses >= self.after and all(self.served["before_kill"][n] for n in self.names):
+        if self.after is None or self.fired or len(self.responses) < self.after:
+            return
+        if all(self.served["before_kill"][n] for n in self.names):
             os.killpg(self.victim.process.pid, signal.SIGKILL)
-            self.killed_at_response = self.responses
+            self.killed_at_response = len(self.responses)
 
     @property
     def fired(self) -> bool:
@@ -245,7 +255,8 @@ def run_cluster(args) -> dict:
     root.chmod(0o755)  # nginx's workers run as nobody when nginx is started by root
     instances, nginx, report = [], None, {"workdir": str(root)}
     try:
-        instances = start_instances(args.model_store.resolve(), root, args.instances)
+        overrides = {"job_queue_size": str(args.queue_size)} if args.queue_size else None
+        instances = start_instances(args.model_store.resolve(), root, args.instances, overrides)
         names = [f"instance-{i + 1}" for i in range(len(instances))]
         hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key())
                 for name, ts in zip(names, instances)]
@@ -253,10 +264,13 @@ def run_cluster(args) -> dict:
         nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops), listen_port)
         nginx.start()  # after the assignment: a start that times out still leaves nginx for `finally` to stop
         report["auth"] = check_client_auth(nginx.url, token)
-        kill_switch = KillSwitch(instances[-1], names[-1], names, math.ceil(args.kill_after * args.requests))
+        kill_after = None if args.overload else math.ceil(args.kill_after * args.requests)
+        kill_switch = KillSwitch(instances[-1], names[-1], names, kill_after)
         load_started = time.monotonic()
         summary = run_load(nginx.url, token, args, kill_switch, args.load_timeout)
         report.update(_figures(summary, kill_switch, nginx, args))
+        if args.overload:
+            report["overload"] = _overload_figures(kill_switch.responses, instances)
         report["seconds"] = {"startup": round(load_started - started, 1),
                              "load": round(time.monotonic() - load_started, 1)}
         report["process_groups"] = [ts.process.pid for ts in instances] + [nginx.process.pid]
@@ -282,15 +296,53 @@ def _figures(summary: dict, kill_switch: KillSwitch, nginx: Nginx, args) -> dict
     }
 
 
+def _overload_figures(responses: list[dict], instances: list[TorchServeInstance]) -> dict:
+    """The statuses the clients got, how fast the 503s came and whether they said when to retry, and the 2xx
+    answers the instances themselves counted (a job computed twice would show here, not to the clients)."""
+    refused = [r for r in responses if r["status"] == 503]
+    return {
+        "statuses": dict(Counter(str(r["status"]) for r in responses)),
+        "refused_max_seconds": _round(max((r["seconds"] for r in refused), default=None)),
+        "refused_without_retry_after": sum(1 for r in refused if not r.get("retry_after")),
+        "answered_by_instances": sum(_answered_predictions(ts) for ts in instances),
+    }
+
+
+def _answered_predictions(instance: TorchServeInstance, settle: float = 1.0) -> int:
+    """Predictions an instance answered with 200, from its access log (log4j writes a line a moment after the
+    answer: read until the count holds for `settle` seconds)."""
+    log, answered, previous = instance.workdir / "logs" / "access_log.log", ' 200 ', None
+    while True:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        count = sum(1 for line in lines if f'"POST {PREDICT_PATH} HTTP/1.1"{answered}' in line)
+        if count == previous:
+            return count
+        previous = count
+        time.sleep(settle)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def succeeded(report: dict) -> bool:
+def succeeded(report: dict, overload: bool = False) -> bool:
     auth_ok = report.get("auth") == {"ping_without_token": 200, "predict_without_token": 401,
                                      "predict_with_wrong_token": 401}
+    if overload:
+        return auth_ok and overload_held(report.get("overload", {}))
     requests_ok = report.get("requests", {}).get("failed") == 0
     return auth_ok and requests_ok and report.get("killed") is not None
+
+
+OVERLOAD_REFUSAL_SECONDS = 5  # a full queue answers at once: well under any job's time
+
+
+def overload_held(figures: dict) -> bool:
+    """Every request got its image or a fast 503 with Retry-After, some of each, and no job was computed twice."""
+    statuses = figures.get("statuses", {})
+    return (set(statuses) == {"200", "503"} and figures["refused_without_retry_after"] == 0
+            and figures["refused_max_seconds"] <= OVERLOAD_REFUSAL_SECONDS
+            and figures["answered_by_instances"] == statuses["200"])
 
 
 def print_report(report: dict) -> None:
@@ -317,8 +369,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--request-timeout", type=float, default=330, help="seconds, per request")
     parser.add_argument("--load-timeout", type=float, default=600, help="seconds, for the whole load")
     parser.add_argument("--report", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--overload", action="store_true",
+                        help="kill nothing; check that an overload is refused fast and computes nothing twice")
+    parser.add_argument("--queue-size", type=int, help="the instances' job_queue_size (config.properties')")
     args = parser.parse_args(argv)
-    if args.instances < 2:
+    if args.instances < 2 and not args.overload:
         parser.error("--instances must be at least 2: one is killed")
     if not (args.model_store / "style_transfer.mar").is_file():
         parser.error(f"no style_transfer.mar in {args.model_store}: run scripts/build_mar.py first")
@@ -331,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(report)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
-    if succeeded(report):
+    if succeeded(report, args.overload):
         shutil.rmtree(report["workdir"], ignore_errors=True)
         return 0
     print(f"local_cluster: FAILED; configs and logs kept in {report['workdir']}", file=sys.stderr)

@@ -5,6 +5,7 @@
                           [--management http://127.0.0.1:8081] [--key-file key_file.json]
                           [--inference-token-file FILE] [--ts-config config.properties] [--prefix DIR]
                           [--renew-before 300] [--wait 300]
+                          [--public --password-file FILE --host-name NAME ...]
 
 Serves web/ on --listen with a real nginx configured from deploy/playground-nginx.conf, which passes
 POST /predictions/style_transfer on to --inference with the inference key, and GET /description to the
@@ -19,9 +20,16 @@ the key file's API key, which does not expire) once it has less than --renew-bef
 reloads nginx when the keys have changed: renewed here or elsewhere, or a restarted server. In front of a
 cluster, --inference-token-file gives the token of the load balancer instead (that one is ours and does not
 expire). Runs in the foreground until Ctrl-C or SIGTERM, then stops nginx by its pid.
+
+It passes on only what its own page sends: nginx refuses a request whose Origin or Sec-Fetch-Site says it
+comes from another site (403), and a request for a Host name that is not the playground's (421: DNS
+rebinding). --listen takes a loopback address unless --public is given, and --public needs --password-file:
+nginx then asks every visitor for that password (HTTP basic authentication, user "playground"), and
+--host-name gives the names people use to reach it (the --listen host by default).
 """
 
 import argparse
+import ipaddress
 import json
 import re
 import shutil
@@ -43,6 +51,9 @@ TEMPLATE = ROOT / "deploy" / "playground-nginx.conf"
 TORCHSERVE_MAX_REQUEST_SIZE = 6553500  # TorchServe's own default, where config.properties sets none
 READ_TIMEOUT_MARGIN = 10  # s beyond responseTimeout: TorchServe gives up first, and says so
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # TorchServe's keys are base64url; nothing else reaches nginx.conf
+HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\]")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+PASSWORD_USER = "playground"
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,44 @@ def wait_for_server(args) -> tuple[Keys, dict]:
         time.sleep(1)
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_names(args) -> list[str]:
+    """The Host names the playground answers to: --host-name, else its --listen host (and on loopback the other
+    loopback names, which a browser on this machine may use)."""
+    host = args.listen.rsplit(":", 1)[0]
+    names = list(args.host_name or [host])
+    if is_loopback(host):
+        names += [name for name in LOOPBACK_NAMES if name not in names]
+    return names
+
+
+def write_password_file(args) -> Path:
+    """nginx's user file for basic authentication: the password of --password-file, hashed (SHA-512 crypt)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # the standard library's (Python 3.11, here); nginx checks it with the C library's crypt()
+    password = args.password_file.read_text().strip()
+    users = args.prefix / "htpasswd"
+    users.touch(mode=0o600)
+    users.write_text(f"{PASSWORD_USER}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_SHA512))}\n")
+    return users
+
+
 def render(args, keys: Keys, model: dict) -> str:
+    port = args.listen.rsplit(":", 1)[1]
+    names = host_names(args)
+    basic_auth = "" if args.password_file is None else (
+        f'        auth_basic "style-transfer playground";\n        auth_basic_user_file {args.prefix}/htpasswd;')
     return NginxTemplate(TEMPLATE.read_text()).substitute(
+        server_names=" ".join(names), basic_auth=basic_auth,
+        own_origins="\n".join(f'        "http://{name}:{port}" 0;' for name in names),
         prefix=args.prefix, listen=args.listen, web_root=ROOT / "web", samples_root=ROOT / "samples",
         max_request_size=max_request_size(args.ts_config),
         read_timeout=int(model["responseTimeout"]) + READ_TIMEOUT_MARGIN,
@@ -144,12 +191,15 @@ def keep_keys_fresh(args, nginx: Nginx, keys: Keys, model: dict, stop: threading
 def run(args) -> None:
     keys, model = wait_for_server(args)
     host, port = args.listen.rsplit(":", 1)
+    if args.password_file is not None:
+        write_password_file(args)
     nginx = Nginx(args.prefix, render(args, keys, model), int(port), host=host)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        nginx.start(ready_path="/")
+        # Behind a password it answers 401 until one is given; on every address, 421 to an address it is not.
+        nginx.start(ready_path="/", ready_statuses=(200, 401, 421) if args.public else (200,))
         print(f"playground: {nginx.url}/ (web/, with TorchServe at {args.inference}); Ctrl-C stops it",
               file=sys.stderr)
         keep_keys_fresh(args, nginx, keys, model, stop)
@@ -177,9 +227,25 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--renew-before", type=float, default=300,
                         help="renew a key that expires within this many seconds (%(default)s)")
     parser.add_argument("--wait", type=float, default=300, help="seconds to wait for TorchServe (%(default)s)")
+    parser.add_argument("--public", action="store_true",
+                        help="allow a --listen address that is not loopback (needs --password-file)")
+    parser.add_argument("--password-file", type=Path,
+                        help="a file holding the password nginx asks every visitor for (user 'playground')")
+    parser.add_argument("--host-name", action="append",
+                        help="a Host name people reach the playground by (repeatable; default: the --listen host)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d+", args.listen):
         parser.error(f"--listen must be HOST:PORT; got {args.listen!r}")
+    if not is_loopback(args.listen.rsplit(":", 1)[0]):
+        if not args.public:
+            parser.error(f"--listen {args.listen} is not loopback: anyone who reaches it uses the model with the "
+                         f"server's credentials; give --public and --password-file to share it")
+        if args.password_file is None:
+            parser.error("--public needs --password-file: the playground then asks every visitor for it")
+        if args.listen.rsplit(":", 1)[0] in ("0.0.0.0", "[::]") and not args.host_name:
+            parser.error("--listen on every address needs --host-name: the names people reach it by")
+    if not all(HOST_NAME.fullmatch(name) for name in args.host_name or []):
+        parser.error("--host-name takes a host name or address, without port")
     for option in ("inference", "management"):
         url = getattr(args, option).rstrip("/")
         if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", url):

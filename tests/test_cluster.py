@@ -1,4 +1,5 @@
-"""scripts/local_cluster.py: two real TorchServe instances behind a real nginx lose no request when one dies."""
+"""scripts/local_cluster.py: two real TorchServe instances behind a real nginx lose no request when one dies, and
+refuse an overload fast without computing a job twice."""
 
 import json
 import os
@@ -56,3 +57,27 @@ def test_no_request_fails_when_an_instance_is_killed_mid_run(nginx_binary, model
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)
     assert not os.path.exists(report["workdir"])
+
+
+def test_an_overload_is_refused_fast_and_no_job_is_computed_twice(nginx_binary, model_store, tmp_path):
+    """More requests at once than two instances can queue (job_queue_size 1 each): every request gets its image
+    or, at once, 503 with Retry-After from the front (which does not pass a busy instance's 503 on to another
+    instance as a new job), and the instances answered exactly the images the clients got."""
+    report_file = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--overload", "--queue-size", "1",
+         "--instances", "2", "--model-store", str(model_store), "--requests", "16", "--concurrency", "8",
+         "--size", "32", "--steps", "10", "--report", str(report_file), "--load-timeout", "120"],
+        capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(report_file.read_text())["overload"]
+    assert set(figures["statuses"]) == {"200", "503"}, figures
+    assert figures["refused_without_retry_after"] == 0 and figures["refused_max_seconds"] <= 5
+    assert figures["answered_by_instances"] == figures["statuses"]["200"]
+
+
+def test_the_front_retries_only_where_no_instance_computes_the_request():
+    """No retry on a timeout (the instance may still be computing) nor on a 503 (answered at once)."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    (directive,) = [line.split()[1:] for line in conf.splitlines() if line.strip().startswith("proxy_next_upstream ")]
+    assert [word.rstrip(";") for word in directive] == ["error", "http_502", "non_idempotent"]

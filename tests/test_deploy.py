@@ -9,9 +9,13 @@ Container schema, which KServe's predictor embeds.
 """
 
 import json
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES, STYLES
 from local_cluster import find_nginx
+from pod_harness import Pod
+from pod_images import images_for
 from torchserve_instance import TorchServeInstance
 
 DEPLOY = ROOT / "deploy"
@@ -44,13 +50,19 @@ def documents(path):
 
 
 def manifests() -> dict[str, dict]:
-    """The objects applied together (deploy/k8s/*.yaml) by kind (each kind appears once)."""
+    """The objects applied together (deploy/k8s/*.yaml) by kind (each kind appears once), ConfigMaps by
+    "ConfigMap/<name>"."""
     found = {}
     for path in sorted(K8S.glob("*.yaml")):
         for doc in documents(path):
-            assert doc["kind"] not in found, f"two {doc['kind']} objects; the tests expect one"
-            found[doc["kind"]] = doc
+            key = f"ConfigMap/{doc['metadata']['name']}" if doc["kind"] == "ConfigMap" else doc["kind"]
+            assert key not in found, f"two {key} objects; the tests expect one"
+            found[key] = doc
     return found
+
+
+def config_maps(objects: dict[str, dict]) -> dict[str, dict[str, str]]:
+    return {doc["metadata"]["name"]: doc["data"] for key, doc in objects.items() if key.startswith("ConfigMap/")}
 
 
 def properties(path) -> dict[str, str]:
@@ -127,11 +139,12 @@ def test_kserve_config_differs_from_the_repository_config_only_where_kserve_need
     kserve = properties(DEPLOY / "kserve" / "config" / "config.properties")
     local = properties(ROOT / "config.properties")
     assert differing_keys(kserve, local) == {
-        "inference_address", "metrics_address", "model_store", "metrics_config", "allowed_urls",
-        "disable_token_authorization", "default_workers_per_model"}
+        "model_store", "metrics_config", "allowed_urls", "disable_token_authorization", "default_workers_per_model"}
     assert "default_workers_per_model" not in kserve
     assert kserve["model_store"] == "/mnt/models/model-store"  # where KServe puts storageUri's model-store/
-    assert kserve["management_address"].startswith("http://127.0.0.1:") and kserve["enable_model_api"] == "false"
+    assert all(kserve[key].startswith("http://127.0.0.1:") for key in ("inference_address", "management_address",
+                                                                       "metrics_address"))  # behind the proxy
+    assert kserve["enable_model_api"] == "false"
 
 
 @pytest.mark.integration
@@ -207,13 +220,16 @@ def test_manifests_refer_to_each_other():
     assert open_ports == {proxy_ports["http"], int(pod["metadata"]["annotations"]["prometheus.io/port"])}
 
 
-def test_auth_proxy_config_map_has_what_the_deployment_mounts():
+def test_config_maps_have_what_the_deployment_mounts():
     objects = manifests()
     pod = objects["Deployment"]["spec"]["template"]["spec"]
-    config_map = objects["ConfigMap"]
-    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == config_map["metadata"]["name"])
-    mounted = {m["subPath"] for c in pod["initContainers"] for m in c["volumeMounts"] if m["name"] == volume["name"]}
-    assert mounted == set(config_map["data"])
+    data = config_maps(objects)
+    containers = pod["initContainers"] + pod["containers"]
+    for volume in [v for v in pod["volumes"] if "configMap" in v]:
+        mounts = [m for c in containers for m in c["volumeMounts"] if m["name"] == volume["name"]]
+        assert mounts, volume["name"]
+        keys = {m["subPath"] for m in mounts if "subPath" in m} or set(data[volume["configMap"]["name"]])
+        assert keys <= set(data[volume["configMap"]["name"]])
 
 
 def test_torchserve_is_one_gpu_probed_and_drained_by_the_script_in_the_image():
@@ -248,10 +264,10 @@ def test_torchserve_serves_the_series_the_autoscaler_uses(server):
     assert 'ts_queue_latency_microseconds{model_name="style_transfer"' in metrics
 
 
-# --- the auth proxy's nginx configuration and key script --------------------------------------------------------
+# --- the auth proxy's nginx configuration ------------------------------------------------------------------------
 
 def auth_proxy_file(name: str) -> str:
-    return next(doc for doc in documents(K8S / "auth-proxy.yaml"))["data"][name]
+    return manifests()["ConfigMap/style-transfer-auth-proxy"]["data"][name]
 
 
 def test_auth_proxy_template_is_valid_nginx(tmp_path):
@@ -260,8 +276,7 @@ def test_auth_proxy_template_is_valid_nginx(tmp_path):
     except SystemExit as missing:  # a failure, not a skip: scripts/test.sh installs nginx
         pytest.fail(str(missing))
     server_block = auth_proxy_file("default.conf.template")
-    for name, value in {"CLIENT_TOKEN": "0" * 64, "TS_INFERENCE_KEY": "AbC-_123"}.items():
-        server_block = server_block.replace("${" + name + "}", value)  # what the image's envsubst does
+    server_block = server_block.replace("${CLIENT_TOKEN}", "0" * 64)  # what the image's envsubst does
     (tmp_path / "default.conf").write_text(server_block)
     (tmp_path / "nginx.conf").write_text(  # the shape of the nginx image's own nginx.conf
         f"pid {tmp_path}/nginx.pid;\nevents {{}}\nhttp {{\n    client_body_temp_path {tmp_path}/body;\n"
@@ -271,31 +286,97 @@ def test_auth_proxy_template_is_valid_nginx(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+# --- the pod, run as the kubelet would run it (tests/pod_harness.py) ---------------------------------------------
+
+def pod_properties() -> dict[str, str]:
+    text = manifests()["ConfigMap/style-transfer-torchserve"]["data"]["config.properties"]
+    return {key.strip(): value.strip() for key, value in
+            (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))}
+
+
+def test_pod_config_differs_from_the_image_config_only_where_the_pod_design_needs():
+    pod, image = pod_properties(), properties(DEPLOY / "config.properties")
+    assert differing_keys(pod, image) == {"inference_address", "grpc_inference_address",
+                                          "disable_token_authorization", "token_expiration_min"}
+    assert pod["inference_address"] == "http://127.0.0.1:8080" and pod["grpc_inference_address"] == "127.0.0.1"
+    assert pod["management_address"].startswith("http://127.0.0.1:") and pod["enable_model_api"] == "false"
+
+
+@pytest.fixture
+def pod_root():
+    """The pod's files under /tmp, reachable by the containers' users (pytest's own folders are not)."""
+    root = Path(tempfile.mkdtemp(prefix="pod-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def deployment_pod(model_store: Path, root: Path, token: str, objects: dict | None = None) -> Pod:
+    objects = objects or manifests()
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    return Pod(spec, images_for(spec, model_store / "style_transfer.mar"), config_maps(objects),
+               {"style-transfer-token": {"token": token}}, root, name="style-transfer")
+
+
+def predict(url: str, token: str | None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(f"{url}/predictions/style_transfer", headers=headers, timeout=120,
+                         files={"content": (SAMPLES / "tubingen.jpg").read_bytes()},
+                         data={"presets": "starry_night", "size": "32", "steps": "1"})
+
+
 @pytest.mark.integration
-def test_auth_proxy_reads_the_inference_key_and_notices_a_new_one(server, tmp_path):
-    script = tmp_path / "15-torchserve-key.envsh"
-    script.write_text(auth_proxy_file("15-torchserve-key.envsh"))
-    key_file, renewed = server.workdir / "key_file.json", tmp_path / "renewed.json"
-    renewed.write_text(key_file.read_text().replace(server.key(), "NewKey42"))
-    liveness = manifests()["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]["livenessProbe"]
+def test_the_deployment_s_pod_serves_through_its_proxy_only_and_survives_a_torchserve_restart(model_store, pod_root):
+    """deploy/k8s's pod with its users, groups, volumes, mounts and read-only roots: its probes pass, the proxy
+    answers with the Secret's token and refuses without it, TorchServe is out of reach from outside the pod,
+    and a restarted TorchServe is served through the same proxy, which is not restarted."""
+    token = secrets.token_hex(32)
+    with deployment_pod(model_store, pod_root, token) as pod:
+        proxy, torchserve = pod.containers["auth-proxy"], pod.containers["torchserve"]
+        assert (proxy.uid, torchserve.uid) == (101, 1000)  # the manifest's users, as the kubelet applies them
+        for attempt in range(2):  # as started, then after TorchServe restarts
+            torchserve.wait_for("startupProbe", timeout=180)
+            assert torchserve.probe("readinessProbe") and torchserve.probe("livenessProbe")
+            proxy.wait_for("readinessProbe", timeout=30)
+            port = proxy.port("http")
+            answer = predict(pod.url(port), token)
+            assert answer.status_code == 200 and answer.headers["Content-Type"] == "image/png", answer.text
+            assert predict(pod.url(port), None).status_code == 401
+            assert predict(pod.url(port), token + "x").status_code == 401
+            if attempt == 0:
+                for torchserve_port in (8080, 8081, 7070):  # loopback only: the proxy is the one door
+                    with pytest.raises(requests.ConnectionError):
+                        requests.get(pod.url(torchserve_port, "/ping"), timeout=5)
+                written = torchserve.exec(["sh", "-c", "touch /home/model-server/x || echo read-only"])
+                assert "read-only" in written.stdout  # readOnlyRootFilesystem: only the mounts are writable
+                torchserve.restart()
+        assert proxy.restarts == 0 and torchserve.restarts == 1
 
-    def run(command, key_path):
-        return subprocess.run(command, capture_output=True, text=True, timeout=30,
-                              env={"TS_KEY_FILE": str(key_path), "PATH": "/usr/bin:/bin"})
 
-    try:  # the script keeps the key in the proxy's /tmp, as in the pod
-        sourced = run(["sh", "-c", f'. "{script}" && printf %s "$TS_INFERENCE_KEY"'], key_file)
-        assert (sourced.returncode, sourced.stdout) == (0, server.key()), sourced.stderr
-        assert run(liveness["exec"]["command"], key_file).returncode == 0
-        assert run(liveness["exec"]["command"], renewed).returncode == 1
-    finally:
-        (Path("/tmp") / "torchserve-inference-key").unlink(missing_ok=True)
+@pytest.mark.parametrize("removed", [None, "/tmp", "/etc/nginx/conf.d"])
+def test_the_proxy_starts_with_its_mounts_and_not_without_them(removed, pod_root):
+    """The sidecar alone, as it starts before TorchServe: with the manifest's mounts it serves its port as uid 101
+    under its read-only root (502: no TorchServe yet); without the emptyDir for its temporary files it exits,
+    without the one its entrypoint writes the filled template to it serves nothing."""
+    objects = manifests()
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    (proxy,) = spec["initContainers"]
+    proxy["volumeMounts"] = [m for m in proxy["volumeMounts"] if m["mountPath"] != removed]
+    pod = Pod({**spec, "containers": []}, images_for(spec, Path("/nonexistent")), config_maps(objects),
+              {"style-transfer-token": {"token": "0" * 64}}, pod_root)
+    with pod:
+        sidecar = pod.containers["auth-proxy"]
+        deadline = time.monotonic() + 10
+        while sidecar.running() and time.monotonic() < deadline and "start worker" not in sidecar.log():
+            time.sleep(0.1)
+        try:
+            status = requests.get(pod.url(sidecar.port("http"), "/ping"), timeout=5).status_code
+        except requests.ConnectionError:
+            status = None
+        assert (status if sidecar.running() else None) == (502 if removed is None else None), sidecar.log()
 
 
 # --- KServe -----------------------------------------------------------------------------------------------------
-
-KSERVE_ONLY_FIELDS = {"storageUri", "runtimeVersion", "protocolVersion", "storage"}  # the rest is a Container
-
 
 def kubernetes_schema_validator(definition: str, version: str = KUBERNETES_VERSIONS[-1]):
     directory = f"kubernetes-json-schema/v{version}.0-local-strict"
@@ -304,25 +385,67 @@ def kubernetes_schema_validator(definition: str, version: str = KUBERNETES_VERSI
     return jsonschema.Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{definition}"}, registry=registry)
 
 
-def test_inference_service_has_kserve_s_structure():
+def inference_service() -> dict:
     (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
+    return service
+
+
+def test_inference_service_has_kserve_s_structure():
+    service = inference_service()
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert service["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert service["metadata"]["annotations"]["serving.kserve.io/enable-metric-aggregation"] == "true"
     predictor = service["spec"]["predictor"]
-    # ComponentExtensionSpec fields of KServe's v1beta1 PredictorSpec that we set, with their types
-    assert set(predictor) == {"containerConcurrency", "scaleMetric", "scaleTarget", "minReplicas", "maxReplicas",
-                              "timeout", "pytorch"}
+    # ComponentExtensionSpec fields of KServe's v1beta1 PredictorSpec that we set, with their types, and the
+    # PodSpec it embeds
+    scaling = {"containerConcurrency", "scaleMetric", "scaleTarget", "minReplicas", "maxReplicas", "timeout"}
+    assert set(predictor) == scaling | {"securityContext", "containers", "volumes"}
     assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
-    assert all(isinstance(predictor[key], int) for key in set(predictor) - {"scaleMetric", "pytorch"})
+    assert all(isinstance(predictor[key], int) for key in scaling - {"scaleMetric"})
     assert predictor["containerConcurrency"] == 1  # one optimisation at a time per GPU worker
     assert predictor["timeout"] >= 300  # TorchServe's responseTimeout (handler/model-config.yaml)
     assert all(isinstance(value, str) for value in service["metadata"]["annotations"].values())
 
 
-def test_inference_service_predictor_is_a_valid_container_serving_kserve_s_layout():
-    (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
-    pytorch = service["spec"]["predictor"]["pytorch"]
-    container = {"name": "kserve-container", **{k: v for k, v in pytorch.items() if k not in KSERVE_ONLY_FIELDS}}
-    kubernetes_schema_validator("io.k8s.api.core.v1.Container").validate(container)
-    assert pytorch["storageUri"].split("://")[0] in ("s3", "gs", "pvc", "https", "hf", "oci", "azure")
-    assert "/mnt/models/config/config.properties" in pytorch["args"]  # storageUri's config/config.properties
-    assert pytorch["resources"]["limits"]["nvidia.com/gpu"] == 1
+def test_inference_service_predictor_is_a_valid_pod_serving_kserve_s_layout():
+    predictor = inference_service()["spec"]["predictor"]
+    pod = {key: value for key, value in predictor.items() if key in ("securityContext", "containers", "volumes")}
+    kubernetes_schema_validator("io.k8s.api.core.v1.PodSpec").validate(pod)
+    torchserve, proxy = predictor["containers"]
+    assert torchserve["name"] == "kserve-container"  # where KServe's storage initializer puts storageUri
+    storage = next(item["value"] for item in torchserve["env"] if item["name"] == "STORAGE_URI")
+    assert storage.split("://")[0] in ("s3", "gs", "pvc", "https", "hf", "oci", "azure")
+    assert "/mnt/models/config/config.properties" in torchserve["command"]  # storageUri's config/config.properties
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert [c for c in predictor["containers"] if c.get("ports")] == [proxy]  # Knative routes to one port: the proxy
+
+
+@pytest.mark.integration
+def test_the_inference_service_s_pod_is_authenticated_and_serves_through_its_proxy_only(model_store, pod_root):
+    """The InferenceService's predictor as a pod, with /mnt/models as KServe's storage initializer fills it:
+    200 with the Secret's token, 401 without, and nothing of TorchServe (inference, metrics) reachable from
+    outside the pod."""
+    provisioned = pod_root / "mnt-models"
+    (provisioned / "model-store").mkdir(parents=True)
+    (provisioned / "config").mkdir()
+    shutil.copy(model_store / "style_transfer.mar", provisioned / "model-store")
+    shutil.copy(DEPLOY / "kserve" / "config" / "config.properties", provisioned / "config")
+    predictor = inference_service()["spec"]["predictor"]
+    spec = {**predictor, "volumes": [*predictor["volumes"], {"name": "kserve-provision-location",
+                                                               "hostPath": {"path": str(provisioned)}}]}
+    torchserve = {**spec["containers"][0]}
+    torchserve["volumeMounts"] = [*torchserve["volumeMounts"], {"name": "kserve-provision-location",
+                                                                "mountPath": "/mnt/models", "readOnly": True}]
+    spec["containers"] = [torchserve, spec["containers"][1]]
+    token = secrets.token_hex(32)
+    pod = Pod(spec, images_for(spec, model_store / "style_transfer.mar"), config_maps(manifests()),
+              {"style-transfer-token": {"token": token}}, pod_root / "pod", name="style-transfer-predictor")
+    with pod:
+        proxy = pod.containers["auth-proxy"]
+        proxy.wait_for("readinessProbe", timeout=180)
+        answer = predict(pod.url(8000), token)
+        assert answer.status_code == 200 and answer.headers["Content-Type"] == "image/png", answer.text
+        assert predict(pod.url(8000), None).status_code == 401
+        for port in (8080, 8081, 8082, 7070):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(pod.url(port, "/ping"), timeout=5)

@@ -5,6 +5,8 @@ deploy/nginx.conf before the session's shared server. Small images and few steps
 plumbing, not the method. Screenshots of the finished page are kept in pytest's temporary folder
 (playground_screenshots0/ under --basetemp)."""
 
+import contextlib
+import http.server
 import io
 import json
 import os
@@ -14,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -405,7 +408,73 @@ def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser
         os.killpg(front_group, 0)
 
 
+def test_requests_from_other_sites_and_unknown_hosts_are_refused(playground, browser):
+    """A page of another origin open in the same browser (another local web server's, on another port)
+    cannot make the browser queue a job with the playground's key: Chromium's multipart POST, which needs no
+    preflight, reaches nginx with that page's Origin and is refused (403); so are requests that say they come
+    from another site, and any Host name but the playground's own."""
+    predict_url = playground.url + PREDICT_PATH
+    statuses = []
+    with _other_origin() as elsewhere:
+        tab = browser.new_page()
+        tab.on("response", lambda answer: answer.url == predict_url and statuses.append(answer.status))
+        tab.goto(elsewhere)
+        tab.evaluate("""url => { const form = new FormData(); form.append('presets', 'shipwreck');
+            return fetch(url, {method: 'POST', body: form, mode: 'no-cors'}).catch(() => null); }""", predict_url)
+        tab.close()
+    assert statuses == [403]
+    files = {"content": CONTENT.read_bytes()}
+    for headers in ({"Origin": "https://elsewhere.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site"}, {"Origin": "null"}):
+        assert requests.post(predict_url, files=files, headers=headers, timeout=10).status_code == 403, headers
+        assert requests.get(playground.url + "/description", headers=headers, timeout=10).status_code == 403
+    rebound = {"Host": f"rebound.example:{playground.port}"}
+    for path in ("/", "/description", PREDICT_PATH):
+        assert requests.get(playground.url + path, headers=rebound, timeout=10).status_code == 421, path
+    same_origin = {"Origin": playground.url, "Sec-Fetch-Site": "same-origin"}
+    answer = with_current_key(lambda: requests.post(predict_url, files=files, headers=same_origin, timeout=60,
+                                                    data={"presets": "shipwreck", "size": "32", "steps": "1"}))
+    assert answer.status_code == 200, answer.text
+
+
+def test_it_listens_beyond_loopback_only_when_told_and_with_a_password(tmp_path):
+    from playground import parse_args
+
+    password = tmp_path / "password"
+    password.write_text("correct horse\n")
+    for refused in (["--listen", "0.0.0.0:8090"], ["--listen", "192.0.2.7:8090", "--public"],
+                    ["--listen", "0.0.0.0:8090", "--public", "--password-file", str(password)]):
+        with pytest.raises(SystemExit):
+            parse_args(refused)
+    allowed = parse_args(["--listen", "0.0.0.0:8090", "--public", "--password-file", str(password),
+                          "--host-name", "playground.example"])
+    assert allowed.public and allowed.host_name == ["playground.example"]
+
+
 # --- helpers ---
+
+
+@contextlib.contextmanager
+def _other_origin():
+    """An empty page served by another web server on this machine: its URL."""
+    class Empty(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the standard library's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html></html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def drag(tab, points: list[tuple[float, float]]) -> None:
