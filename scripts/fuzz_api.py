@@ -63,8 +63,10 @@ EXCLUDED_CHECKS = {
 
 
 def server_view(spec: dict, description: dict) -> dict:
-    """The spec as a server states it: its defaults, and its maxima where it lowers the engine's."""
+    """The spec as a TorchServe states it: only the paths it serves (the jobs API's paths name their own
+    server, the jobs service), its defaults, and its maxima where it lowers the engine's."""
     spec = copy.deepcopy(spec)
+    spec["paths"] = {path: item for path, item in spec["paths"].items() if "servers" not in item}
     params = spec["components"]["schemas"]["Params"]["properties"]
     for parameter in description["parameters"]:
         # TorchServe leaves JSON nulls out of the description: a default of null comes as no default at all
