@@ -95,7 +95,9 @@ class Container:
         env = {"PATH": DEFAULT_PATH, "HOSTNAME": self.pod.name, "HOME": self.image.env.get("HOME", "/"),
                **self.image.env}
         for item in self.spec.get("env", []):
-            env[item["name"]] = self.pod.env_value(item)
+            value = self.pod.env_value(item)
+            if value is not None:
+                env[item["name"]] = value
         return env
 
     def argv(self) -> list[str]:
@@ -221,6 +223,15 @@ class Container:
             time.sleep(0.05)
         raise TimeoutError(f"container {self.name} did not start")
 
+    def wait_started(self) -> bool:
+        """Wait for the container's first process; False where it exited first (a crash, which the kubelet
+        records as the container's status: its log says why)."""
+        try:
+            self.pid
+        except RuntimeError:
+            return False
+        return True
+
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -304,13 +315,19 @@ class Pod:
         return f"http://{self.ip}:{port}{path}"
 
     # --- volumes ---
-    def env_value(self, item: dict) -> str:
+    def env_value(self, item: dict) -> str | None:
+        """An env entry's value, or None where it names an optional Secret or ConfigMap (or key) that does not
+        exist: the kubelet then leaves the variable unset."""
         if "value" in item:
             return str(item["value"])
         source = item["valueFrom"]
-        if "secretKeyRef" in source:
-            return self.secrets[source["secretKeyRef"]["name"]][source["secretKeyRef"]["key"]]
-        return self.config_maps[source["configMapKeyRef"]["name"]][source["configMapKeyRef"]["key"]]
+        kind, ref = (("secretKeyRef", self.secrets) if "secretKeyRef" in source
+                     else ("configMapKeyRef", self.config_maps))
+        reference = source[kind]
+        value = ref.get(reference["name"], {}).get(reference["key"])
+        if value is None and not reference.get("optional", False):
+            raise KeyError(f"{kind} {reference['name']}/{reference['key']} is not in the pod's objects")
+        return value
 
     def volume_dir(self, name: str) -> Path:
         """Where a volume's files are: a hostPath's own path, else a folder of the pod's."""
@@ -379,7 +396,7 @@ class Pod:
         for container in self.containers.values():
             container.start()
             if container.running():
-                container.pid  # started (the kubelet's sidecar startup): the next one may begin
+                container.wait_started()  # the kubelet's sidecar startup: the next one may begin
         return self
 
     def stop(self) -> None:

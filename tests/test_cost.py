@@ -34,7 +34,7 @@ def slowed(speed: DeviceSpeed, factor: float) -> DeviceSpeed:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
-def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_the_estimate(extractor, speed, precision):
+def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_the_estimate(extractor, precision):
     """Past its deadline a batch still computes its targets at every scale, evaluates each scale's start image
     and reports float32 losses: the work the model calls fixed. It must not take longer than estimated (the
     handler reserves that much), nor be so overestimated that the estimate refuses what would fit."""
@@ -43,8 +43,10 @@ def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_the_e
     styles = (sample("styles/starry_night.jpg"), sample("styles/shipwreck.jpg"))
     job = shrink_to_need(StyleJob(sample("tubingen.jpg"), styles, params))
     jobs = [job, replace(job, params=replace(params, seed=1))]
-    fixed = group_cost(jobs, CPU, speed).fixed
     stylize_batch(extractor, jobs, deadline=time.perf_counter())  # warm-up: first calls allocate
+    # timed just before the work, as a worker times its device just before serving: on a shared machine the
+    # speed of a minute ago may not be the speed now
+    fixed = group_cost(jobs, CPU, measure_speed(extractor, CPU)).fixed
     started = time.perf_counter()
     results = stylize_batch(extractor, jobs, deadline=started)
     elapsed = time.perf_counter() - started
