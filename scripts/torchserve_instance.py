@@ -119,14 +119,7 @@ class TorchServeInstance:
     def stop(self, grace: float = 15) -> None:
         if self.process is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            if _group_gone(self.process, wait):
-                break
-        self.process.wait(timeout=10)
+        stop_process_group(self.process, grace)
         self.process = None
 
     def log_tail(self, lines: int = 40) -> str:
@@ -138,6 +131,19 @@ class TorchServeInstance:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 15) -> None:
+    """Stop the process group `process` leads (started with start_new_session): SIGTERM, `grace` seconds for
+    all of it to go, then SIGKILL. TorchServe's launcher does not pass SIGTERM on to Java, hence the group."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        if _group_gone(process, wait):
+            break
+    process.wait(timeout=10)
 
 
 def _group_gone(process: subprocess.Popen, timeout: float) -> bool:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from torchserve_instance import stop_process_group
 
 HOST_SOFTWARE = ("/usr", "/etc")  # bound read-only into every container's root, as an image's layers would be
 MERGED_USR_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
@@ -238,14 +239,7 @@ class Container:
     def stop(self, grace: float = 15) -> None:
         if self.process is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            if _group_gone(self.process, wait):
-                break
-        self.process.wait(timeout=10)
+        stop_process_group(self.process, grace)
         self.process = None
 
     def restart(self) -> None:
@@ -434,14 +428,3 @@ def _give_group(path: Path, group: int, read_only: bool) -> None:
         extra = mask | 0o2110 if item.is_dir() else mask
         item.chmod(item.stat().st_mode | extra)
 
-
-def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        process.poll()
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
