@@ -7,13 +7,12 @@ SIGTERM, then SIGKILL. Nothing else on the machine is touched.
 
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
-from torchserve_instance import free_port
+from torchserve_instance import free_port, stop_process_group
 
 REDIS_SERVER = "redis-server"
 
@@ -69,14 +68,7 @@ class RedisInstance:
     def stop(self) -> None:
         if self.process is None:
             return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            if self.process.poll() is not None:
-                break
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.process, grace=10)
         self.process = None
 
     def __enter__(self):

@@ -123,14 +123,19 @@ class TorchServeInstance:
         self.process = None
 
     def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.log_path, lines)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def file_tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a log file, or "" before it exists."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def stop_process_group(process: subprocess.Popen, grace: float = 15) -> None:

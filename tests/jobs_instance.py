@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from conftest import ROOT
-from torchserve_instance import free_port
+from torchserve_instance import file_tail, free_port, stop_process_group
 
 
 class JobsInstance:
@@ -69,17 +69,11 @@ class JobsInstance:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process_group(self.process)
         self.process = None
 
     def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.log_path, lines)
 
     def __enter__(self):
         return self.start()
