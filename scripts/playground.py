@@ -5,6 +5,7 @@
                           [--management http://127.0.0.1:8081] [--key-file key_file.json]
                           [--inference-token-file FILE] [--ts-config config.properties] [--prefix DIR]
                           [--renew-before 300] [--wait 300]
+                          [--jobs http://127.0.0.1:8070 | off] [--jobs-token-file jobs_token]
                           [--public --password-file FILE --host-name NAME ...]
 
 Serves web/ on --listen with a real nginx configured from deploy/playground-nginx.conf, which passes
@@ -13,6 +14,13 @@ management API's describe call (`/models/style_transfer?customized=true`) with t
 defaults are scripts/serve.sh's server: its ports, its key_file.json in the repository root and its
 config.properties, whose max_request_size nginx takes over; nginx's read timeout is TorchServe's
 responseTimeout for the model, from its description, plus a margin.
+
+The page runs each request as a job of the jobs service (docs/jobs.md), so that a closed tab loses nothing and
+its Cancel button stops the work: nginx passes the jobs API (POST /jobs, GET /jobs/{id}, .../events,
+.../result, POST .../cancel; deploy/playground-nginx-jobs.conf) on to --jobs with the token of
+--jobs-token-file (scripts/serve.sh's ./jobs_token; it does not expire). The playground waits for the jobs
+service as for TorchServe and refuses to start without it; with --jobs off (a server run with JOBS=off) the
+page streams its request from TorchServe instead, and a closed tab loses that request's result.
 
 TorchServe's inference and management keys expire after token_expiration_min (60 minutes unless set). While
 it runs, this script reads the key file every few seconds, renews a key through TorchServe's token API (with
@@ -48,6 +56,7 @@ from local_cluster import Nginx, NginxTemplate, find_nginx
 from torchserve_instance import MODEL_NAME, ROOT
 
 TEMPLATE = ROOT / "deploy" / "playground-nginx.conf"
+JOBS_TEMPLATE = ROOT / "deploy" / "playground-nginx-jobs.conf"  # placed into TEMPLATE unless --jobs off
 TORCHSERVE_MAX_REQUEST_SIZE = 6553500  # TorchServe's own default, where config.properties sets none
 READ_TIMEOUT_MARGIN = 10  # s beyond responseTimeout: TorchServe gives up first, and says so
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # TorchServe's keys are base64url; nothing else reaches nginx.conf
@@ -107,6 +116,42 @@ def wait_for_server(args) -> tuple[Keys, dict]:
         time.sleep(1)
 
 
+def read_jobs_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not KEY_PATTERN.fullmatch(token):
+        raise ValueError(f"{path} holds no token (or one with characters the jobs service does not write)")
+    return token
+
+
+def check_jobs(url: str, token: str) -> None:
+    """The jobs service answers, and takes `token`: an unknown job is 404 to its clients, 401 to anyone else."""
+    requests.get(f"{url}/ping", timeout=10).raise_for_status()
+    answer = requests.get(f"{url}/jobs/playground-token-check", timeout=10,
+                          headers={"Authorization": f"Bearer {token}"})
+    if answer.status_code == 401:
+        raise SystemExit(f"playground: the jobs service at {url} refuses the token of the jobs token file: give "
+                         f"--jobs-token-file the file it reads (scripts/serve.sh: ./jobs_token)")
+    if answer.status_code != 404:
+        answer.raise_for_status()
+
+
+def wait_for_jobs(args) -> str:
+    """The jobs token, once its file exists and the jobs service answers and accepts it."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            token = read_jobs_token(args.jobs_token_file)
+            check_jobs(args.jobs, token)
+            return token
+        except (OSError, ValueError, requests.RequestException) as error:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"playground: no jobs service at {args.jobs} with the token of {args.jobs_token_file} "
+                                 f"after {args.wait:.0f} s ({error}); start scripts/serve.sh with its jobs service "
+                                 f"(not JOBS=off), or give --jobs off: the page then streams from TorchServe, and "
+                                 f"a closed tab loses the result") from None
+        time.sleep(1)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -142,8 +187,11 @@ def render(args, keys: Keys, model: dict) -> str:
     names = host_names(args)
     basic_auth = "" if args.password_file is None else (
         f'        auth_basic "style-transfer playground";\n        auth_basic_user_file {args.prefix}/htpasswd;')
+    jobs_routes = "" if args.jobs is None else NginxTemplate(JOBS_TEMPLATE.read_text()).substitute(
+        jobs_url=args.jobs, jobs_token=args.jobs_token, max_request_size=max_request_size(args.ts_config))
     return NginxTemplate(TEMPLATE.read_text()).substitute(
         server_names=" ".join(names), basic_auth=basic_auth,
+        jobs_routes=jobs_routes, jobs_enabled="false" if args.jobs is None else "true",
         own_origins="\n".join(f'        "http://{name}:{port}" 0;' for name in names),
         prefix=args.prefix, listen=args.listen, web_root=ROOT / "web", samples_root=ROOT / "samples",
         max_request_size=max_request_size(args.ts_config),
@@ -190,6 +238,8 @@ def keep_keys_fresh(args, nginx: Nginx, keys: Keys, model: dict, stop: threading
 
 def run(args) -> None:
     keys, model = wait_for_server(args)
+    if args.jobs is not None:
+        args.jobs_token = wait_for_jobs(args)
     host, port = args.listen.rsplit(":", 1)
     if args.password_file is not None:
         write_password_file(args)
@@ -200,7 +250,8 @@ def run(args) -> None:
     try:
         # Behind a password it answers 401 until one is given; on every address, 421 to an address it is not.
         nginx.start(ready_path="/", ready_statuses=(200, 401, 421) if args.public else (200,))
-        print(f"playground: {nginx.url}/ (web/, with TorchServe at {args.inference}); Ctrl-C stops it",
+        print(f"playground: {nginx.url}/ (web/, with TorchServe at {args.inference}"
+              f"{'' if args.jobs is None else f' and the jobs service at {args.jobs}'}); Ctrl-C stops it",
               file=sys.stderr)
         keep_keys_fresh(args, nginx, keys, model, stop)
     finally:
@@ -233,6 +284,12 @@ def parse_args(argv: list[str] | None):
                         help="a file holding the password nginx asks every visitor for (user 'playground')")
     parser.add_argument("--host-name", action="append",
                         help="a Host name people reach the playground by (repeatable; default: the --listen host)")
+    parser.add_argument("--jobs", default="http://127.0.0.1:8070",
+                        help="the jobs service the page runs its requests on, or 'off': the page then streams "
+                             "them from --inference, and a closed tab loses the result (%(default)s)")
+    parser.add_argument("--jobs-token-file", type=Path, default=ROOT / "jobs_token",
+                        help="the jobs service's token file (default: the repository root's, which "
+                             "scripts/serve.sh's jobs service writes)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d+", args.listen):
         parser.error(f"--listen must be HOST:PORT; got {args.listen!r}")
@@ -251,6 +308,12 @@ def parse_args(argv: list[str] | None):
         if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", url):
             parser.error(f"--{option} must be http(s)://HOST:PORT; got {url!r}")
         setattr(args, option, url)
+    if args.jobs == "off":
+        args.jobs = None
+    elif re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", args.jobs.rstrip("/")):
+        args.jobs = args.jobs.rstrip("/")
+    else:
+        parser.error(f"--jobs must be http(s)://HOST:PORT or off; got {args.jobs!r}")
     return args
 
 

@@ -1,9 +1,9 @@
 """The playground (web/, scripts/playground.sh) in a real headless Chromium, behind the real nginx of
-playground.sh, in front of a real TorchServe with a random-weights archive whose keys expire every 15 s, so
-that the playground renews them while the tests run; and once in front of a load balancer, the front of
-deploy/nginx.conf before the session's shared server. Small images and few steps: these test the page and its
-plumbing, not the method. Screenshots of the finished page are kept in pytest's temporary folder
-(playground_screenshots0/ under --basetemp)."""
+playground.sh, in front of a real jobs service (on the session's Redis) and a real TorchServe with a
+random-weights archive whose keys expire every 15 s, so that the playground renews them while the tests run;
+and once, with --jobs off, in front of a load balancer, the front of deploy/nginx.conf before the session's
+shared server. Small images and few steps: these test the page and its plumbing, not the method. Screenshots
+of the finished page are kept in pytest's temporary folder (playground_screenshots0/ under --basetemp)."""
 
 import contextlib
 import http.server
@@ -27,6 +27,7 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, SAMPLES
+from jobs_instance import JobsInstance
 from local_cluster import Hop, Nginx, render_nginx_conf
 from torchserve_instance import TorchServeInstance, free_port
 
@@ -41,18 +42,21 @@ RENEW_BEFORE_SECONDS = 10
 CONTENT = SAMPLES / "tubingen.jpg"
 STYLE = SAMPLES / "styles" / "starry_night.jpg"
 PREDICT_PATH = "/predictions/style_transfer"
+JOB_PATHS = ("/jobs/{id}", "/jobs/{id}/events", "/jobs/{id}/result")  # and POST /jobs, POST /jobs/{id}/cancel
+REMEMBERED_JOB = "playground.job"  # web/js/main.js's localStorage key
 WAIT_MS = 60_000  # for anything the page waits for from the server: a bound, not an expectation
 PHONE_WIDTH = 360  # px: a small phone's screen
 STREAMED_SECONDS = 8  # max_seconds of the streaming check: a dozen progress lines, 0.5 s apart at the least
 
 
 class Playground:
-    """scripts/playground.sh in front of `torchserve`, or with `inference` and `token_file` in front of a load
-    balancer of several (docs/playground.md); the description from `torchserve`'s management API."""
+    """scripts/playground.sh in front of `torchserve` and `jobs` (None: --jobs off), or with `inference` and
+    `token_file` in front of a load balancer of several (docs/playground.md); the description from
+    `torchserve`'s management API."""
 
-    def __init__(self, torchserve: TorchServeInstance, prefix: Path, inference: str | None = None,
-                 token_file: Path | None = None):
-        self.torchserve, self.prefix, self.port = torchserve, prefix, free_port()
+    def __init__(self, torchserve: TorchServeInstance, prefix: Path, jobs: JobsInstance | None,
+                 inference: str | None = None, token_file: Path | None = None):
+        self.torchserve, self.prefix, self.port, self.jobs = torchserve, prefix, free_port(), jobs
         self.inference, self.token_file = inference or torchserve.url("inference"), token_file
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = prefix.parent / "playground.log"
@@ -71,6 +75,8 @@ class Playground:
                    "--renew-before", str(RENEW_BEFORE_SECONDS), "--wait", "30"]
         if self.token_file is not None:
             command += ["--inference-token-file", str(self.token_file)]
+        command += ["--jobs", "off"] if self.jobs is None else [
+            "--jobs", self.jobs.url(), "--jobs-token-file", str(self.jobs.workdir / "jobs_token")]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -103,16 +109,27 @@ class Playground:
 
 
 @pytest.fixture(scope="module")
-def torchserve(model_store, tmp_path_factory):
+def torchserve(model_store, tmp_path_factory, redis_server):
+    """Its worker reads the jobs service's cancellations from the session's Redis, as scripts/serve.sh sets up."""
     instance = TorchServeInstance(model_store, tmp_path_factory.mktemp("playground_torchserve"),
-                                  overrides={"token_expiration_min": str(KEY_LIFETIME_MINUTES)})
+                                  overrides={"token_expiration_min": str(KEY_LIFETIME_MINUTES)},
+                                  env={"STYLE_JOBS_REDIS_URL": redis_server.url})
     with instance:
         yield instance
 
 
 @pytest.fixture(scope="module")
-def playground(torchserve, tmp_path_factory):
-    served = Playground(torchserve, tmp_path_factory.mktemp("playground") / "nginx").start()
+def jobs(torchserve, redis_server, tmp_path_factory):
+    """The jobs service in front of `torchserve`. It renews TorchServe's key only once the key has expired: the
+    playground renews it before, and two renewers would each invalidate the key the other just read."""
+    with JobsInstance(tmp_path_factory.mktemp("playground_jobs"), redis_server.url, torchserve,
+                      renew_key_before_seconds=0, retention_seconds=600) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def playground(torchserve, jobs, tmp_path_factory):
+    served = Playground(torchserve, tmp_path_factory.mktemp("playground") / "nginx", jobs).start()
     yield served
     served.stop()
     with pytest.raises(ProcessLookupError):  # no nginx left behind
@@ -159,7 +176,9 @@ class Watched:
 
 @pytest.fixture
 def page(browser, playground):
+    """A new tab of the playground with no job remembered from another test's (the tests share one profile)."""
     opened = browser.new_page()
+    opened.add_init_script(f"localStorage.removeItem('{REMEMBERED_JOB}')")
     watched = Watched(opened)
     opened.goto(playground.url + "/")
     opened.locator("#preset-list li").nth(2).wait_for(timeout=WAIT_MS)  # the description has come
@@ -260,7 +279,7 @@ def test_an_invalid_value_shows_the_servers_message_next_to_its_field(page, torc
     refusal = refused_directly(torchserve, {"content": b"not a photo", "style": STYLE.read_bytes()}, {"size": "64"})
     assert refusal["field"] == "content" and shown.inner_text() == refusal["message"]
     assert tab.is_hidden("#error-size")  # the earlier error is gone
-    assert page.errors(refusals=2) == []
+    assert page.errors() == []  # each refusal came as the job's error event, not as an HTTP error
 
 
 def test_painted_masks_are_sent_as_mask_1_and_on_and_the_server_paints_by_them(page, torchserve, screenshots):
@@ -270,7 +289,7 @@ def test_painted_masks_are_sent_as_mask_1_and_on_and_the_server_paints_by_them(p
     answer without masks."""
     tab = page.page
     sent = []
-    tab.route(f"**{PREDICT_PATH}", lambda route: (sent.append(route.request.post_data_buffer), route.continue_()))
+    tab.route("**/jobs", lambda route: (sent.append(route.request.post_data_buffer), route.continue_()))
     tab.click("#use-sample")
     tab.set_input_files("#style-files", str(STYLE))
     tab.check("#preset-shipwreck")
@@ -327,18 +346,22 @@ def test_the_playground_outlives_the_keys_it_started_with(playground):
     assert answer.status_code == 200 and answer.headers["Content-Type"] == "image/png"
 
 
-def test_progress_passes_through_nginx_as_it_comes(playground):
-    """Each progress line reaches the client when TorchServe sends it (at most every 0.5 s), not held back with
-    the others: most of them come apart from the one before. The job runs for STREAMED_SECONDS, whatever the
-    machine's speed; a proxy that buffered the answer would deliver its lines in one or a few bursts."""
+def test_a_jobs_events_pass_through_nginx_as_they_come(playground):
+    """Each progress event of a job submitted through the playground reaches the client when the jobs service
+    sends it (TorchServe's progress lines come at most every 0.5 s), not held back with the others: most of them
+    come apart from the one before. The job runs for STREAMED_SECONDS, whatever the machine's speed; a proxy that
+    buffered the events would deliver them in one or a few bursts."""
     arrived = []
-    request = {"files": {"content": CONTENT.read_bytes()}, "stream": True, "timeout": 120,
-               "data": {"presets": "shipwreck", "size": "64", "steps": "2000", "max_seconds": str(STREAMED_SECONDS),
-                        "early_stop_tol": "0", "stream": "true"}}
-    with with_current_key(lambda: requests.post(playground.url + PREDICT_PATH, **request)) as answer:
-        assert answer.status_code == 200, answer.text
-        for line in answer.iter_lines():
-            arrived.append((time.monotonic(), json.loads(line)["event"]))
+    submitted = requests.post(playground.url + "/jobs", files={"content": CONTENT.read_bytes()}, timeout=30, data={
+        "presets": "shipwreck", "size": "64", "steps": "2000", "max_seconds": str(STREAMED_SECONDS),
+        "early_stop_tol": "0"})
+    assert submitted.status_code == 202, submitted.text
+    events_path = submitted.json()["urls"]["events"]
+    with requests.get(playground.url + events_path, stream=True, timeout=120) as answer:
+        assert answer.status_code == 200 and answer.headers["Content-Type"] == "text/event-stream", answer.text
+        for line in answer.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                arrived.append((time.monotonic(), line.removeprefix("event: ")))
     events = [event for _, event in arrived]
     assert events[-1] == "done" and events.count("progress") >= 4, events
     progress = [at for at, event in arrived if event == "progress"]
@@ -356,12 +379,88 @@ def test_of_the_management_api_only_the_description_is_reachable(playground):
     assert requests.post(playground.url + "/description", timeout=10).status_code == 403
     assert requests.get(playground.url + PREDICT_PATH, timeout=10).status_code == 403
     for path in ("/models", "/models/style_transfer", "/ping", "/metrics", "/token?type=inference",
-                 "/samples/CREDITS.md", "/samples/masks/tubingen-sky.png"):
+                 "/samples/CREDITS.md", "/samples/masks/tubingen-sky.png", "/jobs/x/other", "/jobs/x/result/y"):
         assert requests.get(playground.url + path, timeout=10).status_code == 404, path
+    # of the jobs API, only what the page uses: no PUT of a job, no GET of the list, no POST to a job's status
+    for method, path in (("PUT", "/jobs/x"), ("GET", "/jobs"), ("POST", "/jobs/x"), ("GET", "/jobs/x/cancel"),
+                         ("DELETE", "/jobs/x")):
+        assert requests.request(method, playground.url + path, timeout=10).status_code == 403, (method, path)
     conf = (playground.prefix / "nginx.conf").read_text()
     assert "client_max_body_size 67108864;" in conf  # config.properties' max_request_size
     assert "proxy_read_timeout 310s;" in conf  # the model's responseTimeout (300 s) and a margin
     assert (playground.prefix / "nginx.conf").stat().st_mode & 0o077 == 0  # it holds the keys
+    assert f'Bearer {playground.jobs.token}"' in conf
+
+
+def test_a_job_runs_on_when_its_tab_is_closed_and_a_new_tab_shows_its_result(browser, playground):
+    """The page submits a job and remembers its id; the tab is closed while the job is queued or running; a tab
+    opened then watches it to its end and shows its result, and one opened after it ended shows the result at
+    once, the jobs service's own bytes. A remembered job the server no longer has (expired) is forgotten with a
+    message saying so."""
+    first = browser.new_page()
+    first.goto(playground.url + "/")
+    first.locator("#preset-list li").nth(2).wait_for(timeout=WAIT_MS)
+    first.click("#use-sample")
+    first.check("#preset-starry_night")
+    first.fill("#param-size", "64")
+    first.fill("#param-steps", "100")
+    first.click("#start")
+    job_id = first.wait_for_function(f"() => localStorage.getItem('{REMEMBERED_JOB}')", timeout=WAIT_MS).json_value()
+    first.close()
+    assert job_status(playground, job_id)["status"] in ("queued", "running")
+
+    for visit in ("while it runs", "after it ended"):
+        tab = browser.new_page()
+        watched = Watched(tab)
+        tab.goto(playground.url + "/")
+        tab.locator("#final").wait_for(state="visible", timeout=WAIT_MS)
+        assert job_status(playground, job_id)["status"] == "succeeded", visit
+        assert downloaded(tab) == requests.get(f"{playground.url}/jobs/{job_id}/result", timeout=30).content, visit
+        assert tab.inner_text("#progress-text").startswith("Done: 64×48 px"), visit
+        assert tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')") == job_id  # kept for the next visit
+        assert watched.errors() == [], visit
+        tab.close()
+
+    tab = browser.new_page()
+    watched = Watched(tab)
+    tab.add_init_script(f"localStorage.setItem('{REMEMBERED_JOB}', 'expired-job')")
+    tab.goto(playground.url + "/")
+    tab.locator("#progress-text", has_text="no longer on the server").wait_for(timeout=WAIT_MS)
+    assert tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')") is None
+    assert tab.is_enabled("#start") and tab.is_hidden("#form-error")
+    # what the page asked for and Chromium logged: the expired job's 404s
+    assert [text for text in watched.errors() if "404" not in text] == []
+    tab.close()
+
+
+def test_cancel_stops_the_job_and_frees_the_worker_at_once(page, playground):
+    """Cancel on a job that would run for a minute: the page shows it canceled, the job's status is canceled, and
+    the next job from the page starts at once on TorchServe's one worker and is done within seconds."""
+    tab = page.page
+    tab.click("#use-sample")
+    tab.check("#preset-shipwreck")
+    tab.fill("#param-size", "64")
+    tab.fill("#param-steps", "2000")
+    tab.click("#settings-heading ~ details summary")  # More parameters
+    tab.fill("#param-max_seconds", "60")
+    tab.fill("#param-early_stop_tol", "0")
+    tab.click("#start")
+    tab.locator("#progress-text", has_text="Step").wait_for(timeout=WAIT_MS)
+    job_id = tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')")
+    assert tab.inner_text("#stop") == "Cancel"
+    tab.click("#stop")
+    tab.locator("#progress-text", has_text="Canceled").wait_for(timeout=WAIT_MS)
+    canceled_at = time.monotonic()
+    assert job_status(playground, job_id)["status"] == "canceled"
+    assert tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')") is None  # nothing to show a later visit
+    assert tab.is_disabled("#stop") and tab.is_enabled("#start")
+
+    tab.fill("#param-steps", "2")
+    tab.click("#start")
+    tab.locator("#final").wait_for(state="visible", timeout=WAIT_MS)
+    assert time.monotonic() - canceled_at < 10, "the canceled job went on holding TorchServe's worker"
+    assert job_status(playground, job_id)["status"] == "canceled"
+    assert page.errors() == []
 
 
 def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser):
@@ -379,7 +478,8 @@ def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser
     played, front_group = None, None
     try:
         front_group = front.start().process.pid  # its own process group, workers included
-        played = Playground(server, root / "playground", inference=front.url, token_file=root / "token").start()
+        # --jobs off: the page streams its request from TorchServe (no jobs service in front of this cluster)
+        played = Playground(server, root / "playground", None, inference=front.url, token_file=root / "token").start()
         conf = (played.prefix / "nginx.conf").read_text()
         assert f"Bearer {token}" in conf and server.key("inference") not in conf
         tab = browser.new_page()
@@ -395,6 +495,8 @@ def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser
         tab.click("#start")
         tab.locator("#final").wait_for(state="visible", timeout=WAIT_MS)
         assert served_by == ["instance-1"]  # the front's hop answered
+        assert tab.inner_text("#stop") == "Stop watching" and not tab.evaluate(
+            f"localStorage.getItem('{REMEMBERED_JOB}')")  # a stream: no job to resume
         assert watched.errors() == []
         tab.close()
     finally:
@@ -410,31 +512,65 @@ def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser
 
 def test_requests_from_other_sites_and_unknown_hosts_are_refused(playground, browser):
     """A page of another origin open in the same browser (another local web server's, on another port)
-    cannot make the browser queue a job with the playground's key: Chromium's multipart POST, which needs no
-    preflight, reaches nginx with that page's Origin and is refused (403); so are requests that say they come
-    from another site, and any Host name but the playground's own."""
+    cannot make the browser queue a job with the playground's credentials: Chromium's multipart POST, which needs
+    no preflight, reaches nginx with that page's Origin and is refused (403), as is its cancel of a job and its
+    EventSource; so are requests to any proxied route that say they come from another site, and any Host name
+    but the playground's own."""
     predict_url = playground.url + PREDICT_PATH
-    statuses = []
+    job = requests.post(playground.url + "/jobs", files={"content": CONTENT.read_bytes()}, timeout=30,
+                        data={"presets": "shipwreck", "size": "32", "steps": "1"}).json()
+    posts = [predict_url, playground.url + "/jobs", playground.url + job["urls"]["cancel"]]
+    statuses = {}
     with _other_origin() as elsewhere:
         tab = browser.new_page()
-        tab.on("response", lambda answer: answer.url == predict_url and statuses.append(answer.status))
+        tab.on("response", lambda answer: statuses.setdefault(answer.url, answer.status))
         tab.goto(elsewhere)
-        tab.evaluate("""url => { const form = new FormData(); form.append('presets', 'shipwreck');
-            return fetch(url, {method: 'POST', body: form, mode: 'no-cors'}).catch(() => null); }""", predict_url)
+        for url in posts:
+            tab.evaluate("""url => { const form = new FormData(); form.append('presets', 'shipwreck');
+                return fetch(url, {method: 'POST', body: form, mode: 'no-cors'}).catch(() => null); }""", url)
+        events_url = playground.url + job["urls"]["events"]
+        tab.evaluate("""url => new Promise(done => { const source = new EventSource(url);
+            source.onerror = () => { source.close(); done(); }; })""", events_url)
         tab.close()
-    assert statuses == [403]
+    assert [statuses.get(url) for url in posts] == [403] * 3, statuses
+    access_log = (playground.prefix / "logs" / "access.log").read_text()
+    assert re.findall(rf'"GET {re.escape(job["urls"]["events"])} HTTP/1.1" (\d+)', access_log) == ["403"]
     files = {"content": CONTENT.read_bytes()}
+    job_gets = [playground.url + path.format(id=job["id"]) for path in JOB_PATHS]
     for headers in ({"Origin": "https://elsewhere.example"}, {"Sec-Fetch-Site": "cross-site"},
                     {"Sec-Fetch-Site": "same-site"}, {"Origin": "null"}):
-        assert requests.post(predict_url, files=files, headers=headers, timeout=10).status_code == 403, headers
-        assert requests.get(playground.url + "/description", headers=headers, timeout=10).status_code == 403
+        for url in posts:
+            assert requests.post(url, files=files, headers=headers, timeout=10).status_code == 403, (url, headers)
+        for url in (playground.url + "/description", *job_gets):
+            assert requests.get(url, headers=headers, timeout=10).status_code == 403, (url, headers)
     rebound = {"Host": f"rebound.example:{playground.port}"}
-    for path in ("/", "/description", PREDICT_PATH):
-        assert requests.get(playground.url + path, headers=rebound, timeout=10).status_code == 421, path
+    for url in (playground.url + "/", playground.url + "/description", predict_url, *job_gets):
+        assert requests.get(url, headers=rebound, timeout=10).status_code == 421, url
+    assert requests.post(playground.url + "/jobs", headers=rebound, timeout=10).status_code == 421
+    # from the page's own origin the jobs routes answer, with the token nginx adds
+    same_origin = {"Origin": playground.url, "Sec-Fetch-Site": "same-origin"}
+    assert requests.get(job_gets[0], headers=same_origin, timeout=10).status_code == 200
+    assert requests.get(playground.url + "/jobs/no-such-job", headers=same_origin, timeout=10).status_code == 404
     same_origin = {"Origin": playground.url, "Sec-Fetch-Site": "same-origin"}
     answer = with_current_key(lambda: requests.post(predict_url, files=files, headers=same_origin, timeout=60,
                                                     data={"presets": "shipwreck", "size": "32", "steps": "1"}))
     assert answer.status_code == 200, answer.text
+
+
+def test_without_its_jobs_service_it_refuses_to_start_and_says_what_to_do(torchserve, jobs, tmp_path):
+    """No jobs service at --jobs, or one that refuses the token of --jobs-token-file: the playground stops with
+    a message naming the fix, rather than serve a page whose every request fails."""
+    from playground import main
+
+    common = ["--listen", f"127.0.0.1:{free_port()}", "--management", torchserve.url("management"),
+              "--key-file", str(torchserve.workdir / "key_file.json"), "--wait", "2"]
+    with pytest.raises(SystemExit, match="no jobs service at .*give --jobs off"):
+        main([*common, "--jobs", f"http://127.0.0.1:{free_port()}",
+              "--jobs-token-file", str(jobs.workdir / "jobs_token")])
+    wrong = tmp_path / "token"
+    wrong.write_text("not-the-jobs-token\n")
+    with pytest.raises(SystemExit, match="refuses the token"):
+        main([*common, "--jobs", jobs.url(), "--jobs-token-file", str(wrong)])
 
 
 def test_it_listens_beyond_loopback_only_when_told_and_with_a_password(tmp_path):
@@ -514,6 +650,13 @@ def grey(png: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG"
     return np.asarray(image.convert("L"))
+
+
+def job_status(playground, job_id: str) -> dict:
+    """The job's status, asked through the playground (whose nginx adds the jobs token)."""
+    answer = requests.get(f"{playground.url}/jobs/{job_id}", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
 
 
 def refused_directly(torchserve, files: dict, data: dict) -> dict:

@@ -1,15 +1,18 @@
-// The playground page: the form, the request it makes, and the picture forming from the streamed previews.
+// The playground page: the form, the request it makes, and the picture forming from the previews as they come.
+// Each request is a job of the jobs service: its id is kept in localStorage until the next one, so that a tab
+// opened later shows the job of a closed one (still running: watched; ended: its result or why not).
 
-import { loadDescription, RequestFailed, runJob } from "./api.js";
+import { jobRun, loadDescription, loadSettings, RequestFailed, startRun } from "./api.js";
 import { clearErrors, showError } from "./errors.js";
 import { MaskPainter } from "./masks.js";
 import { buildControls } from "./params.js";
 import { StylePicker } from "./styles.js";
 
 const SAMPLE_PHOTO = { url: "samples/tubingen.jpg", name: "tubingen.jpg" };
+const REMEMBERED_JOB = "playground.job";  // localStorage: the id of the last job this browser submitted here
 const $ = (id) => document.getElementById(id);
 
-const state = { content: null, parameters: new Map(), running: null, resultUrl: null };
+const state = { content: null, parameters: new Map(), running: null, resultUrl: null, jobs: true };
 
 const styles = new StylePicker({
   presetList: $("preset-list"), uploadInput: $("style-files"), uploadList: $("upload-list"),
@@ -23,6 +26,11 @@ const painter = new MaskPainter({
 async function start() {
   wireControls();
   try {
+    state.jobs = (await loadSettings()).jobs;
+    $("stop").textContent = state.jobs ? "Cancel" : "Stop watching";
+    if (state.jobs && localStorage.getItem(REMEMBERED_JOB)) {
+      follow(async () => jobRun(localStorage.getItem(REMEMBERED_JOB)), { resumed: true });
+    }
     describe(await loadDescription());
   } catch (error) {
     showError(null, `The model's description could not be loaded: ${error.message}`);
@@ -71,7 +79,14 @@ function wireControls() {
     event.preventDefault();
     submit();
   });
-  $("stop").addEventListener("click", () => state.running?.abort());
+  $("stop").addEventListener("click", async () => {
+    $("stop").disabled = true;
+    try {
+      await state.running?.cancel();
+    } catch (error) {
+      showFailure(error);
+    }
+  });
 }
 
 function setContent(file, label) {
@@ -106,21 +121,52 @@ async function request() {
   return form;
 }
 
-async function submit() {
+function submit() {
   clearErrors();
-  const controller = new AbortController();
-  state.running = controller;
-  setRunning(true);
   announce("Sending the request.");
-  showProgress({ value: 0, text: "Waiting for the server…" });
+  return follow(async () => {
+    const run = await startRun(await request(), { jobs: state.jobs });
+    if (run.id !== null) {
+      localStorage.setItem(REMEMBERED_JOB, run.id);
+    }
+    return run;
+  });
+}
+
+/** Starts a run with begin() and shows it to its end: progress, then the result, the failure or the cancel. */
+async function follow(begin, { resumed = false } = {}) {
+  $("start").disabled = true;
+  showProgress({ value: 0, text: resumed ? "Looking up the job of your last visit…" : "Waiting for the server…" });
   try {
-    const done = await runJob(await request(), { onProgress: progressShown(), signal: controller.signal });
-    showResult(done);
+    const run = await begin();
+    state.running = run;
+    $("stop").disabled = false;
+    const onProgress = progressShown();
+    for await (const event of run.events) {
+      if (event.event === "progress") {
+        onProgress(event);
+      } else if (event.event === "queued" || event.event === "started") {
+        showProgress({ value: 0, text: event.event === "queued" ? "Queued: waiting for the server…" : "Started." });
+      } else if (event.event === "done") {
+        showResult(event, await run.result(event));
+      } else if (event.event === "error") {
+        localStorage.removeItem(REMEMBERED_JOB);  // shown now, and ended: a later visit has nothing to show
+        throw new RequestFailed(event);
+      } else if (event.event === "canceled") {
+        showCanceled(run.id);
+      }
+    }
   } catch (error) {
-    showFailure(error);
+    if (resumed && error.code === 404) {
+      forgetJob("The job of your last visit is no longer on the server (its results are kept for a day): "
+        + "it is forgotten.");
+    } else {
+      showFailure(error);
+    }
   } finally {
     state.running = null;
-    setRunning(false);
+    $("start").disabled = false;
+    $("stop").disabled = true;
   }
 }
 
@@ -145,12 +191,11 @@ function progressShown() {
   };
 }
 
-function showResult(done) {
-  const bytes = Uint8Array.from(atob(done.image), (char) => char.charCodeAt(0));
+function showResult(done, image) {
   if (state.resultUrl) {
     URL.revokeObjectURL(state.resultUrl);
   }
-  state.resultUrl = URL.createObjectURL(new Blob([bytes], { type: `image/${done.format}` }));
+  state.resultUrl = URL.createObjectURL(image);
   const final = $("final");
   final.src = state.resultUrl;
   final.hidden = false;
@@ -165,6 +210,18 @@ function showResult(done) {
   announce(`Done: ${summary}. The result and a download link are below the progress bar.`);
 }
 
+function showCanceled(id) {
+  localStorage.removeItem(REMEMBERED_JOB);
+  showProgress({ value: $("progress").value, text: `Canceled: the server stopped job ${id}.` });
+  announce("Canceled: the server stopped the work.");
+}
+
+function forgetJob(text) {
+  localStorage.removeItem(REMEMBERED_JOB);
+  showProgress({ value: 0, text });
+  announce(text);
+}
+
 function showFailure(error) {
   if (error.name === "AbortError") {
     showProgress({ value: 0, text: "Stopped watching. The server finishes the work anyway." });
@@ -177,11 +234,6 @@ function showFailure(error) {
   showProgress({ value: 0, text: `Refused: ${failure.message}` });
   announce(`The request was refused${failure.field ? ` (${failure.field})` : ""}: ${failure.message}`);
   slot.scrollIntoView({ block: "center" });
-}
-
-function setRunning(running) {
-  $("start").disabled = running;
-  $("stop").disabled = !running;
 }
 
 function showProgress({ value, text }) {
