@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -560,17 +561,17 @@ def test_requests_from_other_sites_and_unknown_hosts_are_refused(playground, bro
 def test_without_its_jobs_service_it_refuses_to_start_and_says_what_to_do(torchserve, jobs, tmp_path):
     """No jobs service at --jobs, or one that refuses the token of --jobs-token-file: the playground stops with
     a message naming the fix, rather than serve a page whose every request fails."""
-    from playground import main
-
-    common = ["--listen", f"127.0.0.1:{free_port()}", "--management", torchserve.url("management"),
-              "--key-file", str(torchserve.workdir / "key_file.json"), "--wait", "2"]
-    with pytest.raises(SystemExit, match="no jobs service at .*give --jobs off"):
-        main([*common, "--jobs", f"http://127.0.0.1:{free_port()}",
-              "--jobs-token-file", str(jobs.workdir / "jobs_token")])
+    common = [sys.executable, str(ROOT / "scripts" / "playground.py"), "--listen", f"127.0.0.1:{free_port()}",
+              "--management", torchserve.url("management"), "--key-file", str(torchserve.workdir / "key_file.json"),
+              "--wait", "2"]
     wrong = tmp_path / "token"
     wrong.write_text("not-the-jobs-token\n")
-    with pytest.raises(SystemExit, match="refuses the token"):
-        main([*common, "--jobs", jobs.url(), "--jobs-token-file", str(wrong)])
+    for options, message in (
+            (["--jobs", f"http://127.0.0.1:{free_port()}", "--jobs-token-file", str(jobs.workdir / "jobs_token")],
+             r"no jobs service at http://127\.0\.0\.1:\d+ .*give --jobs off"),
+            (["--jobs", jobs.url(), "--jobs-token-file", str(wrong)], "refuses the token of the jobs token file")):
+        run = subprocess.run([*common, *options], capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0 and re.search(message, run.stderr), run.stderr
 
 
 def test_it_listens_beyond_loopback_only_when_told_and_with_a_password(tmp_path):
