@@ -448,7 +448,7 @@ def test_cancel_stops_the_job_and_frees_the_worker_at_once(page, playground):
     tab.click("#start")
     tab.locator("#progress-text", has_text="Step").wait_for(timeout=WAIT_MS)
     job_id = tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')")
-    assert tab.inner_text("#stop") == "Cancel"
+    assert tab.inner_text("#stop") == "Cancel" and tab.is_visible("#jobs-hint")
     tab.click("#stop")
     tab.locator("#progress-text", has_text="Canceled").wait_for(timeout=WAIT_MS)
     canceled_at = time.monotonic()
@@ -496,7 +496,7 @@ def test_in_front_of_a_cluster_it_sends_the_load_balancers_token(server, browser
         tab.click("#start")
         tab.locator("#final").wait_for(state="visible", timeout=WAIT_MS)
         assert served_by == ["instance-1"]  # the front's hop answered
-        assert tab.inner_text("#stop") == "Stop watching" and not tab.evaluate(
+        assert tab.inner_text("#stop") == "Stop watching" and tab.is_hidden("#jobs-hint") and not tab.evaluate(
             f"localStorage.getItem('{REMEMBERED_JOB}')")  # a stream: no job to resume
         assert watched.errors() == []
         tab.close()

@@ -100,6 +100,9 @@ async function* jobEvents(url, whyStopped) {
   for (const name of JOB_EVENTS) {
     source.addEventListener(name, (message) => {
       if (typeof message.data === "string") {
+        if (END_EVENTS.includes(name)) {
+          source.close();  // the stream ends here: no reconnection
+        }
         push({ ...JSON.parse(message.data), event: name });
       } else if (source.readyState === EventSource.CLOSED) {
         push({ event: "closed" });

@@ -28,6 +28,7 @@ async function start() {
   try {
     state.jobs = (await loadSettings()).jobs;
     $("stop").textContent = state.jobs ? "Cancel" : "Stop watching";
+    $("jobs-hint").hidden = !state.jobs;
     if (state.jobs && localStorage.getItem(REMEMBERED_JOB)) {
       follow(async () => jobRun(localStorage.getItem(REMEMBERED_JOB)), { resumed: true });
     }
