@@ -9,6 +9,7 @@ Container schema, which KServe's predictor embeds.
 """
 
 import json
+import re
 import secrets
 import shutil
 import socket
@@ -28,7 +29,7 @@ from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES, STYLES
-from local_cluster import find_nginx
+from local_cluster import Hop, find_nginx, render_nginx_conf
 from pod_harness import Pod
 from pod_images import images_for
 from torchserve_instance import TorchServeInstance
@@ -284,6 +285,27 @@ def test_auth_proxy_template_is_valid_nginx(tmp_path):
     check = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
                             "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+
+
+def declared_waits(conf: str) -> tuple[set[int], set[int]]:
+    """The read timeouts an nginx config sets (s) and the client waits it tells the handler (s)."""
+    reads = {int(value) for value in re.findall(r"proxy_read_timeout (\d+)s;", conf)}
+    told = {int(value) // 1000 for value in re.findall(r"proxy_set_header X-Request-Timeout-Ms (\d+);", conf)}
+    assert 'proxy_set_header X-Request-Start "t=$msec";' in conf
+    return reads, told
+
+
+def test_each_proxy_tells_the_handler_how_long_its_clients_wait():
+    """What the handler is told (X-Request-Timeout-Ms) is how long the proxy waits (proxy_read_timeout), in the
+    pod's auth proxy, in the local cluster's nginx and, for KServe, in Knative in front of the auth proxy;
+    longer than TorchServe's responseTimeout, so that no answer TorchServe waits for is cut off."""
+    response_timeout = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["responseTimeout"]
+    hops = [Hop("instance-1", 20001, "127.0.0.1:21001", "key")]
+    for conf in (auth_proxy_file("default.conf.template"), render_nginx_conf(Path("/tmp"), 20000, "0" * 64, hops)):
+        reads, told = declared_waits(conf)
+        assert len(reads) == 1 and reads == told and min(reads) > response_timeout, (reads, told)
+    (auth_proxy_wait,) = declared_waits(auth_proxy_file("default.conf.template"))[0]
+    assert inference_service()["spec"]["predictor"]["timeout"] == auth_proxy_wait
 
 
 # --- the pod, run as the kubelet would run it (tests/pod_harness.py) ---------------------------------------------
