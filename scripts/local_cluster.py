@@ -67,11 +67,14 @@ class NginxTemplate(string.Template):
 
 @dataclass(frozen=True)
 class Hop:
-    """One instance as nginx sees it: the loopback port of its hop, TorchServe's address and key."""
+    """One instance as nginx sees it: the loopback port of its hop, TorchServe's inference address and key, and
+    its management address and key, for the model's description (none: the hop answers that call 404)."""
     name: str
     port: int
     address: str
     key: str
+    management: str | None = None
+    management_key: str | None = None
 
 
 CLIENT_TIMEOUT = 310  # s a client waits through nginx: above TorchServe's responseTimeout (300 s, model-config.yaml)
@@ -79,14 +82,16 @@ CLIENT_TIMEOUT = 310  # s a client waits through nginx: above TorchServe's respo
 
 def render_nginx_conf(prefix: Path, listen_port: int, client_token: str, hops: list[Hop],
                       client_timeout: int = CLIENT_TIMEOUT) -> str:
-    def lines(fmt: str) -> str:
-        return "\n".join("        " + fmt.format(hop=hop) for hop in hops)
+    def lines(fmt: str, only=lambda hop: True) -> str:
+        return "\n".join("        " + fmt.format(hop=hop) for hop in hops if only(hop))
 
     return NginxTemplate(NGINX_TEMPLATE.read_text()).substitute(
         prefix=prefix, listen_port=listen_port, client_token=client_token, client_timeout=client_timeout,
         upstream_servers=lines("server 127.0.0.1:{hop.port} max_fails=1 fail_timeout=10s;"),
         instance_addresses=lines("{hop.port} {hop.address};"), instance_keys=lines("{hop.port} {hop.key};"),
-        instance_names=lines("{hop.port} {hop.name};"), hop_listens=lines("listen 127.0.0.1:{hop.port};"))
+        instance_names=lines("{hop.port} {hop.name};"), hop_listens=lines("listen 127.0.0.1:{hop.port};"),
+        management_addresses=lines("{hop.port} {hop.management};", lambda hop: hop.management),
+        management_keys=lines("{hop.port} {hop.management_key};", lambda hop: hop.management))
 
 
 def find_nginx() -> str:
@@ -188,14 +193,25 @@ def stop_all(instances: list[TorchServeInstance]) -> None:
         list(pool.map(lambda instance: instance.stop(), instances))
 
 
+CLIENT_AUTH_HELD = {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401,
+                    "describe_with_token": 200, "describe_without_token": 401, "unregister_with_token": 405,
+                    "list_models_with_token": 404}
+
+
 def check_client_auth(url: str, token: str) -> dict[str, int]:
-    """What nginx answers without and with a wrong token (401 expected), and /ping without one (200)."""
-    files = {"content": b"x", "style": b"x"}
+    """What nginx answers without and with a wrong token (401 expected), and /ping without one (200); the model's
+    description with the token (200) and without (401), and no other call of the management API (405, 404)."""
+    files, auth = {"content": b"x", "style": b"x"}, {"Authorization": f"Bearer {token}"}
+    describe = f"{url}/models/style_transfer?customized=true"
     return {
         "ping_without_token": requests.get(f"{url}/ping", timeout=10).status_code,
         "predict_without_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10).status_code,
         "predict_with_wrong_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10,
                                                   headers={"Authorization": f"Bearer {token}x"}).status_code,
+        "describe_with_token": requests.get(describe, headers=auth, timeout=60).status_code,
+        "describe_without_token": requests.get(describe, timeout=10).status_code,
+        "unregister_with_token": requests.delete(f"{url}/models/style_transfer", headers=auth, timeout=10).status_code,
+        "list_models_with_token": requests.get(f"{url}/models", headers=auth, timeout=10).status_code,
     }
 
 
@@ -272,8 +288,8 @@ def run_cluster(args) -> dict:
         overrides = {"job_queue_size": str(args.queue_size)} if args.queue_size else None
         instances = start_instances(args.model_store.resolve(), root, args.instances, overrides)
         names = [f"instance-{i + 1}" for i in range(len(instances))]
-        hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key())
-                for name, ts in zip(names, instances)]
+        hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key(),
+                    f"127.0.0.1:{ts.ports['management']}", ts.key("management")) for name, ts in zip(names, instances)]
         token, listen_port = secrets.token_hex(32), free_port()
         nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops,
                                                         args.client_timeout), listen_port)
@@ -382,8 +398,7 @@ def _round(value: float | None) -> float | None:
 
 
 def succeeded(report: dict, overload: bool = False) -> bool:
-    auth_ok = report.get("auth") == {"ping_without_token": 200, "predict_without_token": 401,
-                                     "predict_with_wrong_token": 401}
+    auth_ok = report.get("auth") == CLIENT_AUTH_HELD
     if overload:
         return auth_ok and overload_held(report.get("overload", {}))
     requests_ok = report.get("requests", {}).get("failed") == 0
