@@ -194,7 +194,7 @@ def stop_all(instances: list[TorchServeInstance]) -> None:
 
 
 CLIENT_AUTH_HELD = {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401,
-                    "describe_with_token": 200, "describe_without_token": 401, "unregister_with_token": 405,
+                    "describe_with_token": 200, "describe_without_token": 401, "rescale_with_token": 405,
                     "list_models_with_token": 404}
 
 
@@ -210,7 +210,7 @@ def check_client_auth(url: str, token: str) -> dict[str, int]:
                                                   headers={"Authorization": f"Bearer {token}x"}).status_code,
         "describe_with_token": requests.get(describe, headers=auth, timeout=60).status_code,
         "describe_without_token": requests.get(describe, timeout=10).status_code,
-        "unregister_with_token": requests.delete(f"{url}/models/style_transfer", headers=auth, timeout=10).status_code,
+        "rescale_with_token": requests.put(f"{url}/models/style_transfer", headers=auth, timeout=10).status_code,
         "list_models_with_token": requests.get(f"{url}/models", headers=auth, timeout=10).status_code,
     }
 

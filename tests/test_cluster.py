@@ -47,7 +47,7 @@ def test_no_request_fails_when_an_instance_is_killed_mid_run(nginx_binary, model
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(report_file.read_text())
     assert report["auth"] == {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401,
-                              "describe_with_token": 200, "describe_without_token": 401, "unregister_with_token": 405,
+                              "describe_with_token": 200, "describe_without_token": 401, "rescale_with_token": 405,
                               "list_models_with_token": 404}
     assert report["requests"] == {"sent": REQUESTS, "succeeded": REQUESTS, "failed": 0}
     assert report["killed"]["instance"] == "instance-2" and report["killed"]["after_responses"] < REQUESTS

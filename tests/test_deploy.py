@@ -390,12 +390,14 @@ def check_the_description_is_all_the_token_reaches_of_management(url: str, token
     assert requests.get(f"{url}/models/style_transfer", headers=auth, timeout=60).status_code == 200
     assert requests.get(f"{url}/models/style_transfer?customized=true", timeout=10).status_code == 401
     refused = {(method, path): requests.request(method, url + path, headers=auth, timeout=10).status_code
-               for method, path in [("DELETE", "/models/style_transfer"), ("PUT", "/models/style_transfer?min_worker=0"),
+               for method, path in [("DELETE", "/models/style_transfer"), ("PUT", "/models/style_transfer"),
+                                    ("PUT", "/models/style_transfer?min_worker=0"),
                                     ("POST", "/models/style_transfer"), ("GET", "/models"),
                                     ("GET", "/models/style_transfer?customized=true&x=1"),
                                     ("GET", "/models/style_transfer/1.0"), ("POST", "/models?url=x.mar"),
                                     ("GET", "/metrics"), ("POST", "/token?type=management")]}
     assert refused == {**{key: 404 for key in refused}, ("DELETE", "/models/style_transfer"): 405,
+                       ("PUT", "/models/style_transfer"): 405,
                        ("PUT", "/models/style_transfer?min_worker=0"): 405,
                        ("POST", "/models/style_transfer"): 405}, refused
     (root / "token").write_text(token + "\n")
