@@ -66,7 +66,8 @@ class ClientWait:
         """From a request's headers (any case); None when either header is missing or malformed: such a request
         (a direct client on loopback, the management API's describe call) is not checked."""
         values = {name.lower(): value for name, value in headers.items() if isinstance(name, str)}
-        arrived, timeout_ms = _epoch_seconds(values.get(REQUEST_START_HEADER)), _number(values.get(REQUEST_TIMEOUT_HEADER))
+        arrived = _epoch_seconds(values.get(REQUEST_START_HEADER))
+        timeout_ms = _number(values.get(REQUEST_TIMEOUT_HEADER))
         if arrived is None or not timeout_ms:
             return None
         return cls(arrived, timeout_ms / 1000)

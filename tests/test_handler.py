@@ -307,7 +307,8 @@ def handle_with_waits(served, rows: list[dict], waits: list):
     start_batch(context, len(rows))
     for index, wait in enumerate(waits):
         if isinstance(wait, tuple):
-            wait = {"X-Request-Start": f"t={time.time() - wait[0]:.3f}", "X-Request-Timeout-Ms": f"{wait[1] * 1000:.0f}"}
+            wait = {"X-Request-Start": f"t={time.time() - wait[0]:.3f}",
+                    "X-Request-Timeout-Ms": f"{wait[1] * 1000:.0f}"}
         context.request_processor[index].get_request_properties().update(wait or {})
     return handler.handle(rows, context), context
 
