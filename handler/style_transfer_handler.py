@@ -22,7 +22,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import PredictionException
 
-from call_limits import DecodingBudget, NoTimeLeft, answer_bytes_bound, bound_is_text
+from call_limits import ClientWait, DecodingBudget, NoTimeLeft, answer_bytes_bound, bound_is_text, expired_message
 from cancellation import CancelSignals, job_key
 from request_parsing import declared_pixels, decode_job, parse_request
 from server_config import ServerConfig
@@ -53,6 +53,7 @@ OUT_OF_MEMORY = {"code": 507, "type": "OutOfMemory", "field": "size",
                  "message": "the device ran out of memory for this request; try a smaller size or fewer style images"}
 BUSY = {"code": 503, "type": "Busy", "field": None,
         "message": "this call of the worker had no time left for the request; send it again"}  # + a reason
+EXPIRED = {"code": 503, "type": "Expired", "field": None}  # + expired_message
 INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
                   "message": "the optimisation failed unexpectedly; the server log has the details"}
 OUTCOME_STAGES = ("prepare", "run", "encode")  # where a request's unexpected failure can happen
@@ -104,16 +105,23 @@ class StyleTransferHandler:
 
     def handle(self, data: list[dict], context) -> list:
         # One deadline for the whole call: TorchServe waits responseTimeout for all of its answers together.
-        started = time.perf_counter()
+        started, now = time.perf_counter(), time.time()
         deadline = started + self.config.seconds_per_call
         responses: list = [None] * len(data)
         prepared: dict[int, tuple[StyleJob, OutputParams]] = {}
+        client_ends: dict[int, float] = {}  # by request: when its answer must be ready for its client to read it
         decoding = DecodingBudget(self.config.max_decoded_pixels_per_call)
         for index, row in enumerate(data):
             if _asks_for_description(context, index):
                 context.set_response_content_type(index, "application/json")
                 responses[index] = self.description
                 continue
+            wait = ClientWait.from_headers(context.get_all_request_header(index))
+            if wait is not None and wait.left(now) <= 0:  # its client has gone: no decoding, no work
+                responses[index] = self._expired(context, index, started, wait, now)
+                continue
+            if wait is not None:  # it keeps back what the call keeps back of responseTimeout
+                client_ends[index] = started + wait.left(now) - self.config.reply_margin_seconds
             try:
                 prepared[index] = self._prepare(row, _is_grpc(context, index), decoding)
             except RequestError as error:
@@ -127,7 +135,7 @@ class StyleTransferHandler:
                 failure = _unexpected_failure(context, index, error, stage="prepare")
                 responses[index] = _error(context, index, failure)
                 _log_request(context, index, failure["code"], started, error=failure)
-        self._serve_groups(context, prepared, started, deadline, responses)
+        self._serve_groups(context, prepared, started, deadline, responses, client_ends)
         for index in range(len(data)):
             if _is_grpc(context, index):
                 # TorchServe 0.12's gRPC StreamPredictions reads this header without a null check and restarts
@@ -191,11 +199,14 @@ class StyleTransferHandler:
                                     f"the reported losses, encoding), at this worker's measured speed; a request "
                                     f"may take at most {self.time_cap:g} s here: {fits}")
 
-    def _serve_groups(self, context, prepared: dict, started: float, deadline: float, responses: list) -> None:
+    def _serve_groups(self, context, prepared: dict, started: float, deadline: float, responses: list,
+                      client_ends: dict[int, float]) -> None:
         """Optimise the prepared requests group by group, the cheapest first, so that the whole call ends by
         `deadline`: before each group, the groups whose fixed work (cost.py) no longer fits the time left are
         answered 503 (the most expensive first), and the group gets its fixed work plus its share of the time
-        the others' fixed work leaves, by its iterations' cost. What a group leaves unused goes to the next."""
+        the others' fixed work leaves, by its iterations' cost. What a group leaves unused goes to the next.
+        A group also ends by the earliest of its requests' `client_ends`, and a request whose client's end
+        leaves less than the group's fixed work is answered 503 instead of being computed for nobody."""
         costs = {tuple(group): group_cost([prepared[i][0] for i in group], self.device, self.speed,
                                           checkpoint=not self._fit_as_they_are([prepared[i][0] for i in group]))
                  for group in _batches(prepared, self._fit_as_they_are)}
@@ -213,9 +224,25 @@ class StyleTransferHandler:
             cost = costs[group]
             spare = deadline - now - total.fixed
             end = min(now + cost.fixed + spare * cost.iterations / max(total.iterations, 1e-9), now + self.time_cap)
-            for index, response in zip(group, self._serve(context, prepared, list(group), end - cost.fixed,
-                                                          started)):
+            group = self._within_client_ends(context, group, client_ends, now + cost.fixed, started, deadline,
+                                             responses)
+            if not group:
+                continue
+            end = min([end, *(client_ends[i] for i in group if i in client_ends)])
+            for index, response in zip(group, self._serve(context, prepared, group, end - cost.fixed, started)):
                 responses[index] = response
+
+    def _within_client_ends(self, context, group: tuple, client_ends: dict[int, float], earliest_end: float,
+                            started: float, deadline: float, responses: list) -> list[int]:
+        """The requests of `group` whose clients still wait at `earliest_end`; the others are answered 503."""
+        kept = []
+        for index in group:
+            if client_ends.get(index, math.inf) < earliest_end:
+                responses[index] = self._busy(context, index, started, deadline, "its client's timeout (the proxy's "
+                                              "X-Request-Timeout-Ms) leaves too little time for its work")
+            else:
+                kept.append(index)
+        return kept
 
     def _busy(self, context, index: int, started: float, deadline: float, reason: str) -> str:
         """503 with Retry-After: the request is fine, this call had no time left for it."""
@@ -223,6 +250,16 @@ class StyleTransferHandler:
         body = {**BUSY, "message": f"{reason}; send it again in {retry} s (Retry-After)"}
         context.set_response_header(index, "Retry-After", str(retry))
         _record_refusal(context, index, reason="busy")
+        _log_request(context, index, 503, started, error=body)
+        return _error(context, index, body)
+
+    def _expired(self, context, index: int, started: float, wait: ClientWait, now: float) -> str:
+        """503 Expired, before any decoding: the request waited longer than its client waits, which has had its
+        answer from the proxy (504) already. Retry-After: how much longer than that it waited, at least 1 s."""
+        retry = max(1, math.ceil(-wait.left(now)))
+        body = {**EXPIRED, "message": expired_message(wait, now)}
+        context.set_response_header(index, "Retry-After", str(retry))
+        _record_refusal(context, index, reason="expired")
         _log_request(context, index, 503, started, error=body)
         return _error(context, index, body)
 

@@ -4,6 +4,7 @@
     scripts/local_cluster.py [--instances 2] [--model-store model_store] [--requests 40] [--concurrency 4]
                              [--size 64] [--steps 5] [--kill-after 0.4] [--report FILE]
     scripts/local_cluster.py --overload --queue-size 1 [--requests 24] [--concurrency 8] ...
+    scripts/local_cluster.py --overload --queue-size 8 --client-timeout 4 --occupy 6 [--instances 1] ...
 
 Starts N private TorchServe instances (scripts/torchserve_instance.py) and a real nginx configured from
 deploy/nginx.conf on free loopback ports, checks that nginx enforces the client token, runs scripts/load.py in
@@ -18,6 +19,11 @@ With --overload nothing is killed: more requests come at once than the instances
 their job_queue_size). Every request must then get either its image (200) or, at once, 503 with Retry-After,
 and no job may be computed twice: the images the instances answered (each one's access log: TorchServe 0.12's
 frontend counters count requests as they arrive, and pings with them) must be the 200s the clients got.
+--client-timeout sets how long nginx waits for an answer (proxy_read_timeout, and the X-Request-Timeout-Ms its
+hops tell the handler). --occupy first keeps each instance's worker busy that long with a request sent straight
+to it, as a client that waits longer would: the load's first requests then outwait their clients, who get
+nginx's 504; the handler must drop each of them before any work (the instances' StyleRefusals{Reason="expired"}
+must equal the 504s, and no image may be computed for them).
 
 The archive comes from --model-store (scripts/build_mar.py writes model_store/style_transfer.mar); random
 weights are fine for this test of the plumbing.
@@ -42,6 +48,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import re
+import threading
+
 import requests
 
 from torchserve_instance import ROOT, TorchServeInstance, free_port
@@ -49,6 +58,7 @@ from torchserve_instance import ROOT, TorchServeInstance, free_port
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf"
 LOAD_SCRIPT = ROOT / "scripts" / "load.py"
 PREDICT_PATH = "/predictions/style_transfer"
+WORKER_GOT_A_BATCH = "Backend received inference at:"  # TorchServe's worker logs this for every call of handle
 
 
 class NginxTemplate(string.Template):
@@ -57,22 +67,31 @@ class NginxTemplate(string.Template):
 
 @dataclass(frozen=True)
 class Hop:
-    """One instance as nginx sees it: the loopback port of its hop, TorchServe's address and key."""
+    """One instance as nginx sees it: the loopback port of its hop, TorchServe's inference address and key, and
+    its management address and key, for the model's description (none: the hop answers that call 404)."""
     name: str
     port: int
     address: str
     key: str
+    management: str | None = None
+    management_key: str | None = None
 
 
-def render_nginx_conf(prefix: Path, listen_port: int, client_token: str, hops: list[Hop]) -> str:
-    def lines(fmt: str) -> str:
-        return "\n".join("        " + fmt.format(hop=hop) for hop in hops)
+CLIENT_TIMEOUT = 310  # s a client waits through nginx: above TorchServe's responseTimeout (300 s, model-config.yaml)
+
+
+def render_nginx_conf(prefix: Path, listen_port: int, client_token: str, hops: list[Hop],
+                      client_timeout: int = CLIENT_TIMEOUT) -> str:
+    def lines(fmt: str, only=lambda hop: True) -> str:
+        return "\n".join("        " + fmt.format(hop=hop) for hop in hops if only(hop))
 
     return NginxTemplate(NGINX_TEMPLATE.read_text()).substitute(
-        prefix=prefix, listen_port=listen_port, client_token=client_token,
+        prefix=prefix, listen_port=listen_port, client_token=client_token, client_timeout=client_timeout,
         upstream_servers=lines("server 127.0.0.1:{hop.port} max_fails=1 fail_timeout=10s;"),
         instance_addresses=lines("{hop.port} {hop.address};"), instance_keys=lines("{hop.port} {hop.key};"),
-        instance_names=lines("{hop.port} {hop.name};"), hop_listens=lines("listen 127.0.0.1:{hop.port};"))
+        instance_names=lines("{hop.port} {hop.name};"), hop_listens=lines("listen 127.0.0.1:{hop.port};"),
+        management_addresses=lines("{hop.port} {hop.management};", lambda hop: hop.management),
+        management_keys=lines("{hop.port} {hop.management_key};", lambda hop: hop.management))
 
 
 def find_nginx() -> str:
@@ -174,14 +193,25 @@ def stop_all(instances: list[TorchServeInstance]) -> None:
         list(pool.map(lambda instance: instance.stop(), instances))
 
 
+CLIENT_AUTH_HELD = {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401,
+                    "describe_with_token": 200, "describe_without_token": 401, "rescale_with_token": 405,
+                    "list_models_with_token": 404}
+
+
 def check_client_auth(url: str, token: str) -> dict[str, int]:
-    """What nginx answers without and with a wrong token (401 expected), and /ping without one (200)."""
-    files = {"content": b"x", "style": b"x"}
+    """What nginx answers without and with a wrong token (401 expected), and /ping without one (200); the model's
+    description with the token (200) and without (401), and no other call of the management API (405, 404)."""
+    files, auth = {"content": b"x", "style": b"x"}, {"Authorization": f"Bearer {token}"}
+    describe = f"{url}/models/style_transfer?customized=true"
     return {
         "ping_without_token": requests.get(f"{url}/ping", timeout=10).status_code,
         "predict_without_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10).status_code,
         "predict_with_wrong_token": requests.post(f"{url}{PREDICT_PATH}", files=files, timeout=10,
                                                   headers={"Authorization": f"Bearer {token}x"}).status_code,
+        "describe_with_token": requests.get(describe, headers=auth, timeout=60).status_code,
+        "describe_without_token": requests.get(describe, timeout=10).status_code,
+        "rescale_with_token": requests.put(f"{url}/models/style_transfer", headers=auth, timeout=10).status_code,
+        "list_models_with_token": requests.get(f"{url}/models", headers=auth, timeout=10).status_code,
     }
 
 
@@ -258,19 +288,23 @@ def run_cluster(args) -> dict:
         overrides = {"job_queue_size": str(args.queue_size)} if args.queue_size else None
         instances = start_instances(args.model_store.resolve(), root, args.instances, overrides)
         names = [f"instance-{i + 1}" for i in range(len(instances))]
-        hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key())
-                for name, ts in zip(names, instances)]
+        hops = [Hop(name, free_port(), f"127.0.0.1:{ts.ports['inference']}", ts.key(),
+                    f"127.0.0.1:{ts.ports['management']}", ts.key("management")) for name, ts in zip(names, instances)]
         token, listen_port = secrets.token_hex(32), free_port()
-        nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops), listen_port)
+        nginx = Nginx(root / "nginx", render_nginx_conf(root / "nginx", listen_port, token, hops,
+                                                        args.client_timeout), listen_port)
         nginx.start()  # after the assignment: a start that times out still leaves nginx for `finally` to stop
         report["auth"] = check_client_auth(nginx.url, token)
         kill_after = None if args.overload else math.ceil(args.kill_after * args.requests)
         kill_switch = KillSwitch(instances[-1], names[-1], names, kill_after)
+        occupying = [occupy(ts, args.occupy) for ts in instances] if args.occupy else []
         load_started = time.monotonic()
         summary = run_load(nginx.url, token, args, kill_switch, args.load_timeout)
+        for thread in occupying:
+            thread.join(timeout=args.occupy + 60)
         report.update(_figures(summary, kill_switch, nginx, args))
         if args.overload:
-            report["overload"] = _overload_figures(kill_switch.responses, instances)
+            report["overload"] = _overload_figures(kill_switch.responses, instances, len(occupying))
         report["seconds"] = {"startup": round(load_started - started, 1),
                              "load": round(time.monotonic() - load_started, 1)}
         report["process_groups"] = [ts.process.pid for ts in instances] + [nginx.process.pid]
@@ -296,29 +330,67 @@ def _figures(summary: dict, kill_switch: KillSwitch, nginx: Nginx, args) -> dict
     }
 
 
-def _overload_figures(responses: list[dict], instances: list[TorchServeInstance]) -> dict:
-    """The statuses the clients got, how fast the 503s came and whether they said when to retry, and the 2xx
-    answers the instances themselves counted (a job computed twice would show here, not to the clients)."""
+def occupy(instance: TorchServeInstance, seconds: float) -> threading.Thread:
+    """A request straight to `instance` (past nginx: no client wait declared) that keeps its worker busy for
+    `seconds`; returned once the worker has it."""
+    params = {"size": "32", "steps": "2000", "max_seconds": str(seconds)}
+    files = {"content": (ROOT / "samples" / "tubingen.jpg").read_bytes(),
+             "style": (ROOT / "samples" / "styles" / "starry_night.jpg").read_bytes()}
+    before = _worker_batches(instance)
+    thread = threading.Thread(target=requests.post, daemon=True, args=(instance.url("inference", PREDICT_PATH),),
+                              kwargs={"headers": instance.auth(), "files": files, "data": params,
+                                      "timeout": seconds + 60})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while _worker_batches(instance) == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the worker of {instance.workdir.name} never got the occupying request")
+        time.sleep(0.05)
+    return thread
+
+
+def _worker_batches(instance: TorchServeInstance) -> int:
+    log = instance.workdir / "logs" / "model_log.log"
+    return log.read_text(errors="replace").count(WORKER_GOT_A_BATCH) if log.exists() else 0
+
+
+def _overload_figures(responses: list[dict], instances: list[TorchServeInstance], occupying: int) -> dict:
+    """The statuses the clients got, how fast the 503s came and whether they said when to retry, the 2xx
+    answers the instances themselves counted (a job computed twice, or for a client who had gone, would show
+    here, not to the clients), and the requests they dropped because their clients had gone."""
     refused = [r for r in responses if r["status"] == 503]
     return {
         "statuses": dict(Counter(str(r["status"]) for r in responses)),
         "refused_max_seconds": _round(max((r["seconds"] for r in refused), default=None)),
         "refused_without_retry_after": sum(1 for r in refused if not r.get("retry_after")),
-        "answered_by_instances": sum(_answered_predictions(ts) for ts in instances),
+        "occupying_requests": occupying,
+        "answered_by_instances": sum(_settled(lambda: _answered_predictions(ts)) for ts in instances),
+        "expired_by_instances": sum(_settled(lambda: _expired_requests(ts)) for ts in instances),
     }
 
 
-def _answered_predictions(instance: TorchServeInstance, settle: float = 1.0) -> int:
-    """Predictions an instance answered with 200, from its access log (log4j writes a line a moment after the
-    answer: read until the count holds for `settle` seconds)."""
-    log, answered, previous = instance.workdir / "logs" / "access_log.log", ' 200 ', None
-    while True:
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        count = sum(1 for line in lines if f'"POST {PREDICT_PATH} HTTP/1.1"{answered}' in line)
-        if count == previous:
-            return count
-        previous = count
+def _settled(count, settle: float = 1.0) -> int:
+    """`count()` once it holds for `settle` seconds: log4j writes a line, and the frontend takes the worker's
+    metrics from its output, a moment after the answer."""
+    previous = None
+    while (current := count()) != previous:
+        previous = current
         time.sleep(settle)
+    return current
+
+
+def _answered_predictions(instance: TorchServeInstance) -> int:
+    """Predictions an instance answered with 200, from its access log."""
+    log = instance.workdir / "logs" / "access_log.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return sum(1 for line in lines if f'"POST {PREDICT_PATH} HTTP/1.1" 200 ' in line)
+
+
+def _expired_requests(instance: TorchServeInstance) -> int:
+    """The handler's StyleRefusals{Reason="expired"} on the instance's metrics port."""
+    metrics = requests.get(instance.url("metrics", "/metrics"), timeout=10).text
+    return round(sum(float(value) for value in
+                     re.findall(r'^StyleRefusals\{[^}]*Reason="expired"[^}]*\} (\S+)$', metrics, re.MULTILINE)))
 
 
 def _round(value: float | None) -> float | None:
@@ -326,8 +398,7 @@ def _round(value: float | None) -> float | None:
 
 
 def succeeded(report: dict, overload: bool = False) -> bool:
-    auth_ok = report.get("auth") == {"ping_without_token": 200, "predict_without_token": 401,
-                                     "predict_with_wrong_token": 401}
+    auth_ok = report.get("auth") == CLIENT_AUTH_HELD
     if overload:
         return auth_ok and overload_held(report.get("overload", {}))
     requests_ok = report.get("requests", {}).get("failed") == 0
@@ -338,11 +409,16 @@ OVERLOAD_REFUSAL_SECONDS = 5  # a full queue answers at once: well under any job
 
 
 def overload_held(figures: dict) -> bool:
-    """Every request got its image or a fast 503 with Retry-After, some of each, and no job was computed twice."""
+    """Every request got its image, a fast 503 with Retry-After, or, having waited as long as its client waits,
+    nginx's 504 while the instance dropped it before any work; some were refused or dropped; and every image
+    the instances computed went to a client, once."""
     statuses = figures.get("statuses", {})
-    return (set(statuses) == {"200", "503"} and figures["refused_without_retry_after"] == 0
-            and figures["refused_max_seconds"] <= OVERLOAD_REFUSAL_SECONDS
-            and figures["answered_by_instances"] == statuses["200"])
+    refused = statuses.get("503", 0)
+    return ("200" in statuses and set(statuses) <= {"200", "503", "504"} and len(statuses) > 1
+            and figures["refused_without_retry_after"] == 0
+            and (not refused or figures["refused_max_seconds"] <= OVERLOAD_REFUSAL_SECONDS)
+            and figures["answered_by_instances"] == statuses["200"] + figures["occupying_requests"]
+            and figures["expired_by_instances"] == statuses.get("504", 0))
 
 
 def print_report(report: dict) -> None:
@@ -372,6 +448,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--overload", action="store_true",
                         help="kill nothing; check that an overload is refused fast and computes nothing twice")
     parser.add_argument("--queue-size", type=int, help="the instances' job_queue_size (config.properties')")
+    parser.add_argument("--client-timeout", type=int, default=CLIENT_TIMEOUT,
+                        help="seconds nginx waits for an answer, as it tells the handler")
+    parser.add_argument("--occupy", type=float, default=0,
+                        help="with --overload: seconds each worker is kept busy by a request sent past nginx first")
     args = parser.parse_args(argv)
     if args.instances < 2 and not args.overload:
         parser.error("--instances must be at least 2: one is killed")

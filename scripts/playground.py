@@ -27,7 +27,9 @@ it runs, this script reads the key file every few seconds, renews a key through 
 the key file's API key, which does not expire) once it has less than --renew-before seconds left, and
 reloads nginx when the keys have changed: renewed here or elsewhere, or a restarted server. In front of a
 cluster, --inference-token-file gives the token of the load balancer instead (that one is ours and does not
-expire). Runs in the foreground until Ctrl-C or SIGTERM, then stops nginx by its pid.
+expire). Given without --key-file it is the only credential: the description is then asked of --inference
+too, with that token (the Kubernetes pod's auth proxy serves the describe call there), and nothing is renewed.
+Runs in the foreground until Ctrl-C or SIGTERM, then stops nginx by its pid.
 
 It passes on only what its own page sends: nginx refuses a request whose Origin or Sec-Fetch-Site says it
 comes from another site (403), and a request for a Host name that is not the playground's (421: DNS
@@ -63,6 +65,7 @@ KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # TorchServe's keys are base64
 HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\]")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 PASSWORD_USER = "playground"
+DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"  # scripts/serve.sh's management API
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,14 @@ class Keys:
     expiry: dict[str, datetime]  # of the keys from TorchServe's key file, by kind ("inference", "management")
 
 
-def read_keys(key_file: Path, inference_token_file: Path | None) -> Keys:
-    """The keys nginx adds; ValueError when the key file is not (yet, or not wholly) written."""
+def read_keys(key_file: Path | None, inference_token_file: Path | None) -> Keys:
+    """The keys nginx adds; ValueError when the key file is not (yet, or not wholly) written. Without a key
+    file, the token of `inference_token_file` serves both calls and nothing expires."""
+    if key_file is None:
+        token = inference_token_file.read_text().strip()
+        if not KEY_PATTERN.fullmatch(token):
+            raise ValueError("a token with characters TorchServe does not use")
+        return Keys(token, token, {})
     entries = json.loads(key_file.read_text())
     expiry = {kind: datetime.fromisoformat(entries[kind]["expiration time"]) for kind in ("inference", "management")}
     inference = entries["inference"]["key"]
@@ -203,6 +212,8 @@ def render(args, keys: Keys, model: dict) -> str:
 def renew_expiring(args, keys: Keys) -> list[str]:
     """Renews, through TorchServe's token API, each key that expires within --renew-before seconds; TorchServe
     writes the new one into its key file. The kinds renewed."""
+    if not keys.expiry:  # the token alone: nothing of TorchServe's to renew
+        return []
     api_key = json.loads(args.key_file.read_text())["API"]["key"]
     soon = datetime.now(timezone.utc).timestamp() + args.renew_before
     renewed = []
@@ -263,14 +274,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT nginx listens on (%(default)s)")
     parser.add_argument("--inference", default="http://127.0.0.1:8080",
                         help="TorchServe's inference API, or a load balancer in front of several (%(default)s)")
-    parser.add_argument("--management", default="http://127.0.0.1:8081",
-                        help="TorchServe's management API, for the model's description (%(default)s)")
-    parser.add_argument("--key-file", type=Path, default=ROOT / "key_file.json",
+    parser.add_argument("--management",
+                        help="TorchServe's management API, for the model's description (default: "
+                             f"{DEFAULT_MANAGEMENT}; with the token alone, --inference)")
+    parser.add_argument("--key-file", type=Path,
                         help="TorchServe's key_file.json, where the server writes it (default: the repository "
-                             "root, scripts/serve.sh's working directory)")
+                             "root, scripts/serve.sh's working directory; none with --inference-token-file alone)")
     parser.add_argument("--inference-token-file", type=Path,
                         help="a file holding the token for --inference, instead of the key file's inference key "
-                             "(a load balancer's client token)")
+                             "(a load balancer's client token); without --key-file, the only credential")
     parser.add_argument("--ts-config", type=Path, default=ROOT / "config.properties",
                         help="the server's config.properties, for max_request_size (default: scripts/serve.sh's)")
     parser.add_argument("--prefix", type=Path,
@@ -291,6 +303,10 @@ def parse_args(argv: list[str] | None):
                         help="the jobs service's token file (default: the repository root's, which "
                              "scripts/serve.sh's jobs service writes)")
     args = parser.parse_args(argv)
+    if args.key_file is None and args.inference_token_file is None:
+        args.key_file = ROOT / "key_file.json"
+    if args.management is None:
+        args.management = DEFAULT_MANAGEMENT if args.key_file is not None else args.inference
     if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d+", args.listen):
         parser.error(f"--listen must be HOST:PORT; got {args.listen!r}")
     if not is_loopback(args.listen.rsplit(":", 1)[0]):

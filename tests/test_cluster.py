@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from local_cluster import Hop, find_nginx, render_nginx_conf
@@ -45,7 +46,9 @@ def test_no_request_fails_when_an_instance_is_killed_mid_run(nginx_binary, model
         capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(report_file.read_text())
-    assert report["auth"] == {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401}
+    assert report["auth"] == {"ping_without_token": 200, "predict_without_token": 401, "predict_with_wrong_token": 401,
+                              "describe_with_token": 200, "describe_without_token": 401, "rescale_with_token": 405,
+                              "list_models_with_token": 404}
     assert report["requests"] == {"sent": REQUESTS, "succeeded": REQUESTS, "failed": 0}
     assert report["killed"]["instance"] == "instance-2" and report["killed"]["after_responses"] < REQUESTS
     assert all(report["served_by"]["before_kill"].get(name, 0) > 0 for name in ("instance-1", "instance-2"))
@@ -74,6 +77,37 @@ def test_an_overload_is_refused_fast_and_no_job_is_computed_twice(nginx_binary, 
     assert set(figures["statuses"]) == {"200", "503"}, figures
     assert figures["refused_without_retry_after"] == 0 and figures["refused_max_seconds"] <= 5
     assert figures["answered_by_instances"] == figures["statuses"]["200"]
+
+
+@pytest.fixture(scope="module")
+def short_margin_store(tmp_path_factory):
+    """The archive with a reply margin of 1 s, so that a client that waits 4 s leaves 3 s for work."""
+    from build_mar import build
+
+    handler = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]
+    store = tmp_path_factory.mktemp("short_margin_store")
+    build("random", store, settings={"handler": {**handler, "reply_margin_seconds": 1}})
+    return store
+
+
+def test_requests_that_outwait_their_client_are_dropped_before_any_work(nginx_binary, short_margin_store, tmp_path):
+    """nginx waits 4 s for an answer and says so to the handler; the one worker is first kept busy for 6 s by a
+    request sent past nginx. The first 4 requests through nginx wait in the queue past their clients' 4 s:
+    each client gets nginx's 504, and the handler drops each request before any work (StyleRefusals with
+    Reason="expired", once per 504); the next ones, queued behind them, get their images in the time their
+    clients still wait. The instance computed no image but the occupying one and the clients' 200s."""
+    report_file = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--overload", "--queue-size", "8",
+         "--instances", "1", "--client-timeout", "4", "--occupy", "6", "--model-store", str(short_margin_store),
+         "--requests", "12", "--concurrency", "4", "--size", "32", "--steps", "5", "--report", str(report_file),
+         "--load-timeout", "60"],
+        capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(report_file.read_text())["overload"]
+    assert figures["statuses"].get("504", 0) == 4 and figures["statuses"].get("200", 0) >= 4, figures
+    assert figures["expired_by_instances"] == figures["statuses"]["504"]
+    assert figures["answered_by_instances"] == figures["statuses"]["200"] + 1  # + the occupying request
 
 
 def test_the_front_retries_only_where_no_instance_computes_the_request():

@@ -9,6 +9,7 @@ Container schema, which KServe's predictor embeds.
 """
 
 import json
+import re
 import secrets
 import shutil
 import socket
@@ -28,10 +29,10 @@ from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES, STYLES
-from local_cluster import find_nginx
+from local_cluster import Hop, find_nginx, render_nginx_conf
 from pod_harness import Pod
 from pod_images import images_for
-from torchserve_instance import TorchServeInstance
+from torchserve_instance import TorchServeInstance, free_port, stop_process_group
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -286,6 +287,27 @@ def test_auth_proxy_template_is_valid_nginx(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+def declared_waits(conf: str) -> tuple[set[int], set[int]]:
+    """The read timeouts an nginx config sets (s) and the client waits it tells the handler (s)."""
+    reads = {int(value) for value in re.findall(r"proxy_read_timeout (\d+)s;", conf)}
+    told = {int(value) // 1000 for value in re.findall(r"proxy_set_header X-Request-Timeout-Ms (\d+);", conf)}
+    assert 'proxy_set_header X-Request-Start "t=$msec";' in conf
+    return reads, told
+
+
+def test_each_proxy_tells_the_handler_how_long_its_clients_wait():
+    """What the handler is told (X-Request-Timeout-Ms) is how long the proxy waits (proxy_read_timeout), in the
+    pod's auth proxy, in the local cluster's nginx and, for KServe, in Knative in front of the auth proxy;
+    longer than TorchServe's responseTimeout, so that no answer TorchServe waits for is cut off."""
+    response_timeout = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["responseTimeout"]
+    hops = [Hop("instance-1", 20001, "127.0.0.1:21001", "key")]
+    for conf in (auth_proxy_file("default.conf.template"), render_nginx_conf(Path("/tmp"), 20000, "0" * 64, hops)):
+        reads, told = declared_waits(conf)
+        assert len(reads) == 1 and reads == told and min(reads) > response_timeout, (reads, told)
+    (auth_proxy_wait,) = declared_waits(auth_proxy_file("default.conf.template"))[0]
+    assert inference_service()["spec"]["predictor"]["timeout"] == auth_proxy_wait
+
+
 # --- the pod, run as the kubelet would run it (tests/pod_harness.py) ---------------------------------------------
 
 def pod_properties() -> dict[str, str]:
@@ -318,8 +340,8 @@ def deployment_pod(model_store: Path, root: Path, token: str, objects: dict | No
                {"style-transfer-token": {"token": token}}, root, name="style-transfer")
 
 
-def predict(url: str, token: str | None) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def predict(url: str, token: str | None, headers: dict | None = None) -> requests.Response:
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     return requests.post(f"{url}/predictions/style_transfer", headers=headers, timeout=120,
                          files={"content": (SAMPLES / "tubingen.jpg").read_bytes()},
                          data={"presets": "starry_night", "size": "32", "steps": "1"})
@@ -344,6 +366,11 @@ def test_the_deployment_s_pod_serves_through_its_proxy_only_and_survives_a_torch
             assert predict(pod.url(port), None).status_code == 401
             assert predict(pod.url(port), token + "x").status_code == 401
             if attempt == 0:
+                # the proxy sets when a request arrived and how long its client waits: a client's own say is
+                # replaced (the handler would drop a request that claims to have waited since 1970)
+                forged = {"X-Request-Start": "t=1", "X-Request-Timeout-Ms": "1"}
+                assert predict(pod.url(port), token, forged).status_code == 200
+                check_the_description_is_all_the_token_reaches_of_management(pod.url(port), token, pod_root)
                 for torchserve_port in (8080, 8081, 7070):  # loopback only: the proxy is the one door
                     with pytest.raises(requests.ConnectionError):
                         requests.get(pod.url(torchserve_port, "/ping"), timeout=5)
@@ -351,6 +378,44 @@ def test_the_deployment_s_pod_serves_through_its_proxy_only_and_survives_a_torch
                 assert "read-only" in written.stdout  # readOnlyRootFilesystem: only the mounts are writable
                 torchserve.restart()
         assert proxy.restarts == 0 and torchserve.restarts == 1
+
+
+def check_the_description_is_all_the_token_reaches_of_management(url: str, token: str, root: Path) -> None:
+    """Through the proxy, with the client token: the model's description (GET, customized=true or no query),
+    and nothing else of the management API; the playground runs on that token alone (docs/playground.md)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    described = requests.get(f"{url}/models/style_transfer?customized=true", headers=auth, timeout=60)
+    assert described.status_code == 200, described.text
+    assert described.json()[0]["customizedMetadata"]["presets"]
+    assert requests.get(f"{url}/models/style_transfer", headers=auth, timeout=60).status_code == 200
+    assert requests.get(f"{url}/models/style_transfer?customized=true", timeout=10).status_code == 401
+    refused = {(method, path): requests.request(method, url + path, headers=auth, timeout=10).status_code
+               for method, path in [("DELETE", "/models/style_transfer"), ("PUT", "/models/style_transfer"),
+                                    ("PUT", "/models/style_transfer?min_worker=0"),
+                                    ("POST", "/models/style_transfer"), ("GET", "/models"),
+                                    ("GET", "/models/style_transfer?customized=true&x=1"),
+                                    ("GET", "/models/style_transfer/1.0"), ("POST", "/models?url=x.mar"),
+                                    ("GET", "/metrics"), ("POST", "/token?type=management")]}
+    assert refused == {**{key: 404 for key in refused}, ("DELETE", "/models/style_transfer"): 405,
+                       ("PUT", "/models/style_transfer"): 405,
+                       ("PUT", "/models/style_transfer?min_worker=0"): 405,
+                       ("POST", "/models/style_transfer"): 405}, refused
+    (root / "token").write_text(token + "\n")
+    port = free_port()
+    playground = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "playground.py"), "--listen", f"127.0.0.1:{port}", "--inference", url,
+         "--inference-token-file", str(root / "token"), "--prefix", str(root / "playground"), "--wait", "30"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 30, None
+        while status != 200 and playground.poll() is None and time.monotonic() < deadline:
+            try:
+                status = requests.get(f"http://127.0.0.1:{port}/description", timeout=10).status_code
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert status == 200, playground.stderr.read() if playground.poll() is not None else status
+    finally:
+        stop_process_group(playground)
 
 
 @pytest.mark.parametrize("removed", [None, "/tmp", "/etc/nginx/conf.d"])

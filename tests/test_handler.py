@@ -262,3 +262,100 @@ def test_the_handler_stops_a_canceled_job_and_answers_the_others_in_full(served,
     canceled, kept = (context.get_response_headers(i) for i in (0, 1))
     assert (canceled["X-Style-Stop-Reason"], canceled["X-Style-Steps"]) == ("canceled", "0")
     assert (kept["X-Style-Stop-Reason"], kept["X-Style-Steps"]) == ("steps", "6")
+
+
+# --- the client's wait (the proxy's X-Request-Start and X-Request-Timeout-Ms) -------------------------------------
+
+@pytest.mark.parametrize("start, timeout, expected", [
+    ("t=1733234567.123", "310000", (1733234567.123, 310.0)),  # nginx's $msec, as our proxies send it
+    ("t=1733234567123", "4000", (1733234567.123, 4.0)),  # milliseconds (Heroku's router)
+    ("1733234567123456", "4000", (1733234567.123456, 4.0)),  # microseconds, without "t=" (HAProxy, Apache)
+    (" t=1733234567.5 ", " 2500 ", (1733234567.5, 2.5)),
+])
+def test_the_client_wait_is_read_from_the_proxy_headers(start, timeout, expected):
+    from call_limits import ClientWait
+
+    wait = ClientWait.from_headers({"X-Request-Start": start, "x-request-timeout-ms": timeout})
+    assert (wait.arrived, wait.timeout) == pytest.approx(expected)
+    assert wait.left(expected[0] + 1) == pytest.approx(expected[1] - 1)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"X-Request-Start": "t=1733234567.123"}, {"X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=", "X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=abc", "X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=-5", "X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=1e9", "X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=0", "X-Request-Timeout-Ms": "310000"},
+    {"X-Request-Start": "t=1733234567.123", "X-Request-Timeout-Ms": "310s"},
+    {"X-Request-Start": "t=1733234567.123", "X-Request-Timeout-Ms": "0"},
+    {"X-Request-Start": "t=1733234567.123", "X-Request-Timeout-Ms": "nan"},
+    {"X-Request-Start": {"content-type": ""}, "X-Request-Timeout-Ms": "310000"},  # a gRPC parameter's type
+])
+def test_a_missing_or_malformed_client_wait_means_no_check(headers):
+    from call_limits import ClientWait
+
+    assert ClientWait.from_headers(headers) is None
+
+
+def handle_with_waits(served, rows: list[dict], waits: list):
+    """Each row with its proxy's headers: (seconds it has waited, its client's timeout in seconds), a dict of
+    headers as sent, or None for none."""
+    import time
+
+    handler, context = served
+    start_batch(context, len(rows))
+    for index, wait in enumerate(waits):
+        if isinstance(wait, tuple):
+            wait = {"X-Request-Start": f"t={time.time() - wait[0]:.3f}",
+                    "X-Request-Timeout-Ms": f"{wait[1] * 1000:.0f}"}
+        context.request_processor[index].get_request_properties().update(wait or {})
+    return handler.handle(rows, context), context
+
+
+def logged_requests(caplog) -> list[dict]:
+    return [json.loads(record.getMessage().split("style_transfer request ", 1)[1]) for record in caplog.records
+            if "style_transfer request" in record.getMessage()]
+
+
+def emitted_metrics(caplog, name: str) -> list[str]:
+    """The metric lines the worker writes for TorchServe's frontend (ts.metrics: "[METRICS]name.unit:value|#...")."""
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith(f"[METRICS]{name}.")]
+
+
+def test_a_request_that_outwaited_its_client_is_dropped_before_any_decoding(served, caplog):
+    """503 Expired with Retry-After (how long past its client's wait), counted and logged; its content is not
+    even an image, which decoding would answer with 400. Beside it, a request with time left, one without the
+    headers (a direct client) and one with a malformed start are computed."""
+    good = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 1}}
+    not_an_image = {"content": b"not an image", "style": STYLE, "params": {"size": 64, "steps": 1}}
+    malformed = {"X-Request-Start": "yesterday", "X-Request-Timeout-Ms": "310000"}
+    with caplog.at_level("INFO"):
+        (dropped, *computed), context = handle_with_waits(served, [not_an_image, good, good, good],
+                                                          [(312.5, 310), (5, 310), None, malformed])
+    error = json.loads(dropped)
+    assert context.get_response_status(0)[0] == 503, error
+    assert (error["code"], error["type"], error["field"]) == (503, "Expired", None)
+    assert "waited 312.5 s" in error["message"] and "(310 s" in error["message"]
+    assert context.get_response_headers(0)["Retry-After"] == "3"
+    assert [context.get_response_status(i)[0] for i in (1, 2, 3)] == [200, 200, 200]
+    (record,) = [r for r in logged_requests(caplog) if r["request_id"] == context.request_ids[0]]
+    assert record == {"request_id": context.request_ids[0], "status": 503, "error": "Expired", "field": None,
+                      "total_seconds": record["total_seconds"]}  # nothing decoded, nothing run
+    (metric,) = [line for line in emitted_metrics(caplog, "StyleRefusals") if "Reason:expired" in line]
+    assert ":1|#ModelName:style_transfer" in metric and metric.endswith(context.request_ids[0])
+
+
+def test_a_request_gets_only_the_time_its_client_still_waits(served):
+    """Past the reply margin the call keeps back (30 s), a request whose client waits 1.5 s more stops with its
+    best image by then; one whose client's end leaves less than its fixed work is answered 503 Busy at once."""
+    import time
+
+    long = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2000}}
+    started = time.monotonic()
+    (image,), context = handle_with_waits(served, [long], [(0, 31.5)])
+    assert context.get_response_status(0)[0] == 200 and time.monotonic() - started < 1.5 + 0.5
+    assert context.get_response_headers(0)["X-Style-Stop-Reason"] == "max_seconds"
+    (busy,), context = handle_with_waits(served, [long], [(2, 31)])
+    assert context.get_response_status(0)[0] == 503 and json.loads(busy)["type"] == "Busy"
+    assert "client's timeout" in json.loads(busy)["message"] and "Retry-After" in context.get_response_headers(0)
