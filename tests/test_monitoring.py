@@ -148,9 +148,12 @@ def test_dashboard_shows_what_operators_watch():
     assert {"ts_inference_requests_total", "Requests2XX", "Requests4XX", "Requests5XX",  # requests
             "ts_inference_latency_microseconds", "ts_queue_latency_microseconds",  # latency, queue
             "WorkerLoadTime", "StyleWorkerStarts",  # workers
-            "StyleSteps", "StyleStepsPerSecond", "StyleEarlyStops", "StyleOutOfMemory"} <= names
+            "StyleSteps", "StyleStepsPerSecond", "StyleEarlyStops",  # optimisation
+            "StyleOutOfMemory", "StyleRefusals", "StyleInternalErrors", "StyleStreamErrors"} <= names  # failures
     queries = " ".join(dashboard_queries())
-    assert "by (StopReason) (increase(StyleEarlyStops" in queries and "by (Stage) (increase(StyleOutOfMemory" in queries
+    for split in ("by (StopReason) (increase(StyleEarlyStops", "by (Stage) (increase(StyleOutOfMemory",
+                  "by (Reason) (increase(StyleRefusals", "by (Stage) (increase(StyleInternalErrors"):
+        assert split in queries
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
