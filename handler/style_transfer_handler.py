@@ -57,6 +57,7 @@ EXPIRED = {"code": 503, "type": "Expired", "field": None}  # + expired_message
 INTERNAL_ERROR = {"code": 500, "type": "InternalError", "field": None,
                   "message": "the optimisation failed unexpectedly; the server log has the details"}
 OUTCOME_STAGES = ("prepare", "run", "encode")  # where a request's unexpected failure can happen
+REFUSAL_REASONS = ("memory", "time", "busy", "expired")  # why a request is refused before any work (StyleRefusals)
 STAGE_WORDS = {"prepare": "reading this request", "encode": "encoding this request's answer"}
 CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 # TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
@@ -522,8 +523,9 @@ def _record_out_of_memory(context, index: int, stage: str) -> None:
 
 
 def _record_refusal(context, index: int, reason: str) -> None:
-    """One StyleRefusals count for a request refused before any work for what this worker can do, by reason:
-    memory or time (413: it could never fit here), busy (503: this call had no time left for it)."""
+    """One StyleRefusals count for a request refused before any work for what this worker can do, by reason
+    (REFUSAL_REASONS): memory or time (413: it could never fit here), busy (503: this call had no time left for
+    it), expired (503: it waited longer than its client waits)."""
     context.metrics.add_metric("StyleRefusals", 1, "count", index, _dimensions(context, Reason=reason),
                                MetricTypes.COUNTER)
 
@@ -544,13 +546,15 @@ def _record_worker_start(context) -> None:
     """
     add, counter = context.metrics.add_metric, MetricTypes.COUNTER
     add("StyleWorkerStarts", 1, "count", None, _dimensions(context), counter)
-    # Counters whose increase the alert rules watch start at 0: the first sample of a new series is no increase
-    # to rate() or increase(), so the first success or out-of-memory answer of a server would go unseen.
+    # Counters whose increase the alerts or the dashboard watch start at 0: the first sample of a new series is
+    # no increase to rate() or increase(), so the first success or out-of-memory answer of a server would go unseen.
     add("StyleOptimizationSeconds", 0, "s", None, _dimensions(context), counter)
     for stage in OUTCOME_STAGES:
         add("StyleOutOfMemory", 0, "count", None, _dimensions(context, Stage=stage), counter)
         add("StyleInternalErrors", 0, "count", None, _dimensions(context, Stage=stage), counter)
     add("StyleStreamErrors", 0, "count", None, _dimensions(context), counter)
+    for reason in REFUSAL_REASONS:
+        add("StyleRefusals", 0, "count", None, _dimensions(context, Reason=reason), counter)
 
 
 def _dimensions(context, **extra: str) -> list[Dimension]:

@@ -404,7 +404,8 @@ def check_the_description_is_all_the_token_reaches_of_management(url: str, token
     port = free_port()
     playground = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "playground.py"), "--listen", f"127.0.0.1:{port}", "--inference", url,
-         "--inference-token-file", str(root / "token"), "--prefix", str(root / "playground"), "--wait", "30"],
+         "--inference-token-file", str(root / "token"), "--jobs", "off",  # the pod alone: no jobs service
+         "--prefix", str(root / "playground"), "--wait", "30"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline, status = time.monotonic() + 30, None
