@@ -362,7 +362,8 @@ def _overload_figures(responses: list[dict], instances: list[TorchServeInstance]
     return {
         "statuses": dict(Counter(str(r["status"]) for r in responses)),
         "refused_max_seconds": _round(max((r["seconds"] for r in refused), default=None)),
-        "refused_without_retry_after": sum(1 for r in refused if not r.get("retry_after")),
+        # one Retry-After of whole seconds (requests joins repeated headers with commas)
+        "refused_without_retry_after": sum(1 for r in refused if not re.fullmatch(r"\d+", r.get("retry_after") or "")),
         "occupying_requests": occupying,
         "answered_by_instances": sum(_settled(lambda: _answered_predictions(ts)) for ts in instances),
         "expired_by_instances": sum(_settled(lambda: _expired_requests(ts)) for ts in instances),
