@@ -292,21 +292,47 @@ def test_the_service_killed_mid_run_and_started_again_loses_no_job(jobs):
     assert [data["attempt"] for data in started] == [1, 2]
 
 
-def test_a_torchserve_worker_killed_mid_job_is_retried_once(jobs, breakable_server, redis_server, tmp_path):
-    jobs.stop()  # the only replica on the queue: this one, in front of the TorchServe whose worker is killed
-    try:
-        with JobsInstance(tmp_path, redis_server.url, breakable_server) as service:
-            job_id = submit(service, {**LONG, "max_seconds": 3}).json()["id"]
-            wait_for(service, job_id, until=running_with_progress, timeout=60)
-            (pid,) = breakable_server.worker_pids()
-            os.kill(pid, signal.SIGKILL)
-            state = wait_for(service, job_id, timeout=120)
-            assert state["status"] == "succeeded", state
-            started = [data["attempt"] for _, name, data in read_events(service, job_id) if name == "started"]
-            assert started == [1, 2]
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    finally:
-        jobs.start()
+@pytest.fixture
+def alone_on_the_queue(jobs):
+    """The module's jobs service stopped for the test: the only replica on the queue is the test's own."""
+    jobs.stop()
+    yield
+    jobs.start()
+
+
+def kill_the_worker_mid_job(service, torchserve) -> tuple[str, dict]:
+    """A long job submitted, the TorchServe worker running it SIGKILLed mid-run; the job and its final status."""
+    job_id = submit(service, {**LONG, "max_seconds": 3}).json()["id"]
+    wait_for(service, job_id, until=running_with_progress, timeout=60)
+    (pid,) = torchserve.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    state = wait_for(service, job_id, timeout=120)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return job_id, state
+
+
+def test_a_torchserve_worker_killed_mid_job_is_retried_once(alone_on_the_queue, breakable_server, redis_server,
+                                                             tmp_path):
+    with JobsInstance(tmp_path, redis_server.url, breakable_server) as service:
+        job_id, state = kill_the_worker_mid_job(service, breakable_server)
+        assert state["status"] == "succeeded", state
+        started = [data for _, name, data in read_events(service, job_id) if name == "started"]
+    assert [data["attempt"] for data in started] == [1, 2]
+    # retried because the answer's stream broke off with the worker, not found later by the recovery loop
+    assert "retried_after" not in started[0] and started[1]["retried_after"]["type"] == "WorkerLost"
+    conforms(started[1]["retried_after"], "JobErrorBody")
+
+
+def test_the_last_attempt_broken_by_a_worker_kill_fails_the_job_with_the_reason(alone_on_the_queue,
+                                                                                breakable_server, redis_server,
+                                                                                tmp_path):
+    with JobsInstance(tmp_path, redis_server.url, breakable_server, max_attempts=1) as service:
+        job_id, state = kill_the_worker_mid_job(service, breakable_server)
+        started = [data["attempt"] for _, name, data in read_events(service, job_id) if name == "started"]
+    assert state["status"] == "failed" and started == [1], state
+    assert state["error"]["code"] == 502 and state["error"]["type"] == "WorkerLost", state
+    assert "interrupted 1 time(s)" in state["error"]["message"], state
+    conforms(state, "JobStatus")
 
 
 def test_the_client_submits_follows_and_resumes_a_job_by_id(jobs, tmp_path, capsys):
