@@ -97,7 +97,7 @@ SEEDED_JOBS = {"fuzz-canceled": (TINY, "canceled"), "fuzz-image": (TINY, "succee
 JOB_ENDS = ("succeeded", "failed", "canceled")
 
 
-def server_view(spec: dict, description: dict, api: Api = TORCHSERVE_API) -> dict:
+def server_view(spec: dict, description: dict, api: Api) -> dict:
     """The spec as the servers of `api` state it: only the paths they serve (the jobs API's paths name their own
     server, the jobs service), the TorchServe's defaults, and its maxima where it lowers the engine's (the jobs
     service passes every request on to that TorchServe)."""
@@ -178,11 +178,14 @@ def seed_jobs(jobs: JobsInstance, timeout: float = 60) -> list[str]:
     return list(SEEDED_JOBS)
 
 
-def _wait_until_ended(jobs: JobsInstance, job_id: str, timeout: float) -> str | None:
+def _wait_until_ended(jobs: JobsInstance, job_id: str, timeout: float) -> str:
+    """The job's status once it has ended, or when `timeout` has passed; "lost" when the service knows no such
+    job (within the retention time, a job is never unknown)."""
     deadline = time.monotonic() + timeout
     while True:
-        status = requests.get(jobs.url(f"/jobs/{job_id}"), headers=jobs.auth, timeout=10).json().get("status")
-        if status in JOB_ENDS or time.monotonic() > deadline:
+        answer = requests.get(jobs.url(f"/jobs/{job_id}"), headers=jobs.auth, timeout=10)
+        status = "lost" if answer.status_code == 404 else answer.json()["status"]
+        if status in (*JOB_ENDS, "lost") or time.monotonic() > deadline:
             return status
         time.sleep(0.1)
 
@@ -200,10 +203,10 @@ def submitted_ids(har_file: Path) -> set[str]:
 
 def cancel_and_account(jobs: JobsInstance, ids: set[str], timeout: float = 30) -> dict[str, str]:
     """Cancel every job in `ids` (the run's backlog stops at once) and wait until each has ended; the ones
-    that did not end (or were lost: 404 within the retention time), with their last status."""
+    that did not end, or were lost, with their last status."""
     for job_id in ids:
         requests.post(jobs.url(f"/jobs/{job_id}/cancel"), headers=jobs.auth, timeout=10)
-    return {job_id: str(status) for job_id in sorted(ids)
+    return {job_id: status for job_id in sorted(ids)
             if (status := _wait_until_ended(jobs, job_id, timeout)) not in JOB_ENDS}
 
 
