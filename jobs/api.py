@@ -165,7 +165,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     store: Store = request.app["services"].store
     record = await _record(request)
     after = request.headers.get("Last-Event-ID", "0")
-    if not EVENT_ID.fullmatch(after):
+    if not _is_stream_id(after):  # what the client sent is no event id of ours: from the first
         after = "0"
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
@@ -175,6 +175,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     except ConnectionResetError:  # the client went away: nothing to do, the job goes on
         pass
     return response
+
+
+def _is_stream_id(text: str) -> bool:
+    """A Redis stream id: two unsigned 64-bit numbers (a larger one makes Redis refuse the read mid-stream)."""
+    return bool(EVENT_ID.fullmatch(text)) and all(int(number) < 2 ** 64 for number in text.split("-"))
 
 
 async def _send_events(response: web.StreamResponse, store: Store, job_id: str, after: str) -> None:
