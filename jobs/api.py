@@ -12,8 +12,8 @@ from aiohttp import web
 from arq.connections import ArqRedis
 
 from .auth import token_matches
-from .store import END_EVENTS, NewJob, Store, public_status
-from .submission import SubmitError, read_submission
+from .store import ACTIVE_STATUSES, END_EVENTS, NewJob, Store, public_status
+from .submission import SubmitError, read_submission, too_large
 from .webhooks import WebhookPolicy, WebhookRefused, WebhookSender
 from .worker import enqueue, queue_depth
 
@@ -33,14 +33,16 @@ class Services:
     max_attempts: int
 
 
-def error(code: int, type_: str, message: str, field: str | None = None, **extra) -> web.Response:
+def error(code: int, type_: str, message: str, field: str | None = None, headers: dict | None = None,
+          **extra) -> web.Response:
     return web.json_response({"code": code, "type": type_, "message": message, "field": field, **extra},
-                             status=code)
+                             status=code, headers=headers)
 
 
 def create_app(services: Services, max_request_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
     app["services"] = services
+    app["max_request_bytes"] = max_request_bytes
     app.router.add_post("/jobs", submit)
     app.router.add_put("/jobs/{id}", submit)
     app.router.add_get("/jobs/{id}", status)
@@ -56,12 +58,15 @@ def create_app(services: Services, max_request_bytes: int) -> web.Application:
 async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as too_large:
-        return error(413, "TooLarge", f"the request is larger than the {too_large.max_size} bytes allowed", "body")
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's, reading a JSON body
+        refused = too_large(request.app["max_request_bytes"])
+        return web.json_response(refused.body, status=refused.body["code"])
     except web.HTTPException as http:
         if http.status < 400:
             raise
-        return error(http.status, http.reason.replace(" ", ""), http.text or http.reason)
+        # Allow: the methods a path takes, with a 405 (RFC 9110)
+        return error(http.status, http.reason.replace(" ", ""), http.text or http.reason,
+                     headers={name: http.headers[name] for name in ("Allow",) if name in http.headers})
     except SubmitError as refused:
         return web.json_response(refused.body, status=refused.body["code"])
 
@@ -89,7 +94,7 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency is not None and not 0 < len(idempotency) <= MAX_IDEMPOTENCY_KEY:
         return error(400, "ParamError", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
                      "Idempotency-Key")
-    submission = await read_submission(request)
+    submission = await read_submission(request, request.app["max_request_bytes"])
     if submission.webhook is not None:
         try:
             await services.webhook_policy.check_url(submission.webhook)
@@ -160,24 +165,42 @@ async def events(request: web.Request) -> web.StreamResponse:
     store: Store = request.app["services"].store
     record = await _record(request)
     after = request.headers.get("Last-Event-ID", "0")
-    if not EVENT_ID.fullmatch(after):
+    if not _is_stream_id(after):  # what the client sent is no event id of ours: from the first
         after = "0"
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    try:
+        await _send_events(response, store, record["id"], after)
+    except ConnectionResetError:  # the client went away: nothing to do, the job goes on
+        pass
+    return response
+
+
+def _is_stream_id(text: str) -> bool:
+    """A Redis stream id: two unsigned 64-bit numbers (a larger one makes Redis refuse the read mid-stream)."""
+    return bool(EVENT_ID.fullmatch(text)) and all(int(number) < 2 ** 64 for number in text.split("-"))
+
+
+async def _send_events(response: web.StreamResponse, store: Store, job_id: str, after: str) -> None:
     while True:
-        entries = await store.events(record["id"], after, block_ms=KEEP_ALIVE_SECONDS * 1000)
+        current = await store.get(job_id)
+        if current is None:
+            return  # expired meanwhile
+        # An ended job's events are all written (its end event with its status): read without waiting, and stop
+        # when none is left after Last-Event-ID, even one past the end event
+        ended = current["status"] not in ACTIVE_STATUSES
+        entries = await store.events(job_id, after, block_ms=None if ended else KEEP_ALIVE_SECONDS * 1000)
         if not entries:
-            if await store.get(record["id"]) is None:
-                break  # expired meanwhile
+            if ended:
+                return
             await response.write(b": keep-alive\n\n")
             continue
         for entry_id, event, data in entries:
             await response.write(f"id: {entry_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n".encode())
             after = entry_id
             if event in END_EVENTS.values():
-                return response
-    return response
+                return
 
 
 async def ping(request: web.Request) -> web.Response:

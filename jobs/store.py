@@ -182,8 +182,8 @@ class Store:
                 pipe.set(f"{CANCEL_KEY_PREFIX}{job_id}.{attempt}", "1", ex=self.retention)
             await pipe.execute()
 
-    async def events(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str, dict]]:
-        """The events after stream id `after` ("0" for all), waiting up to block_ms for one."""
+    async def events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, dict]]:
+        """The events after stream id `after` ("0" for all), waiting up to block_ms for one (None: not at all)."""
         found = await self.redis.xread({key("events", job_id): after}, block=block_ms, count=100)
         return [(entry_id.decode(), fields[b"event"].decode(), json.loads(fields[b"data"]))
                 for _, entries in found for entry_id, fields in entries]

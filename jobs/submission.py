@@ -11,7 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from urllib3 import encode_multipart_formdata
 
 from .store import EVENTS
@@ -27,6 +28,10 @@ class SubmitError(Exception):
         self.body = {"code": code, "type": type_, "message": message, "field": field}
 
 
+def too_large(max_bytes: int) -> SubmitError:
+    return SubmitError(413, "TooLarge", f"the request is larger than the {max_bytes} bytes allowed", "body")
+
+
 @dataclass(frozen=True)
 class Submission:
     body: bytes
@@ -37,33 +42,39 @@ class Submission:
     webhook_events: tuple[str, ...]
 
 
-async def read_submission(request: web.Request) -> Submission:
+async def read_submission(request: web.Request, max_bytes: int) -> Submission:
     kind = request.content_type
     if kind == "multipart/form-data":
-        return await _from_multipart(request)
+        return await _from_multipart(request, max_bytes)
     if kind == "application/json":
         return _from_json(await request.read())
     raise SubmitError(400, "UnsupportedMediaType", "send the predictions endpoint's body: multipart/form-data or "
                                                    "application/json", "Content-Type")
 
 
-async def _from_multipart(request: web.Request) -> Submission:
-    form = await request.post()
-    fields, digest, texts = [], hashlib.sha256(), {}
-    for name, value in form.items():
-        if isinstance(value, web.FileField):
-            data = value.file.read()
-            digest.update(f"{name}\0file\0{len(data)}\0".encode() + data)
-            if name in TEXT_FIELDS:  # clients may send any field as a file part (requests' files= does)
-                texts[name] = data.decode("utf-8", "replace")
-            if name not in JOB_FIELDS and name != "stream":
-                fields.append((name, (value.filename or name, data, value.content_type)))
-        else:
-            digest.update(f"{name}\0text\0{len(value)}\0{value}".encode())
-            texts[name] = value
-            if name not in JOB_FIELDS and name != "stream":
-                fields.append((name, value))
-    if "content" not in form:
+@dataclass(frozen=True)
+class Part:
+    name: str
+    filename: str | None
+    data: bytes
+    content_type: str | None
+
+
+async def _from_multipart(request: web.Request, max_bytes: int) -> Submission:
+    fields, digest, texts, names = [], hashlib.sha256(), {}, set()
+    for part in await _read_parts(request, max_bytes):
+        names.add(part.name)
+        if part.filename is not None:
+            digest.update(f"{part.name}\0file\0{len(part.data)}\0".encode() + part.data)
+        else:  # text as it was read before, so that a job submitted again finds its fingerprint the same
+            value = part.data.decode("utf-8", "surrogateescape")
+            digest.update(f"{part.name}\0text\0{len(value)}\0{value}".encode("utf-8", "surrogateescape"))
+        if part.name in TEXT_FIELDS:  # clients may send any field as a file part (requests' files= does)
+            texts[part.name] = part.data.decode("utf-8", "replace")
+        if part.name not in JOB_FIELDS and part.name != "stream":
+            fields.append((part.name, part.data if part.filename is None else
+                           (part.filename or part.name, part.data, part.content_type)))
+    if "content" not in names:
         raise SubmitError(400, "ImageError", "the content image is missing: send the file part \"content\"",
                           "content")
     fields.append(("stream", "true"))  # a plain field wins over params' own (handler/request_parsing.py)
@@ -73,6 +84,30 @@ async def _from_multipart(request: web.Request) -> Submission:
     events = texts.get("webhook_events")
     return Submission(body, content_type, digest.hexdigest(), _response_kind(response), texts.get("webhook") or None,
                       _webhook_events(_comma_or_json_list(events) if events is not None else None))
+
+
+async def _read_parts(request: web.Request, max_bytes: int) -> list[Part]:
+    """Every part as the bytes it holds, within the request's size limit. Not aiohttp's request.post(), which
+    decodes a part without a file name as text and fails on an image sent that way: TorchServe takes it."""
+    parts = []
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise SubmitError(400, "ParamError", "a part holds another multipart body: send each image and "
+                                                     "field as a part of its own", "body")
+            if not part.name:  # TorchServe's decoder would refuse the body with a 500 (openapi.yaml)
+                raise SubmitError(400, "ParamError", "a part has no name: every part needs Content-Disposition: "
+                                                     "form-data; name=\"...\"", "body")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                data.extend(chunk)
+                if request.content.total_bytes > max_bytes:
+                    raise too_large(max_bytes)
+            parts.append(Part(part.name, part.filename, bytes(data), part.headers.get(hdrs.CONTENT_TYPE)))
+    except (ValueError, HttpProcessingError) as error:  # no boundary, a broken body, unreadable part headers
+        raise SubmitError(400, "ParamError", f"the multipart body cannot be read: {error}", "body") from None
+    return parts
 
 
 def _from_json(raw: bytes) -> Submission:

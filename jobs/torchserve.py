@@ -134,6 +134,7 @@ def result_of(done: dict, response: str) -> tuple[bytes, str, dict]:
     answers the same request without stream."""
     fields = {key: value for key, value in done.items() if key != "event"}
     headers = {"X-Style-Steps": str(fields.get("steps")), "X-Style-Seconds": f"{fields.get('seconds', 0):.3f}",
+               "X-Style-Loss": f"{fields['loss']['final']['total']:.6g}",
                "X-Style-Stop-Reason": str(fields.get("stop_reason")), "X-Style-Precision": str(fields.get("precision"))}
     if response == "json":
         return json.dumps(fields).encode(), "application/json", headers

@@ -51,7 +51,9 @@ class JobRunner:
             if attempt > self.config.max_attempts:
                 await self._finish(job_id, "failed", error=_given_up(attempt - 1, last_error))
                 return
-            await self._event(job_id, "started", {"attempt": attempt})
+            # a retry says what interrupted the attempt before, when this replica saw it
+            await self._event(job_id, "started", {"attempt": attempt, **({"retried_after": last_error}
+                                                                         if last_error else {})})
             try:
                 outcome = await self._attempt(job_id, attempt, deadline)
             except asyncio.CancelledError:  # this replica is stopping: the job goes back to the queue

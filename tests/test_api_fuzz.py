@@ -1,15 +1,17 @@
-"""Fuzzing from openapi.yaml (scripts/fuzz_api.py): a bounded Schemathesis run against a real TorchServe finds
-nothing, reaches the optimisation as well as the refusals, and leaves the worker that served it running.
-The long run is the script's; what it found became plain tests (tests/test_params.py, test_hostile_input.py)."""
+"""Fuzzing from openapi.yaml (scripts/fuzz_api.py): bounded Schemathesis runs against a real TorchServe, and against
+a real jobs service and Redis in front of it, find nothing, reach the work as well as the refusals, lose no job,
+and leave the worker that served them running. The long runs are the script's; what they found became plain
+tests (tests/test_params.py, test_hostile_input.py, test_jobs.py)."""
 
 import pytest
 
-from fuzz_api import answers, fuzz_server, run_schemathesis
+from fuzz_api import fuzz_jobs, fuzz_server, fuzz_torchserve
 
 pytestmark = pytest.mark.integration
 
 SEED = 1
 MAX_EXAMPLES = 60  # of the fuzzing phase; the coverage phase adds its own, about 1000 quick refusals
+JOBS_MAX_EXAMPLES = 10  # per operation, six of them; the coverage phase adds about 2300 quick answers
 
 
 def readable(output: str, width: int = 300) -> str:
@@ -17,12 +19,33 @@ def readable(output: str, width: int = 300) -> str:
     return "\n".join(line[:width] for line in output.splitlines())
 
 
-def test_fuzzing_from_the_spec_finds_nothing(tmp_path):
-    with fuzz_server(tmp_path / "store", tmp_path / "torchserve") as server:
-        (worker,) = server.worker_pids()
-        run = run_schemathesis(server, tmp_path, seed=SEED, max_examples=MAX_EXAMPLES, phases="coverage,fuzzing")
-        assert run.returncode == 0, readable(run.stdout + run.stderr)
-        assert server.worker_pids() == [worker], "no request may restart the worker"
-    seen = {(status, media_type) for method, status, media_type in answers(tmp_path / "answers.har")
-            if method == "POST"}
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory, redis_server):
+    """One TorchServe with the fuzzing archive for both APIs; its worker reads the jobs' cancellations."""
+    workdir = tmp_path_factory.mktemp("fuzz")
+    with fuzz_server(workdir / "store", workdir / "torchserve", redis_server.url) as server:
+        yield server
+
+
+def test_fuzzing_the_predictions_endpoint_finds_nothing(fuzzed_server, tmp_path):
+    (worker,) = fuzzed_server.worker_pids()
+    outcome = fuzz_torchserve(fuzzed_server, tmp_path, seed=SEED, max_examples=MAX_EXAMPLES,
+                              phases="coverage,fuzzing")
+    assert outcome.run.returncode == 0, readable(outcome.run.stdout + outcome.run.stderr)
+    assert fuzzed_server.worker_pids() == [worker], "no request may restart the worker"
+    seen = {(status, media_type) for method, status, media_type in outcome.answers if method == "POST"}
     assert {(200, "image/png"), (400, "application/json"), (413, "application/json")} <= seen, seen
+
+
+def test_fuzzing_the_jobs_api_finds_nothing_and_loses_no_job(fuzzed_server, redis_server, tmp_path):
+    (worker,) = fuzzed_server.worker_pids()
+    outcome = fuzz_jobs(fuzzed_server, redis_server.url, tmp_path, seed=SEED, max_examples=JOBS_MAX_EXAMPLES,
+                        phases="coverage,fuzzing")
+    assert outcome.run.returncode == 0, readable(outcome.run.stdout + outcome.run.stderr)
+    assert outcome.lost_jobs == {}, "every job the fuzzer submitted ends when canceled"
+    assert fuzzed_server.worker_pids() == [worker], "no job may restart the worker"
+    seen = {(method, status, media_type) for method, status, media_type in outcome.answers}
+    # submits taken and refused, and real jobs met: their status, events, result (an image) and cancel
+    assert {("POST", 202, "application/json"), ("POST", 400, "application/json"), ("PUT", 409, "application/json"),
+            ("GET", 200, "application/json"), ("GET", 200, "text/event-stream"), ("GET", 200, "image/png"),
+            ("GET", 404, "application/json"), ("POST", 401, "application/json")} <= seen, seen

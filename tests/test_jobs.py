@@ -25,6 +25,7 @@ from conftest import ROOT, SAMPLES, STYLES
 from jobs import store as job_store
 from jobs.webhooks import WebhookPolicy, WebhookRefused
 from jobs_instance import JobsInstance
+from torchserve_instance import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +76,10 @@ def wait_for(jobs, job_id: str, until=lambda s: s["status"] in ENDED, timeout: f
     return state
 
 
-def read_events(jobs, job_id: str, last_event_id: str | None = None) -> list[tuple[str, str, dict]]:
+def read_events(jobs, job_id: str, last_event_id: str | None = None,
+                timeout: float = 120) -> list[tuple[str, str, dict]]:
     headers = {**jobs.auth, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
-    with requests.get(jobs.url(f"/jobs/{job_id}/events"), headers=headers, stream=True, timeout=120) as response:
+    with requests.get(jobs.url(f"/jobs/{job_id}/events"), headers=headers, stream=True, timeout=timeout) as response:
         assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
         events, fields = [], {}
         for line in response.iter_lines(decode_unicode=True):
@@ -125,6 +127,9 @@ def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
             assert (fields["width"], fields["height"], fields["steps"]) == (32, 24, 3) and "image" in fields
         else:
             assert result.headers["Content-Type"] == "image/png" and result.headers["X-Style-Steps"] == "3"
+            # every header the predictions endpoint gives (found by fuzzing: X-Style-Loss was missing)
+            done = read_events(jobs, job_id)[-1][2]
+            assert float(result.headers["X-Style-Loss"]) == pytest.approx(done["loss"]["final"]["total"], rel=1e-5)
             assert Image.open(io.BytesIO(result.content)).size == (32, 24)
     events = read_events(jobs, ids[0])
     names = [name for _, name, _ in events]
@@ -133,6 +138,12 @@ def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
     assert events[-1][2]["result"] == f"/jobs/{ids[0]}/result" and "image" not in events[-1][2]
     # a client that reconnects with the last id it saw gets only what came after
     assert [name for _, name, _ in read_events(jobs, ids[0], last_event_id=events[-2][0])] == ["done"]
+    # one that reconnects after the end event (or with an id past it) gets an ended stream, not a silent wait
+    # (found by fuzzing)
+    assert read_events(jobs, ids[0], last_event_id=events[-1][0], timeout=5) == []
+    assert read_events(jobs, ids[0], last_event_id="99999999999999-0", timeout=5) == []
+    # an id past what Redis takes (2**64) is no id of ours: all the events, not a stream broken off (found by fuzzing)
+    assert read_events(jobs, ids[0], last_event_id=f"{2 ** 64}-0", timeout=5) == events
 
 
 def test_every_jobs_call_needs_the_token_and_unknown_jobs_are_404(jobs):
@@ -168,6 +179,41 @@ def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_er
     conforms(no_content.json(), "JobErrorBody")
     result = requests.get(jobs.url(bad.headers["Location"] + "/result"), headers=jobs.auth, timeout=10)
     assert result.status_code == 400 and result.json() == state["error"]
+
+
+def test_multipart_bodies_are_read_as_torchserve_reads_them_and_broken_ones_refused(jobs):
+    """Found by fuzzing: an image part without a file name (which TorchServe takes) was decoded as text, a 500."""
+    nameless_file = {"content": (None, CONTENT, "image/jpeg"), "style": (None, STYLE)}
+    taken = requests.post(jobs.url("/jobs"), headers=jobs.auth, files=nameless_file,
+                          data={"params": json.dumps(TINY)}, timeout=10)
+    assert taken.status_code == 202, taken.text
+    unnamed = b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n'
+    broken = b'--b\r\nnot a header line\r\n\r\nx\r\n--b--\r\n'
+    for body, content_type in ((unnamed, "multipart/form-data; boundary=b"),
+                               (broken, "multipart/form-data; boundary=b"), (unnamed, "multipart/form-data")):
+        refused = requests.post(jobs.url("/jobs"), headers={**jobs.auth, "Content-Type": content_type}, data=body,
+                                timeout=10)
+        assert refused.status_code == 400 and refused.json()["field"] == "body", (body, refused.text)
+        conforms(refused.json(), "JobErrorBody")
+    assert wait_for(jobs, taken.json()["id"])["status"] == "succeeded"
+
+
+def test_a_method_a_path_does_not_take_is_405_with_the_allowed_ones(jobs):
+    """Found by fuzzing: the JSON error body had lost the Allow header RFC 9110 requires."""
+    answer = requests.delete(jobs.url("/jobs/some-job"), headers=jobs.auth, timeout=10)
+    assert answer.status_code == 405 and answer.json()["code"] == 405
+    assert set(answer.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "PUT"}
+
+
+def test_a_body_over_the_limit_is_413_naming_the_body(redis_server, tmp_path):
+    """A JSON body over max_request_bytes once raised inside the error handler (a 500); a multipart one is
+    counted as it is read. No TorchServe: nothing over the limit is queued."""
+    with JobsInstance(tmp_path, redis_server.url, max_request_bytes=4096,
+                      torchserve_url=f"http://127.0.0.1:{free_port()}") as small:
+        for files, body in ((None, {"content": "A" * 8000}), ({"content": ("c.jpg", CONTENT)}, None)):
+            refused = requests.post(small.url("/jobs"), headers=small.auth, files=files, json=body, timeout=10)
+            assert refused.status_code == 413 and refused.json()["field"] == "body", refused.text
+            assert "4096 bytes" in refused.json()["message"]
 
 
 def test_a_job_canceled_mid_run_stops_and_frees_the_worker_at_once(jobs, redis_server):
@@ -248,21 +294,47 @@ def test_the_service_killed_mid_run_and_started_again_loses_no_job(jobs):
     assert [data["attempt"] for data in started] == [1, 2]
 
 
-def test_a_torchserve_worker_killed_mid_job_is_retried_once(jobs, breakable_server, redis_server, tmp_path):
-    jobs.stop()  # the only replica on the queue: this one, in front of the TorchServe whose worker is killed
-    try:
-        with JobsInstance(tmp_path, redis_server.url, breakable_server) as service:
-            job_id = submit(service, {**LONG, "max_seconds": 3}).json()["id"]
-            wait_for(service, job_id, until=running_with_progress, timeout=60)
-            (pid,) = breakable_server.worker_pids()
-            os.kill(pid, signal.SIGKILL)
-            state = wait_for(service, job_id, timeout=120)
-            assert state["status"] == "succeeded", state
-            started = [data["attempt"] for _, name, data in read_events(service, job_id) if name == "started"]
-            assert started == [1, 2]
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    finally:
-        jobs.start()
+@pytest.fixture
+def alone_on_the_queue(jobs):
+    """The module's jobs service stopped for the test: the only replica on the queue is the test's own."""
+    jobs.stop()
+    yield
+    jobs.start()
+
+
+def kill_the_worker_mid_job(service, torchserve) -> tuple[str, dict]:
+    """A long job submitted, the TorchServe worker running it SIGKILLed mid-run; the job and its final status."""
+    job_id = submit(service, {**LONG, "max_seconds": 3}).json()["id"]
+    wait_for(service, job_id, until=running_with_progress, timeout=60)
+    (pid,) = torchserve.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    state = wait_for(service, job_id, timeout=120)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return job_id, state
+
+
+def test_a_torchserve_worker_killed_mid_job_is_retried_once(alone_on_the_queue, breakable_server, redis_server,
+                                                             tmp_path):
+    with JobsInstance(tmp_path, redis_server.url, breakable_server) as service:
+        job_id, state = kill_the_worker_mid_job(service, breakable_server)
+        assert state["status"] == "succeeded", state
+        started = [data for _, name, data in read_events(service, job_id) if name == "started"]
+    assert [data["attempt"] for data in started] == [1, 2]
+    # retried because the answer's stream broke off with the worker, not found later by the recovery loop
+    assert "retried_after" not in started[0] and started[1]["retried_after"]["type"] == "WorkerLost"
+    conforms(started[1]["retried_after"], "JobErrorBody")
+
+
+def test_the_last_attempt_broken_by_a_worker_kill_fails_the_job_with_the_reason(alone_on_the_queue,
+                                                                                breakable_server, redis_server,
+                                                                                tmp_path):
+    with JobsInstance(tmp_path, redis_server.url, breakable_server, max_attempts=1) as service:
+        job_id, state = kill_the_worker_mid_job(service, breakable_server)
+        started = [data["attempt"] for _, name, data in read_events(service, job_id) if name == "started"]
+    assert state["status"] == "failed" and started == [1], state
+    assert state["error"]["code"] == 502 and state["error"]["type"] == "WorkerLost", state
+    assert "interrupted 1 time(s)" in state["error"]["message"], state
+    conforms(state, "JobStatus")
 
 
 def test_the_client_submits_follows_and_resumes_a_job_by_id(jobs, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""A jobs service (`python -m jobs`) as a child process on a free loopback port, for tests: started against a
-given Redis and TorchServe, stopped (SIGTERM, then SIGKILL) or killed by its pid."""
+"""A jobs service (`python -m jobs`) as a child process on a free loopback port, for tests and
+scripts/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL) or killed by
+its pid."""
 
 import os
 import signal
@@ -10,8 +11,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import ROOT
-from torchserve_instance import file_tail, free_port, stop_process_group
+from torchserve_instance import ROOT, file_tail, free_port, stop_process_group
 
 
 class JobsInstance:
