@@ -23,6 +23,10 @@ MODEL = "style_transfer"
 STREAM_TYPE = "application/x-ndjson"
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe 0.12's message for a wrong or expired key
+# 503s that refuse a request before any work, to be sent again later: TorchServe's own (its queue is full, no
+# worker is up yet) and the handler's (Busy: the worker's call had no time left; Expired: it waited in the
+# queue longer than a proxy between here and TorchServe waits).
+BUSY_TYPES = ("ServiceUnavailableException", "Busy", "Expired")
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,8 @@ def _sorted_error(status: int, raw: bytes) -> Outcome:
         body = {}
     error = _error(status, body.get("type") or "TorchServeError", body.get("message") or raw[:500].decode(
         "utf-8", "replace"), body.get("field"))
-    if status == 503 and error["type"] == "ServiceUnavailableException":
-        return Busy(error["message"])  # its queue is full or no worker is up yet
+    if status == 503 and error["type"] in BUSY_TYPES:
+        return Busy(error["message"])
     if TOKEN_REFUSED in error["message"]:
         return Interrupted(_error(502, "TorchServeAuthFailed", "TorchServe refused the jobs service's key", None))
     if status == 507 and error["type"] == "InternalServerException":

@@ -23,6 +23,7 @@ from PIL import Image
 import cancellation
 from conftest import ROOT, SAMPLES, STYLES
 from jobs import store as job_store
+from jobs import torchserve as jobs_torchserve
 from jobs.webhooks import WebhookPolicy, WebhookRefused
 from jobs_instance import JobsInstance
 from torchserve_instance import free_port
@@ -98,6 +99,21 @@ def running_with_progress(state: dict) -> bool:
 
 def test_the_cancel_keys_are_the_handlers():
     assert job_store.CANCEL_KEY_PREFIX == cancellation.CANCEL_KEY_PREFIX
+
+
+def test_the_handlers_refusals_before_work_wait_and_its_request_errors_fail_the_job():
+    """A 503 of the handler (Busy, Expired) or of TorchServe (full queue) is sent again later, not counted as an
+    attempt; the request's own errors fail the job with them."""
+    from style_transfer_handler import BUSY, EXPIRED, OUT_OF_MEMORY
+
+    def sorted_as(body: dict) -> type:
+        return type(jobs_torchserve._sorted_error(body["code"], json.dumps(body).encode()))
+
+    queue_full = {"code": 503, "type": "ServiceUnavailableException", "message": "Model is busy"}
+    busy = [sorted_as(body) for body in (BUSY, {**EXPIRED, "message": "waited"}, queue_full)]
+    assert busy == [jobs_torchserve.Busy] * 3
+    too_large = {"code": 413, "type": "TooLarge", "message": "size", "field": "size"}
+    assert [sorted_as(body) for body in (OUT_OF_MEMORY, too_large)] == [jobs_torchserve.Refused] * 2
 
 
 def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
