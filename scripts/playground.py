@@ -319,17 +319,13 @@ def parse_args(argv: list[str] | None):
             parser.error("--listen on every address needs --host-name: the names people reach it by")
     if not all(HOST_NAME.fullmatch(name) for name in args.host_name or []):
         parser.error("--host-name takes a host name or address, without port")
-    for option in ("inference", "management"):
-        url = getattr(args, option).rstrip("/")
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", url):
-            parser.error(f"--{option} must be http(s)://HOST:PORT; got {url!r}")
-        setattr(args, option, url)
     if args.jobs == "off":
         args.jobs = None
-    elif re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", args.jobs.rstrip("/")):
-        args.jobs = args.jobs.rstrip("/")
-    else:
-        parser.error(f"--jobs must be http(s)://HOST:PORT or off; got {args.jobs!r}")
+    for option in ("inference", "management") + (() if args.jobs is None else ("jobs",)):
+        url = getattr(args, option).rstrip("/")
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", url):
+            parser.error(f"--{option} must be http(s)://HOST:PORT{' or off' * (option == 'jobs')}; got {url!r}")
+        setattr(args, option, url)
     return args
 
 
