@@ -20,6 +20,9 @@ from .store import EVENTS
 JOB_FIELDS = ("webhook", "webhook_events")
 DEFAULT_WEBHOOK_EVENTS = ("done", "error", "canceled")
 TEXT_FIELDS = ("params", "response", *JOB_FIELDS)  # the fields read here
+# Far above what a request holds (images, masks, one part per parameter), far below what a body of the size
+# limit could hold as empty parts, each of which costs memory here and in the store.
+MAX_PARTS = 256
 
 
 class SubmitError(Exception):
@@ -89,10 +92,18 @@ async def _from_multipart(request: web.Request, max_bytes: int) -> Submission:
 async def _read_parts(request: web.Request, max_bytes: int) -> list[Part]:
     """Every part as the bytes it holds, within the request's size limit. Not aiohttp's request.post(), which
     decodes a part without a file name as text and fails on an image sent that way: TorchServe takes it."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(max_bytes)
     parts = []
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            # Checked at every part too: empty parts never reach the chunk loop below.
+            if request.content.total_bytes > max_bytes:
+                raise too_large(max_bytes)
+            if len(parts) == MAX_PARTS:
+                raise SubmitError(400, "ParamError", f"more than {MAX_PARTS} parts: send the images and at most "
+                                                     f"one part per parameter", "body")
             if not isinstance(part, BodyPartReader):
                 raise SubmitError(400, "ParamError", "a part holds another multipart body: send each image and "
                                                      "field as a part of its own", "body")

@@ -25,8 +25,11 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe 0.12's message for a wrong or expired key
 # 503s that refuse a request before any work, to be sent again later: TorchServe's own (its queue is full, no
 # worker is up yet) and the handler's (Busy: the worker's call had no time left; Expired: it waited in the
-# queue longer than a proxy between here and TorchServe waits).
+# queue longer than a proxy between here and TorchServe waits, such as the pod's auth proxy).
 BUSY_TYPES = ("ServiceUnavailableException", "Busy", "Expired")
+# A proxy's own 504 comes before any line of the stream: the request was still waiting in TorchServe's queue,
+# where the handler drops it unseen (Expired). Sent again like a 503, bounded by the job's own timeout.
+QUEUE_TIMEOUT = 504
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def _sorted_error(status: int, raw: bytes) -> Outcome:
         "utf-8", "replace"), body.get("field"))
     if status == 503 and error["type"] in BUSY_TYPES:
         return Busy(error["message"])
+    if status == QUEUE_TIMEOUT:
+        return Busy(f"a proxy in front of TorchServe gave up waiting for the first line ({error['message'][:200]})")
     if TOKEN_REFUSED in error["message"]:
         return Interrupted(_error(502, "TorchServeAuthFailed", "TorchServe refused the jobs service's key", None))
     if status == 507 and error["type"] == "InternalServerException":

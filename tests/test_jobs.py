@@ -102,8 +102,8 @@ def test_the_cancel_keys_are_the_handlers():
 
 
 def test_the_handlers_refusals_before_work_wait_and_its_request_errors_fail_the_job():
-    """A 503 of the handler (Busy, Expired) or of TorchServe (full queue) is sent again later, not counted as an
-    attempt; the request's own errors fail the job with them."""
+    """A 503 of the handler (Busy, Expired) or of TorchServe (full queue), and a proxy's 504 before the stream
+    began, are sent again later, not counted as an attempt; the request's own errors fail the job with them."""
     from style_transfer_handler import BUSY, EXPIRED, OUT_OF_MEMORY
 
     def sorted_as(body: dict) -> type:
@@ -112,6 +112,9 @@ def test_the_handlers_refusals_before_work_wait_and_its_request_errors_fail_the_
     queue_full = {"code": 503, "type": "ServiceUnavailableException", "message": "Model is busy"}
     busy = [sorted_as(body) for body in (BUSY, {**EXPIRED, "message": "waited"}, queue_full)]
     assert busy == [jobs_torchserve.Busy] * 3
+    # What the client of a proxy in front (the pod's auth proxy) gets for a request that outwaited it: nginx's page
+    nginx_timeout = b"<html><head><title>504 Gateway Time-out</title></head></html>"
+    assert type(jobs_torchserve._sorted_error(504, nginx_timeout)) is jobs_torchserve.Busy
     too_large = {"code": 413, "type": "TooLarge", "message": "size", "field": "size"}
     assert [sorted_as(body) for body in (OUT_OF_MEMORY, too_large)] == [jobs_torchserve.Refused] * 2
 
@@ -197,6 +200,9 @@ def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_er
     assert result.status_code == 400 and result.json() == state["error"]
 
 
+EMPTY_PART = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+
+
 def test_multipart_bodies_are_read_as_torchserve_reads_them_and_broken_ones_refused(jobs):
     """Found by fuzzing: an image part without a file name (which TorchServe takes) was decoded as text, a 500."""
     nameless_file = {"content": (None, CONTENT, "image/jpeg"), "style": (None, STYLE)}
@@ -205,8 +211,10 @@ def test_multipart_bodies_are_read_as_torchserve_reads_them_and_broken_ones_refu
     assert taken.status_code == 202, taken.text
     unnamed = b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n'
     broken = b'--b\r\nnot a header line\r\n\r\nx\r\n--b--\r\n'
-    for body, content_type in ((unnamed, "multipart/form-data; boundary=b"),
-                               (broken, "multipart/form-data; boundary=b"), (unnamed, "multipart/form-data")):
+    too_many = EMPTY_PART * 300 + b'--b--\r\n'  # far more parts than a request holds, well within the size limit
+    with_boundary = "multipart/form-data; boundary=b"
+    for body, content_type in ((unnamed, with_boundary), (too_many, with_boundary), (broken, with_boundary),
+                               (unnamed, "multipart/form-data")):
         refused = requests.post(jobs.url("/jobs"), headers={**jobs.auth, "Content-Type": content_type}, data=body,
                                 timeout=10)
         assert refused.status_code == 400 and refused.json()["field"] == "body", (body, refused.text)
@@ -230,6 +238,11 @@ def test_a_body_over_the_limit_is_413_naming_the_body(redis_server, tmp_path):
             refused = requests.post(small.url("/jobs"), headers=small.auth, files=files, json=body, timeout=10)
             assert refused.status_code == 413 and refused.json()["field"] == "body", refused.text
             assert "4096 bytes" in refused.json()["message"]
+        # Parts with no data, in a body of no declared length: counted at each part, not only within its data.
+        empty_parts = (EMPTY_PART for _ in range(200))
+        refused = requests.post(small.url("/jobs"), data=empty_parts, timeout=10,
+                                headers={**small.auth, "Content-Type": "multipart/form-data; boundary=b"})
+        assert refused.status_code == 413 and refused.json()["field"] == "body", refused.text
 
 
 def test_a_job_canceled_mid_run_stops_and_frees_the_worker_at_once(jobs, redis_server):
