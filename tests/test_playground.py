@@ -43,6 +43,7 @@ RENEW_BEFORE_SECONDS = 10
 CONTENT = SAMPLES / "tubingen.jpg"
 STYLE = SAMPLES / "styles" / "starry_night.jpg"
 PREDICT_PATH = "/predictions/style_transfer"
+SOME_ID = "0123456789abcdef" * 2  # the shape of the ids the jobs service makes; no job has it
 JOB_PATHS = ("/jobs/{id}", "/jobs/{id}/events", "/jobs/{id}/result")  # and POST /jobs, POST /jobs/{id}/cancel
 REMEMBERED_JOB = "playground.job"  # web/js/main.js's localStorage key
 WAIT_MS = 60_000  # for anything the page waits for from the server: a bound, not an expectation
@@ -380,11 +381,14 @@ def test_of_the_management_api_only_the_description_is_reachable(playground):
     assert requests.post(playground.url + "/description", timeout=10).status_code == 403
     assert requests.get(playground.url + PREDICT_PATH, timeout=10).status_code == 403
     for path in ("/models", "/models/style_transfer", "/ping", "/metrics", "/token?type=inference",
-                 "/samples/CREDITS.md", "/samples/masks/tubingen-sky.png", "/jobs/x/other", "/jobs/x/result/y"):
-        assert requests.get(playground.url + path, timeout=10).status_code == 404, path
-    # of the jobs API, only what the page uses: no PUT of a job, no GET of the list, no POST to a job's status
-    for method, path in (("PUT", "/jobs/x"), ("GET", "/jobs"), ("POST", "/jobs/x"), ("GET", "/jobs/x/cancel"),
-                         ("DELETE", "/jobs/x")):
+                 "/samples/CREDITS.md", "/samples/masks/tubingen-sky.png", f"/jobs/{SOME_ID}/other",
+                 f"/jobs/{SOME_ID}/result/y", "/jobs/order-42", "/jobs/order-42/result", "/jobs/order-42/events"):
+        answer = requests.get(playground.url + path, timeout=10)
+        assert answer.status_code == 404 and "json" not in answer.headers["Content-Type"], path  # nginx's own
+    # of the jobs API, only what the page uses: no PUT of a job, no GET of the list, no POST to a job's status,
+    # and only jobs of ids the service made (not a client's own, "order-42")
+    for method, path in (("PUT", f"/jobs/{SOME_ID}"), ("GET", "/jobs"), ("POST", f"/jobs/{SOME_ID}"),
+                         ("GET", f"/jobs/{SOME_ID}/cancel"), ("DELETE", f"/jobs/{SOME_ID}")):
         assert requests.request(method, playground.url + path, timeout=10).status_code == 403, (method, path)
     conf = (playground.prefix / "nginx.conf").read_text()
     assert "client_max_body_size 67108864;" in conf  # config.properties' max_request_size
@@ -424,7 +428,7 @@ def test_a_job_runs_on_when_its_tab_is_closed_and_a_new_tab_shows_its_result(bro
 
     tab = browser.new_page()
     watched = Watched(tab)
-    tab.add_init_script(f"localStorage.setItem('{REMEMBERED_JOB}', 'expired-job')")
+    tab.add_init_script(f"localStorage.setItem('{REMEMBERED_JOB}', '{SOME_ID}')")
     tab.goto(playground.url + "/")
     tab.locator("#progress-text", has_text="no longer on the server").wait_for(timeout=WAIT_MS)
     assert tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')") is None
@@ -551,9 +555,10 @@ def test_requests_from_other_sites_and_unknown_hosts_are_refused(playground, bro
     # from the page's own origin the jobs routes answer, with the token nginx adds
     same_origin = {"Origin": playground.url, "Sec-Fetch-Site": "same-origin"}
     assert requests.get(job_gets[0], headers=same_origin, timeout=10).status_code == 200
-    assert requests.get(playground.url + "/jobs/no-such-job", headers=same_origin, timeout=10).status_code == 404
-    same_origin = {"Origin": playground.url, "Sec-Fetch-Site": "same-origin"}
-    answer = with_current_key(lambda: requests.post(predict_url, files=files, headers=same_origin, timeout=60,
+    assert requests.get(playground.url + f"/jobs/{SOME_ID}", headers=same_origin, timeout=10).status_code == 404
+    # a page's claim to have waited since 1970 for a second at most is replaced by the playground's own
+    long_waited = {**same_origin, "X-Request-Start": "t=1", "X-Request-Timeout-Ms": "1000"}
+    answer = with_current_key(lambda: requests.post(predict_url, files=files, headers=long_waited, timeout=60,
                                                     data={"presets": "shipwreck", "size": "32", "steps": "1"}))
     assert answer.status_code == 200, answer.text
 
