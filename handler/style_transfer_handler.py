@@ -256,8 +256,9 @@ class StyleTransferHandler:
 
     def _expired(self, context, index: int, started: float, wait: ClientWait, now: float) -> str:
         """503 Expired, before any decoding: the request waited longer than its client waits, which has had its
-        answer from the proxy (504) already. Retry-After: how much longer than that it waited, at least 1 s."""
-        retry = max(1, math.ceil(-wait.left(now)))
+        answer from the proxy (504) already. Retry-After: how much longer than that it waited (the queue's excess),
+        at least 1 s and at most a request's time here (a client's own headers could claim any wait)."""
+        retry = max(1, min(math.ceil(-wait.left(now)), math.ceil(self.time_cap)))
         body = {**EXPIRED, "message": expired_message(wait, now)}
         context.set_response_header(index, "Retry-After", str(retry))
         _record_refusal(context, index, reason="expired")

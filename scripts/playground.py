@@ -79,9 +79,7 @@ def read_keys(key_file: Path | None, inference_token_file: Path | None) -> Keys:
     """The keys nginx adds; ValueError when the key file is not (yet, or not wholly) written. Without a key
     file, the token of `inference_token_file` serves both calls and nothing expires."""
     if key_file is None:
-        token = inference_token_file.read_text().strip()
-        if not KEY_PATTERN.fullmatch(token):
-            raise ValueError("a token with characters TorchServe does not use")
+        token = read_token(inference_token_file)
         return Keys(token, token, {})
     entries = json.loads(key_file.read_text())
     expiry = {kind: datetime.fromisoformat(entries[kind]["expiration time"]) for kind in ("inference", "management")}
@@ -111,24 +109,27 @@ def max_request_size(ts_config: Path) -> int:
 def wait_for_server(args) -> tuple[Keys, dict]:
     """The keys and the model's description, once the key file exists and the management API answers."""
     deadline, said = time.monotonic() + args.wait, False
+    credentials = args.key_file or args.inference_token_file
     while True:
         try:
             keys = read_keys(args.key_file, args.inference_token_file)
             return keys, describe(args.management, keys)
         except (OSError, ValueError, KeyError, requests.RequestException) as error:
             if time.monotonic() > deadline:
-                raise SystemExit(f"playground: no TorchServe at {args.management} with the keys of {args.key_file} "
+                raise SystemExit(f"playground: no TorchServe at {args.management} with the keys of {credentials} "
                                  f"after {args.wait:.0f} s ({error}); start one first: scripts/serve.sh")
             if not said:
-                print(f"playground: waiting for TorchServe ({args.management}, {args.key_file})", file=sys.stderr)
+                print(f"playground: waiting for TorchServe ({args.management}, {credentials})", file=sys.stderr)
                 said = True
         time.sleep(1)
 
 
-def read_jobs_token(path: Path) -> str:
+def read_token(path: Path) -> str:
+    """The token a file holds (a load balancer's, the jobs service's); ValueError when it holds none, or one with
+    characters that have no place in nginx.conf."""
     token = path.read_text().strip()
     if not KEY_PATTERN.fullmatch(token):
-        raise ValueError(f"{path} holds no token (or one with characters the jobs service does not write)")
+        raise ValueError(f"{path} holds no token (or one with characters a token does not have)")
     return token
 
 
@@ -149,7 +150,7 @@ def wait_for_jobs(args) -> str:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            token = read_jobs_token(args.jobs_token_file)
+            token = read_token(args.jobs_token_file)
             check_jobs(args.jobs, token)
             return token
         except (OSError, ValueError, requests.RequestException) as error:

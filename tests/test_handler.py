@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -331,14 +332,18 @@ def test_a_request_that_outwaited_its_client_is_dropped_before_any_decoding(serv
     not_an_image = {"content": b"not an image", "style": STYLE, "params": {"size": 64, "steps": 1}}
     malformed = {"X-Request-Start": "yesterday", "X-Request-Timeout-Ms": "310000"}
     with caplog.at_level("INFO"):
-        (dropped, *computed), context = handle_with_waits(served, [not_an_image, good, good, good],
-                                                          [(312.5, 310), (5, 310), None, malformed])
+        (dropped, *computed, since_1970), context = handle_with_waits(
+            served, [not_an_image, good, good, good, good],
+            [(312.5, 310), (5, 310), None, malformed, {"X-Request-Start": "t=1", "X-Request-Timeout-Ms": "1000"}])
     error = json.loads(dropped)
     assert context.get_response_status(0)[0] == 503, error
     assert (error["code"], error["type"], error["field"]) == (503, "Expired", None)
     assert "waited 312.5 s" in error["message"] and "(310 s" in error["message"]
     assert context.get_response_headers(0)["Retry-After"] == "3"
     assert [context.get_response_status(i)[0] for i in (1, 2, 3)] == [200, 200, 200]
+    # a claim to have waited since 1970: no Retry-After beyond a request's time here
+    handler, _ = served
+    assert context.get_response_headers(4)["Retry-After"] == str(math.ceil(handler.time_cap))
     (record,) = [r for r in logged_requests(caplog) if r["request_id"] == context.request_ids[0]]
     assert record == {"request_id": context.request_ids[0], "status": 503, "error": "Expired", "field": None,
                       "total_seconds": record["total_seconds"]}  # nothing decoded, nothing run

@@ -140,16 +140,16 @@ async function whyEventsStopped(base) {
                              + "the page to watch it again" });
 }
 
-/** The request sent directly (FormData with stream=true), its progress lines read as they come. */
-async function streamDirectly(form) {
+/**
+ * The request sent directly (FormData with stream=true), its progress lines read as they come. The request is
+ * sent when its events are first read, and cancel() works from then on: TorchServe sends no header before the
+ * first line, so a request waiting in its queue has no response yet.
+ */
+function streamDirectly(form) {
   const controller = new AbortController();
-  const response = await fetchWithFreshKey(PREDICT_URL, { method: "POST", body: form, signal: controller.signal });
-  if (!response.ok) {
-    throw await failureOf(response);
-  }
   return {
     id: null,
-    events: streamedEvents(response.body),
+    events: streamedEvents(form, controller.signal),
     async result(done) {
       return new Blob([Uint8Array.from(atob(done.image), (char) => char.charCodeAt(0))],
                       { type: `image/${done.format}` });
@@ -160,8 +160,12 @@ async function streamDirectly(form) {
   };
 }
 
-async function* streamedEvents(body) {
-  for await (const event of jsonLines(body)) {
+async function* streamedEvents(form, signal) {
+  const response = await fetchWithFreshKey(PREDICT_URL, { method: "POST", body: form, signal });
+  if (!response.ok) {
+    throw await failureOf(response);
+  }
+  for await (const event of jsonLines(response.body)) {
     yield event;
     if (END_EVENTS.includes(event.event)) {
       return;

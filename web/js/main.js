@@ -25,6 +25,7 @@ const painter = new MaskPainter({
 
 async function start() {
   wireControls();
+  let loading = "The playground's settings";
   try {
     state.jobs = (await loadSettings()).jobs;
     $("stop").textContent = state.jobs ? "Cancel" : "Stop watching";
@@ -32,9 +33,10 @@ async function start() {
     if (state.jobs && localStorage.getItem(REMEMBERED_JOB)) {
       follow(async () => jobRun(localStorage.getItem(REMEMBERED_JOB)), { resumed: true });
     }
+    loading = "The model's description";
     describe(await loadDescription());
   } catch (error) {
-    showError(null, `The model's description could not be loaded: ${error.message}`);
+    showError(null, `${loading} could not be loaded: ${error.message}`);
   } finally {
     $("presets-loading").hidden = true;
   }
@@ -86,6 +88,7 @@ function wireControls() {
       await state.running?.cancel();
     } catch (error) {
       showFailure(error);
+      $("stop").disabled = state.running === null;  // the job runs on: the cancel may be tried again
     }
   });
 }
