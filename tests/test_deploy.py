@@ -29,7 +29,7 @@ from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
 from conftest import ROOT, SAMPLES, STYLES
-from local_cluster import Hop, find_nginx, render_nginx_conf
+from local_cluster import CLIENT_TIMEOUT, Hop, find_nginx, render_nginx_conf
 from pod_harness import Pod
 from pod_images import images_for
 from torchserve_instance import TorchServeInstance, free_port, stop_process_group
@@ -300,10 +300,12 @@ def test_each_proxy_tells_the_handler_how_long_its_clients_wait():
     pod's auth proxy, in the local cluster's nginx and, for KServe, in Knative in front of the auth proxy;
     longer than TorchServe's responseTimeout, so that no answer TorchServe waits for is cut off."""
     response_timeout = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["responseTimeout"]
+    reads, told = declared_waits(auth_proxy_file("default.conf.template"))
+    assert len(reads) == 1 and reads == told and min(reads) > response_timeout, (reads, told)
+    # the local cluster's nginx takes both from one value: a timeout of its own reaches the handler as it is
     hops = [Hop("instance-1", 20001, "127.0.0.1:21001", "key")]
-    for conf in (auth_proxy_file("default.conf.template"), render_nginx_conf(Path("/tmp"), 20000, "0" * 64, hops)):
-        reads, told = declared_waits(conf)
-        assert len(reads) == 1 and reads == told and min(reads) > response_timeout, (reads, told)
+    assert declared_waits(render_nginx_conf(Path("/tmp"), 20000, "0" * 64, hops, client_timeout=123)) == ({123}, {123})
+    assert CLIENT_TIMEOUT > response_timeout
     (auth_proxy_wait,) = declared_waits(auth_proxy_file("default.conf.template"))[0]
     assert inference_service()["spec"]["predictor"]["timeout"] == auth_proxy_wait
 
