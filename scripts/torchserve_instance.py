@@ -9,6 +9,7 @@ SIGKILLs what is left.
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -23,10 +24,31 @@ VENV_BIN = ROOT / ".venv" / "bin"
 MODEL_NAME = "style_transfer"
 
 
+LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range where there is room: a server takes seconds
+    to bind its ports, and the outgoing connections made meanwhile draw their local ports from that range (a
+    port bind(0) gave could be taken by one). Never the same port twice in one process (instances that start
+    together)."""
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(LOWEST_PORT, ephemeral_start) if ephemeral_start - LOWEST_PORT >= 4096 else None
+    for _ in range(200):
+        port = random.choice(candidates) if candidates else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
 
 
 class TorchServeInstance:
