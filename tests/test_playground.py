@@ -397,6 +397,19 @@ def test_of_the_management_api_only_the_description_is_reachable(playground):
     assert f'Bearer {playground.jobs.token}"' in conf
 
 
+def start_a_timed_job(tab, preset: str, seconds: int) -> None:
+    """Starts, from the page, a job on the sample photo that runs for `seconds` on any CPU: more iterations than
+    it has time for, and no early stop."""
+    tab.click("#use-sample")
+    tab.check(f"#preset-{preset}")
+    tab.fill("#param-size", "64")
+    tab.fill("#param-steps", "2000")
+    tab.click("#settings-heading ~ details summary")  # More parameters
+    tab.fill("#param-max_seconds", str(seconds))
+    tab.fill("#param-early_stop_tol", "0")
+    tab.click("#start")
+
+
 def test_a_job_runs_on_when_its_tab_is_closed_and_a_new_tab_shows_its_result(browser, playground):
     """The page submits a job and remembers its id; the tab is closed while the job is queued or running; a tab
     opened then watches it to its end and shows its result, and one opened after it ended shows the result at
@@ -405,15 +418,7 @@ def test_a_job_runs_on_when_its_tab_is_closed_and_a_new_tab_shows_its_result(bro
     first = browser.new_page()
     first.goto(playground.url + "/")
     first.locator("#preset-list li").nth(2).wait_for(timeout=WAIT_MS)
-    first.click("#use-sample")
-    first.check("#preset-starry_night")
-    first.fill("#param-size", "64")
-    # runs for 6 s on any CPU: the next tab opens while it runs
-    first.fill("#param-steps", "2000")
-    first.click("#settings-heading ~ details summary")  # More parameters
-    first.fill("#param-max_seconds", "6")
-    first.fill("#param-early_stop_tol", "0")
-    first.click("#start")
+    start_a_timed_job(first, "starry_night", seconds=6)  # the next tab opens while it runs
     job_id = first.wait_for_function(f"() => localStorage.getItem('{REMEMBERED_JOB}')", timeout=WAIT_MS).json_value()
     first.close()
 
@@ -447,14 +452,7 @@ def test_cancel_stops_the_job_and_frees_the_worker_at_once(page, playground):
     """Cancel on a job that would run for a minute: the page shows it canceled, the job's status is canceled, and
     the next job from the page starts at once on TorchServe's one worker and is done within seconds."""
     tab = page.page
-    tab.click("#use-sample")
-    tab.check("#preset-shipwreck")
-    tab.fill("#param-size", "64")
-    tab.fill("#param-steps", "2000")
-    tab.click("#settings-heading ~ details summary")  # More parameters
-    tab.fill("#param-max_seconds", "60")
-    tab.fill("#param-early_stop_tol", "0")
-    tab.click("#start")
+    start_a_timed_job(tab, "shipwreck", seconds=60)
     tab.locator("#progress-text", has_text="Step").wait_for(timeout=WAIT_MS)
     job_id = tab.evaluate(f"localStorage.getItem('{REMEMBERED_JOB}')")
     assert tab.inner_text("#stop") == "Cancel" and tab.is_visible("#jobs-hint")
