@@ -11,10 +11,10 @@ from pathlib import Path
 
 import requests
 
-from torchserve_instance import ROOT, file_tail, free_port, stop_process_group
+from torchserve_instance import ROOT, ServerProcess, free_port
 
 
-class JobsInstance:
+class JobsInstance(ServerProcess):
     def __init__(self, workdir: Path, redis_url: str, torchserve=None, **settings):
         """`torchserve`: a TorchServeInstance; `settings`: more STYLE_JOBS_* values, by lower-case name."""
         self.workdir = Path(workdir)
@@ -26,7 +26,6 @@ class JobsInstance:
                              "STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL": torchserve.url("management"),
                              "STYLE_JOBS_TORCHSERVE_KEY_FILE": str(torchserve.workdir / "key_file.json")})
         self.env.update({f"STYLE_JOBS_{name.upper()}": str(value) for name, value in settings.items()})
-        self.process: subprocess.Popen | None = None
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -65,18 +64,3 @@ class JobsInstance:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
         self.process = None
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        stop_process_group(self.process)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return file_tail(self.log_path, lines)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from torchserve_instance import free_port, stop_process_group
+from torchserve_instance import ServerProcess, free_port
 
 REDIS_SERVER = "redis-server"
 
@@ -24,12 +24,14 @@ def find_redis_server() -> str:
     return found
 
 
-class RedisInstance:
+class RedisInstance(ServerProcess):
+    stop_grace = 10
+
     def __init__(self, workdir: Path, port: int | None = None, password: str | None = None):
         self.workdir = Path(workdir).resolve()
         self.port = port or free_port()
         self.password = password or secrets.token_urlsafe(24)
-        self.process: subprocess.Popen | None = None
+        self.log_path = self.workdir / "redis.log"
 
     @property
     def url(self) -> str:
@@ -39,7 +41,7 @@ class RedisInstance:
         return "\n".join([
             "bind 127.0.0.1", f"port {self.port}", "protected-mode yes", f"requirepass {self.password}",
             f"dir {self.workdir}", "appendonly yes", "appendfsync everysec", 'save ""', "daemonize no",
-            f"logfile {self.workdir / 'redis.log'}", "databases 1",
+            f"logfile {self.log_path}", "databases 1",
         ]) + "\n"
 
     def start(self, timeout: float = 20) -> "RedisInstance":
@@ -53,7 +55,7 @@ class RedisInstance:
         while not self.ping():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.workdir}/redis.log")
+                raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.log_path}")
             time.sleep(0.05)
         return self
 
@@ -64,15 +66,3 @@ class RedisInstance:
             return redis.Redis.from_url(self.url, socket_timeout=1).ping()
         except redis.RedisError:
             return False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        stop_process_group(self.process, grace=10)
-        self.process = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()

@@ -4,7 +4,8 @@ Each instance gets its own working directory (where TorchServe writes key_file.j
 TMPDIR/TEMP (its pid file and the worker sockets live there), so several run on one machine. Its
 config.properties is the repository's with only the addresses, ports and paths changed. TorchServe's
 launcher does not pass SIGTERM on to Java, so `stop()` signals the whole process group, waits, then
-SIGKILLs what is left.
+SIGKILLs what is left. That life cycle (ServerProcess) serves the test instances of the jobs service and Redis
+too (scripts/jobs_instance.py, scripts/redis_instance.py), as free_port does.
 """
 
 import json
@@ -51,7 +52,31 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port found")
 
 
-class TorchServeInstance:
+class ServerProcess:
+    """A server that runs as the leader of its own process group (start_new_session) and writes its log to
+    `log_path`: stop() ends the whole group (stop_process_group, `stop_grace` seconds before SIGKILL), and `with`
+    starts and stops it. Subclasses start it in their start(), which sets `process` and returns the instance."""
+    process: subprocess.Popen | None = None
+    stop_grace: float = 15
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        stop_process_group(self.process, self.stop_grace)
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return file_tail(self.log_path, lines)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class TorchServeInstance(ServerProcess):
     def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
                  env: dict[str, str] | None = None):
         """`overrides`: config.properties settings; `env`: environment variables for the server and its workers."""
@@ -59,7 +84,6 @@ class TorchServeInstance:
         self.overrides, self.env = overrides or {}, env or {}
         self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
                                                      "grpc_management")}
-        self.process: subprocess.Popen | None = None
 
     # --- addresses and credentials ---
     def url(self, api: str, path: str = "") -> str:
@@ -138,20 +162,6 @@ class TorchServeInstance:
             raise
         return [int(w["pid"]) for w in workers if w.get("status") == "READY" and w.get("pid")]
 
-    def stop(self, grace: float = 15) -> None:
-        if self.process is None:
-            return
-        stop_process_group(self.process, grace)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return file_tail(self.log_path, lines)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def file_tail(path: Path, lines: int) -> str:
