@@ -23,21 +23,13 @@ export class RequestFailed extends Error {
 
 /** The handler's description of the model: {presets, parameters, limits, weights, device}. */
 export async function loadDescription() {
-  const response = await fetchWithFreshKey(DESCRIPTION_URL, {});
-  if (!response.ok) {
-    throw await failureOf(response);
-  }
-  const [model] = await response.json();
+  const [model] = await (await answered(fetchWithFreshKey(DESCRIPTION_URL, {}))).json();
   return model.customizedMetadata;
 }
 
 /** What the playground runs: {jobs: true} when the page submits jobs, false when it streams (--jobs off). */
 export async function loadSettings() {
-  const response = await fetch(SETTINGS_URL);
-  if (!response.ok) {
-    throw await failureOf(response);
-  }
-  return response.json();
+  return (await answered(fetch(SETTINGS_URL))).json();
 }
 
 /**
@@ -51,11 +43,7 @@ export async function startRun(form, { jobs }) {
 }
 
 async function submitJob(form) {
-  const response = await fetch(JOBS_URL, { method: "POST", body: form });
-  if (!response.ok) {
-    throw await failureOf(response);
-  }
-  const { id } = await response.json();
+  const { id } = await (await answered(fetch(JOBS_URL, { method: "POST", body: form }))).json();
   return jobRun(id);
 }
 
@@ -161,10 +149,7 @@ function streamDirectly(form) {
 }
 
 async function* streamedEvents(form, signal) {
-  const response = await fetchWithFreshKey(PREDICT_URL, { method: "POST", body: form, signal });
-  if (!response.ok) {
-    throw await failureOf(response);
-  }
+  const response = await answered(fetchWithFreshKey(PREDICT_URL, { method: "POST", body: form, signal }));
   for await (const event of jsonLines(response.body)) {
     yield event;
     if (END_EVENTS.includes(event.event)) {
