@@ -1,0 +1,75 @@
+"""Calls of the jobs API for the tests of the jobs service (tests/test_jobs*.py): submit, status, waiting for a
+status, reading the events, and what openapi.yaml says of the bodies."""
+
+import base64
+import json
+import time
+
+import jsonschema
+import requests
+import yaml
+
+from conftest import ROOT, SAMPLES, STYLES
+
+CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
+TINY = {"size": 32, "steps": 3, "min_scale": 32}
+LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0, "min_scale": 64, "precision": "fp32"}
+ENDED = ("succeeded", "failed", "canceled")
+SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+
+
+def conforms(body, schema: str) -> None:
+    """`body` is what openapi.yaml's components/schemas/`schema` says."""
+    jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": SPEC["components"]},
+                                    format_checker=jsonschema.FormatChecker()).validate(body)
+
+
+def submit(jobs, params: dict, *, as_json=False, headers=None, method="POST", job_id=None, **extra):
+    url = jobs.url(f"/jobs/{job_id}" if job_id else "/jobs")
+    headers = {**jobs.auth, **(headers or {})}
+    if as_json:
+        body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(),
+                "params": params, **extra}
+        return requests.request(method, url, json=body, headers=headers, timeout=30)
+    return requests.request(method, url, files={"content": CONTENT, "style": STYLE},
+                            data={"params": json.dumps(params), **extra}, headers=headers, timeout=30)
+
+
+def status(jobs, job_id: str) -> dict:
+    response = requests.get(jobs.url(f"/jobs/{job_id}"), headers=jobs.auth, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(jobs, job_id: str, until=lambda s: s["status"] in ENDED, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not until(state := status(jobs, job_id)):
+        assert time.monotonic() < deadline, f"{job_id} still {state} after {timeout} s:\n{jobs.log_tail()}"
+        assert state["status"] not in ENDED, state
+        time.sleep(0.1)
+    return state
+
+
+def read_events(jobs, job_id: str, last_event_id: str | None = None,
+                timeout: float = 120) -> list[tuple[str, str, dict]]:
+    headers = {**jobs.auth, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+    with requests.get(jobs.url(f"/jobs/{job_id}/events"), headers=headers, stream=True, timeout=timeout) as response:
+        assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
+        events, fields = [], {}
+        for line in response.iter_lines(decode_unicode=True):
+            if line == "" and fields:
+                events.append((fields["id"], fields["event"], json.loads(fields["data"])))
+                fields = {}
+            elif line and not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+    return events
+
+
+def running_with_progress(state: dict) -> bool:
+    return state["status"] == "running" and state["progress"] is not None
+
+
+def started_events(jobs, job_id: str) -> list[dict]:
+    return [data for _, name, data in read_events(jobs, job_id) if name == "started"]
