@@ -86,7 +86,10 @@ class ServerDescription:
         failing = False
         while True:
             try:
-                self.limits, self.read, failing = ServerLimits.from_description(await self.describe()), True, False
+                limits = ServerLimits.from_description(await self.describe())
+                if limits != self.limits:
+                    logger.info("jobs: checking submits against TorchServe's limits: %s", limits)
+                self.limits, self.read, failing = limits, True, False
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError, LookupError, TypeError) as error:
                 (logger.debug if failing else logger.warning)(
                     "jobs: cannot read TorchServe's model description (%s); checking submits against %s", error,

@@ -2,12 +2,15 @@
 lost when the service or a TorchServe worker is killed mid-run (CONTRACT.md "jobs")."""
 
 import asyncio
+import base64
 import io
 import json
 import os
 import signal
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -138,6 +141,49 @@ def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_er
     conforms(state, "JobStatus")
     result = requests.get(jobs.url(bad.headers["Location"] + "/result"), headers=jobs.auth, timeout=10)
     assert result.status_code == 400 and result.json() == state["error"]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, with no pixel data: what a decompression bomb shows
+    before it is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_what_the_predictions_endpoint_refuses_for_its_fields_parameters_or_image_sizes_is_refused_at_submit(
+        jobs, server):
+    """The same status and error body as TorchServe's own answer to the same request, before anything is queued:
+    bad and unknown parameters (a job's own fields inside params too), the server's own maxima (1024 px on a CPU
+    worker), too many styles, an image header declaring too many pixels or none at all, an unknown preset, a
+    part the predictions endpoint does not take."""
+    deadline = time.monotonic() + 20
+    while "checking submits against TorchServe's limits" not in jobs.log_tail(400):
+        assert time.monotonic() < deadline, "the service read TorchServe's description"
+        time.sleep(0.2)
+    multipart = [({"params": json.dumps({**TINY, "steps": "lots"})}, {}),
+                 ({"params": json.dumps({**TINY, "webhook": "http://127.0.0.1/hook"})}, {}),
+                 ({"size": "2048"}, {}), ({"presets": "nope"}, {}),
+                 ({}, {f"style_{number}": STYLE for number in range(2, 6)}),
+                 ({}, {"style_1": STYLE}), ({}, {"content": png_declaring(8000, 6000)}),
+                 ({}, {"content": b"not an image"})]
+    answers = []
+    for fields, files in multipart:
+        parts = {"content": CONTENT, "style": STYLE, **files}
+        answers.append((requests.post(jobs.url("/jobs"), headers=jobs.auth, data=fields, files=parts, timeout=30),
+                        requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                                      data=fields, files=parts, timeout=60)))
+    body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(), "mask": []}
+    answers.append((requests.post(jobs.url("/jobs"), headers=jobs.auth, json=body, timeout=30),
+                    requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                                  json=body, timeout=60)))
+    for at_submit, direct in answers:
+        assert direct.status_code in (400, 413), direct.text
+        assert (at_submit.status_code, at_submit.json()) == (direct.status_code, direct.json()), direct.text
+        conforms(at_submit.json(), "JobErrorBody")
+    fields = [at_submit.json()["field"] for at_submit, _ in answers]
+    assert fields == ["steps", "webhook", "size", "presets", "style", "style_1", "content", "content", "mask"]
 
 
 EMPTY_PART = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
