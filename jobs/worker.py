@@ -204,6 +204,8 @@ class JobRunner:
         data = error if status == "failed" else (data or {"id": job_id})
         if await until_stored(lambda: self.store.finish(job_id, status, data, error=error, result=result, run=run)):
             await self._notify(job_id, END_EVENTS[status], data)
+        else:
+            logger.info("jobs: %s run %s ended (%s) but no longer holds its job: nothing recorded", job_id, run, status)
 
     async def _give_back(self, job_id: str, run: str) -> None:
         """This replica is stopping: the job is queued again at once, for any replica, without using an
@@ -371,5 +373,4 @@ class Recovery:
         left_ms = await self.pool.pttl(in_progress_key_prefix + job_id)
         if judge and left_ms > 0 and self.in_progress_ms - left_ms > self.config.lease_seconds * 1000:
             if await self.pool.delete(in_progress_key_prefix + job_id):
-                logger.warning("jobs: %s was taken from the queue by a replica that began no run: queued again",
-                               job_id)
+                logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", job_id)

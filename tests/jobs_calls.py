@@ -2,14 +2,19 @@
 status, reading the events, and what openapi.yaml says of the bodies."""
 
 import base64
+import contextlib
+import datetime
 import json
 import time
 
 import jsonschema
+import redis
 import requests
 import yaml
 
 from conftest import ROOT, SAMPLES, STYLES
+from jobs import store as job_store
+from jobs_instance import JobsInstance
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
 STYLE = (STYLES / "starry_night.jpg").read_bytes()
@@ -73,3 +78,39 @@ def running_with_progress(state: dict) -> bool:
 
 def started_events(jobs, job_id: str) -> list[dict]:
     return [data for _, name, data in read_events(jobs, job_id) if name == "started"]
+
+
+def until(condition, service, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, service.log_tail()
+        time.sleep(0.1)
+
+
+def handler_runs(torchserve, job_id: str | None = None) -> list[dict]:
+    """The handler's log records of the requests of job runs (of `job_id`'s only, if given), in the order they
+    ended, each with `ended_at`: when TorchServe logged it (s since the epoch, its clock)."""
+    records = []
+    for line in (torchserve.workdir / "logs" / "model_log.log").read_text(errors="replace").splitlines():
+        if "style_transfer request {" in line:
+            record = json.loads(line.split("style_transfer request ", 1)[1])
+            if "job" in record and record["job"].startswith(f"{job_id}." if job_id else ""):
+                logged = datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S,%f")
+                records.append({**record, "ended_at": logged.timestamp()})
+    return records
+
+
+@contextlib.contextmanager
+def two_replicas(redis_url: str, torchserve, workdir, **settings):
+    """Two replicas of the jobs service with one token (started one after the other: the first writes it)."""
+    with JobsInstance(workdir / "first", redis_url, torchserve, **settings) as first, \
+            JobsInstance(workdir / "second", redis_url, torchserve, token_file=first.token_file, **settings) as second:
+        yield first, second
+
+
+def running_on(replicas, job_id: str, redis_url: str) -> tuple[JobsInstance, JobsInstance]:
+    """(the replica running the job, the other), once the job runs with progress."""
+    wait_for(replicas[0], job_id, until=running_with_progress, timeout=60)
+    owner = redis.Redis.from_url(redis_url).hget(job_store.key("job", job_id), "owner").decode()
+    (running,) = [replica for replica in replicas if replica.replica == owner]
+    return running, next(replica for replica in replicas if replica is not running)

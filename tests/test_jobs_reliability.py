@@ -3,7 +3,6 @@ restarts"): a replica stopped with SIGTERM, a replica paused past its lease, a j
 that restarts or stops answering, a store that may evict keys, a TorchServe whose queue is full. Real Redis,
 real TorchServe; tests/test_jobs_chaos.py runs them together."""
 
-import contextlib
 import json
 import os
 import signal
@@ -16,8 +15,8 @@ import requests
 
 from jobs import store as job_store
 from jobs.worker import Backoff
-from jobs_calls import (CONTENT, LONG, STYLE, TINY, read_events, running_with_progress, started_events, status,
-                        submit, wait_for)
+from jobs_calls import (CONTENT, LONG, STYLE, TINY, handler_runs, read_events, running_on, started_events, status,
+                        submit, two_replicas, until, wait_for)
 from jobs_instance import JobsInstance
 from redis_instance import RedisInstance
 from torchserve_instance import free_port
@@ -28,21 +27,6 @@ pytestmark = pytest.mark.integration
 def nowhere() -> str:
     """A TorchServe URL where nothing listens: jobs wait for it (Busy) until their time limit."""
     return f"http://127.0.0.1:{free_port()}"
-
-
-def until(condition, service, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, service.log_tail()
-        time.sleep(0.1)
-
-
-def handler_runs(torchserve, job_id: str) -> list[dict]:
-    """The handler's log records of the requests of `job_id`'s runs, in the order they ended."""
-    text = (torchserve.workdir / "logs" / "model_log.log").read_text(errors="replace")
-    records = [json.loads(line.split("style_transfer request ", 1)[1]) for line in text.splitlines()
-               if "style_transfer request {" in line]
-    return [record for record in records if record.get("job", "").startswith(f"{job_id}.")]
 
 
 def stream_events_in_background(jobs, job_id: str) -> dict:
@@ -58,22 +42,6 @@ def stream_events_in_background(jobs, job_id: str) -> dict:
 
     threading.Thread(target=follow, daemon=True).start()
     return ended
-
-
-@contextlib.contextmanager
-def two_replicas(redis_url: str, torchserve, workdir, **settings):
-    """Two replicas of the jobs service with one token (started one after the other: the first writes it)."""
-    with JobsInstance(workdir / "first", redis_url, torchserve, **settings) as first, \
-            JobsInstance(workdir / "second", redis_url, torchserve, token_file=first.token_file, **settings) as second:
-        yield first, second
-
-
-def running_on(replicas, job_id: str, redis_url: str) -> tuple[JobsInstance, JobsInstance]:
-    """(the replica running the job, the other), once the job runs with progress."""
-    wait_for(replicas[0], job_id, until=running_with_progress, timeout=60)
-    owner = redis.Redis.from_url(redis_url).hget(job_store.key("job", job_id), "owner").decode()
-    (running,) = [replica for replica in replicas if replica.replica == owner]
-    return running, next(replica for replica in replicas if replica is not running)
 
 
 def test_a_replica_stopped_with_sigterm_gives_its_job_to_another_at_once(server, redis_server, tmp_path):
