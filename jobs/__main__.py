@@ -89,7 +89,7 @@ async def serve(config: JobsConfig) -> int:
     except TimeoutError:
         logger.warning("jobs: not every running job was given back within shutdown_seconds: their leases lapse "
                        "and other replicas take them")
-    for task in background:
+    for task in (working, *background):
         task.cancel()
     await runner.cleanup()  # within HANDLERS_GRACE_SECONDS
     await webhooks.close(timeout=max(0.0, ends - asyncio.get_running_loop().time()))

@@ -22,13 +22,16 @@ in the same step. When a job ends, everything it left expires after the retentio
 """
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "style-jobs:"
 CANCEL_KEY_PREFIX = PREFIX + "cancel:"  # the same as handler/cancellation.py's (a test checks)
@@ -280,10 +283,6 @@ class Store:
         return bool(ended)
 
     # --- reading ---
-    async def add_event(self, job_id: str, event: str, data: dict) -> None:
-        await self.redis.xadd(key("events", job_id), {"event": event, "data": json.dumps(data)},
-                              maxlen=EVENTS_KEPT, approximate=True)
-
     async def events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, dict]]:
         """The events after stream id `after` ("0" for all), waiting up to block_ms for one (None: not at all)."""
         found = await self.stream_redis.xread({key("events", job_id): after}, block=block_ms, count=100)
@@ -313,8 +312,13 @@ class StoreRefused(Exception):
 
 async def check_eviction_policy(redis: Redis) -> None:
     """Raise StoreRefused, saying why, when Redis may evict keys. INFO, not CONFIG GET: managed Redis services
-    often disable CONFIG."""
-    policy = (await redis.info("memory")).get("maxmemory_policy", SAFE_EVICTION_POLICY)
+    often disable CONFIG; one that refuses INFO too is warned about."""
+    try:
+        policy = (await redis.info("memory")).get("maxmemory_policy", SAFE_EVICTION_POLICY)
+    except ResponseError as refused:
+        logger.warning("jobs: cannot read Redis's maxmemory-policy (%s): make sure it is %s", refused,
+                       SAFE_EVICTION_POLICY)
+        return
     if policy != SAFE_EVICTION_POLICY:
         raise StoreRefused(f"Redis's maxmemory-policy is {policy}: under memory pressure it would delete keys of "
                            f"queued and running jobs, their leases and results. Set maxmemory-policy "

@@ -3,6 +3,7 @@ the other manifests by tests/test_deploy.py, which reads deploy/k8s/ recursively
 with the style-transfer objects and with what the service really serves."""
 
 import ast
+import dataclasses
 import importlib.metadata
 import json
 import re
@@ -12,6 +13,8 @@ import sys
 import yaml
 
 from conftest import ROOT
+from jobs.config import JobsConfig
+from jobs.store import SAFE_EVICTION_POLICY
 
 DEPLOY = ROOT / "deploy"
 JOBS_K8S = DEPLOY / "k8s" / "jobs"
@@ -108,3 +111,29 @@ def test_the_style_transfer_autoscaler_follows_the_jobs_queue_the_service_report
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["externalRules"]
     assert [rule["name"]["matches"] for rule in rules] == [f"^{external}$"]
     assert f"{external} " in (ROOT / "jobs" / "api.py").read_text()  # a series /metrics serves
+
+
+def test_a_replica_stops_within_its_grace_period_and_survives_redis_restarts():
+    """The pod's grace period holds the preStop pause and the service's own shutdown twice over; its probes do
+    not ask Redis; the model description it checks submits against comes through the auth proxy; its Redis
+    evicts nothing (the service refuses to run otherwise)."""
+    pod = objects(JOBS_K8S / "jobs.yaml")["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    shutdown = float(env.get("STYLE_JOBS_SHUTDOWN_SECONDS", JobsConfig.shutdown_seconds))
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= 2 * (pause + shutdown)
+    assert {container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")} == {"/ping"}
+    assert env["STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL"] == env["STYLE_JOBS_TORCHSERVE_URL"]
+    (redis,) = objects(JOBS_K8S / "redis.yaml")["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][redis["args"].index("--maxmemory-policy") + 1] == SAFE_EVICTION_POLICY
+
+
+def test_the_docs_name_the_jobs_settings_that_exist_with_their_defaults():
+    docs = " ".join(path.read_text() for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    docs = " ".join(docs.split())
+    settings = {f"STYLE_JOBS_{field.name.upper()}": field for field in dataclasses.fields(JobsConfig)}
+    named = set(re.findall(r"STYLE_JOBS_[A-Z_]+[A-Z]", docs))
+    assert named <= set(settings), named - set(settings)
+    for name, number in re.findall(r"`(STYLE_JOBS_[A-Z_]+)`,? \(?(\d+) s\b", docs):
+        assert float(number) == settings[name].default, (name, number)
