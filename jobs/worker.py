@@ -131,26 +131,26 @@ class JobRunner:
         if began.attempts >= self.config.max_attempts:
             await self._finish(job_id, run, "failed", error=_given_up(began.attempts, began.retried_after))
             return False
-        attempt = asyncio.create_task(self._attempt(job_id, run, began))
+        sending = asyncio.create_task(self._send(job_id, run, began))
         lease = asyncio.create_task(self._keep_lease(job_id, run))
         try:
-            done, _ = await asyncio.wait({attempt, lease}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({sending, lease}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lease.cancel()
-            attempt.cancel()  # nothing when it is done; else its request to TorchServe is closed
-        if attempt not in done:
+            sending.cancel()  # nothing when it is done; else its request to TorchServe is closed
+        if sending not in done:
             await self._stop(job_id, run)
             logger.warning("jobs: %s run %s no longer holds its job (canceled, or its lease lapsed): it records "
                            "nothing more and TorchServe stops it", job_id, run)
             return False
-        outcome = attempt.result()
+        outcome = sending.result()
         if isinstance(outcome, Interrupted):
             logger.warning("jobs: %s run %s broke off: %s", job_id, run, outcome.error["message"])
             return await until_stored(lambda: self.store.release(job_id, run, outcome.error, counts=True))
         await self._conclude(job_id, run, outcome)
         return False
 
-    async def _attempt(self, job_id: str, run: str, began: Began) -> Outcome:
+    async def _send(self, job_id: str, run: str, began: Began) -> Outcome:
         """The run's request to TorchServe, sent again while TorchServe is busy, within the job's deadline."""
         request = await until_stored(lambda: self.store.request(job_id))  # read once, sent again as it is
         if request is None:

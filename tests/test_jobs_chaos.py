@@ -35,8 +35,8 @@ def test_thirty_jobs_through_a_rolling_restart_a_store_restart_and_a_paused_repl
         found = []
 
         def held() -> bool:
-            found.extend(owner.decode() for run, owner in (store.hmget(job_store.key("job", job_id), "run", "owner")
-                                                           for job_id in ids) if run)
+            found.extend(owner.decode() for owner in (store.hget(job_store.key("job", job_id), "owner")
+                                                      for job_id in ids) if owner)
             return bool(found)
 
         until(held, first, timeout=60)

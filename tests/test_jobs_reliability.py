@@ -3,18 +3,21 @@ restarts"): a replica stopped with SIGTERM, a replica paused past its lease, a j
 that restarts or stops answering, a store that may evict keys, a TorchServe whose queue is full. Real Redis,
 real TorchServe; tests/test_jobs_chaos.py runs them together."""
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
+import uuid
 
 import pytest
-import redis
+import redis.asyncio
 import requests
 
 from jobs import store as job_store
-from jobs.worker import Backoff
+from jobs.store import NewJob, Store, cancel_key
+from jobs.worker import LEASE_LAPSED, STOPPED, Backoff
 from jobs_calls import (CONTENT, LONG, STYLE, TINY, handler_runs, read_events, running_on, started_events, status,
                         submit, two_replicas, until, wait_for)
 from jobs_instance import JobsInstance
@@ -97,6 +100,43 @@ def test_a_replica_paused_past_its_lease_changes_nothing_and_torchserve_stops_it
     assert "no longer holds its job" in paused.log_tail(200)
 
 
+def test_a_run_that_no_longer_holds_its_job_changes_nothing(redis_server):
+    """Fencing, transition by transition, in a real Redis: run A lets its lease lapse, the recovery gives the
+    job back (stopping A in TorchServe) and run B takes it; then every transition of A is refused and changes
+    nothing, while B's are taken. A client's cancel ends the job and stops B; no run begins on an ended job."""
+    async def scenario():
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        store = Store(client, client, retention_seconds=60)
+        job_id = f"fenced-{uuid.uuid4().hex}"
+        await store.create(NewJob(job_id, b"{}", "application/json", "print", "image", None, ()), None)
+        assert (await store.begin(job_id, "a", "replica-a", 0.3, 60)).attempts == 0
+        assert await store.begin(job_id, "x", "replica-x", 0.3, 60) is None, "held by A"
+        assert not await store.release(job_id, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True), "A's lease lives"
+        await asyncio.sleep(0.4)
+        assert await store.release(job_id, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True)
+        assert await client.exists(cancel_key(job_id, "a")), "A's request is stopped in TorchServe"
+        began = await store.begin(job_id, "b", "replica-b", 5, 60)
+        assert began.attempts == 0 and began.retried_after == LEASE_LAPSED
+        before, events = await store.get(job_id), await store.events(job_id, "0", None)
+        assert not await store.renew(job_id, "a", 5)
+        assert not await store.accept(job_id, "a", {"attempt": 1})
+        assert not await store.record_progress(job_id, "a", {"event": "progress", "step": 1})
+        assert not await store.release(job_id, "a", STOPPED, counts=True)
+        assert not await store.finish(job_id, "succeeded", {}, result=(b"png", "image/png", {}), run="a")
+        assert not await store.finish(job_id, "failed", {}, error=STOPPED, run="a")
+        assert (await store.get(job_id), await store.events(job_id, "0", None)) == (before, events)
+        assert await store.renew(job_id, "b", 5) and await store.accept(job_id, "b", {"attempt": 1})
+        assert await store.record_progress(job_id, "b", {"event": "progress", "step": 1})
+        assert await store.finish(job_id, "canceled", {"id": job_id}), "a client's cancel"
+        assert await client.exists(cancel_key(job_id, "b")), "stops the run that held the job"
+        assert not await store.finish(job_id, "succeeded", {}, run="b")
+        assert await store.begin(job_id, "c", "replica-c", 5, 60) is None
+        assert (await store.get(job_id))["status"] == "canceled"
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_job_past_its_time_limit_fails_504_and_torchserve_stops_it(server, redis_server, tmp_path):
     """Waiting for a TorchServe that is not there, or running longer than allowed: the job fails with 504
     Timeout at its time limit (the queue library's own limit lies outside it), and the run TorchServe was
@@ -125,7 +165,7 @@ def test_the_store_restarting_or_not_answering_ends_no_process_and_no_job(tmp_pa
             JobsInstance(tmp_path / "jobs", store.url, torchserve_url=nowhere(), redis_timeout_seconds=1,
                          lease_seconds=2, job_timeout_seconds=8) as service:
         waiting = submit(service, TINY).json()["id"]
-        until(lambda: redis.Redis.from_url(store.url).hget(job_store.key("job", waiting), "run"), service)
+        until(lambda: redis.Redis.from_url(store.url).hget(job_store.key("job", waiting), "owner"), service)
         store.stop()  # while a run of `waiting` waits for TorchServe
         started = time.monotonic()
         refused = requests.get(service.url(f"/jobs/{waiting}"), headers=service.auth, timeout=10)
