@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 
 from style_engine import RequestError, VGGFeatures, WeightsError, load_features_state_dict, parse_params, stylize  # noqa: E402
 from style_engine.api import result_fields  # noqa: E402
-from style_engine.params import describe_params  # noqa: E402
 from style_engine.codec import encode_image, load_image_file, load_mask_file  # noqa: E402
+from style_engine.params import describe_params  # noqa: E402
 from style_engine.presets import PresetLibrary  # noqa: E402
 
 MODEL_NAME = "style_transfer"
