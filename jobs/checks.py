@@ -11,6 +11,7 @@ checked: the fields, the engine's own bounds and that every image has a readable
 """
 
 import asyncio
+import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,22 @@ from typing import Any
 import aiohttp
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"  # deploy/Dockerfile.jobs copies it the same way
+ENGINE = "style_engine"
+
+
+def _engine_modules_without_torch() -> None:
+    """Let style_engine's modules be imported without style_engine/__init__.py, which imports the optimiser and
+    so torch: the package is registered without running it, and its modules are found in its directory as
+    usual. Where the engine is already imported (a process that has torch), nothing changes."""
+    if ENGINE not in sys.modules:
+        directory = HANDLER_DIR / ENGINE
+        spec = importlib.util.spec_from_file_location(ENGINE, directory / "__init__.py",
+                                                      submodule_search_locations=[str(directory)])
+        sys.modules[ENGINE] = importlib.util.module_from_spec(spec)
+
+
 sys.path.insert(0, str(HANDLER_DIR))
+_engine_modules_without_torch()
 
 from request_parsing import declared_pixels, parse_request  # noqa: E402
 from style_engine.errors import RequestError, TooLargeError  # noqa: E402
