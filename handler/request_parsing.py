@@ -3,20 +3,25 @@
 TorchServe hands the handler one dict per request. Multipart and form fields and gRPC input-map entries
 arrive under their own names (JSON parts already parsed, text parts as str, the rest bytes); a raw body
 arrives under "body" (a dict when its content type is application/json and it parses, bytes otherwise).
+Everything up to decode_job runs without torch: the jobs service refuses at submit what this refuses.
 """
+
+from __future__ import annotations
 
 import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from style_engine.codec import decode_image, decode_mask
 from style_engine.codec import declared_pixels as image_pixels
 from style_engine.errors import ImageError, ParamError, TooLargeError
 from style_engine.params import StyleParams, parse_json
 from style_engine.presets import PresetLibrary
-from style_engine.targets import StyleJob
+
+if TYPE_CHECKING:
+    from style_engine.targets import StyleJob
 
 STYLE_PART = re.compile(r"style(?:_([1-9][0-9]*))?")
 MASK_PART = re.compile(r"mask_([1-9][0-9]*)")
@@ -46,6 +51,8 @@ def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
 def decode_job(request: RawRequest, params: StyleParams, presets: PresetLibrary, max_pixels: int) -> StyleJob:
     """The request's images decoded, its presets' images after its uploaded styles. Raises ParamError for an
     unknown preset (before any image is decoded), ImageError or TooLargeError naming the part at fault."""
+    from style_engine.targets import StyleJob  # here: targets needs torch, the checks above this do not
+
     named = presets.images(params.presets)
     content = decode_image(request.content, "content", max_pixels=max_pixels)
     uploads = tuple(decode_image(data, _style_part_name(i + 1), max_pixels=max_pixels)
