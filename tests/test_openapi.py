@@ -89,5 +89,6 @@ def test_every_content_type_the_handler_answers_with_is_documented():
 
 
 def test_the_api_page_links_the_spec():
+    """The API page sends readers to the reference rendered from openapi.yaml, and to the gRPC service's proto."""
     api_page = (ROOT / "docs" / "api.md").read_text()
-    assert "(openapi.yaml)" in api_page and "proto/inference.proto" in api_page
+    assert "(http-api.md)" in api_page and "`openapi.yaml`" in api_page and "proto/inference.proto" in api_page
