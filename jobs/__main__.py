@@ -14,7 +14,7 @@ import signal
 
 from aiohttp import web
 from arq.connections import ArqRedis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,21 +37,25 @@ logger = logging.getLogger("jobs")
 STORE_REFUSED_EXIT_STATUS = 2
 HANDLERS_GRACE_SECONDS = 2  # of shutdown_seconds: for the HTTP handlers still answering when the API stops
 METRICS_CLIENT_NAME = "style-jobs-metrics"
+STORE_CONNECTIONS = 64
 
 
 def redis_clients(config: JobsConfig) -> tuple[ArqRedis, Redis, Redis]:
     """The store's clients, connecting when first used: one for every call, one for the event streams' blocking
     reads (whose socket timeout outlasts a read's wait), and one for the metrics (named, so that the store's
     operators tell its few reads apart). Every call is bounded by the socket timeout; a call whose connection
-    broke (a Redis that restarted closes them all) is sent once more on a new one."""
-    def client(cls, read_timeout: float, **more):
-        return cls.from_url(config.redis_url, socket_timeout=read_timeout,
-                            socket_connect_timeout=config.redis_timeout_seconds,
-                            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 1),
-                            retry_on_error=[RedisConnectionError], **more)
-    return (client(ArqRedis, config.redis_timeout_seconds),
-            client(Redis, KEEP_ALIVE_SECONDS + config.redis_timeout_seconds),
-            client(Redis, config.redis_timeout_seconds, client_name=METRICS_CLIENT_NAME))
+    broke (a Redis that restarted closes them all) is sent once more on a new one. A replica holds at most
+    STORE_CONNECTIONS connections for its calls, however many come at once: a call waits for one of them as
+    long as for an answer."""
+    def client(cls, read_timeout: float, connections: int, **more):
+        pool = BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=connections, timeout=config.redis_timeout_seconds,
+            socket_timeout=read_timeout, socket_connect_timeout=config.redis_timeout_seconds,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 1), retry_on_error=[RedisConnectionError], **more)
+        return cls.from_pool(pool)
+    return (client(ArqRedis, config.redis_timeout_seconds, STORE_CONNECTIONS),
+            client(Redis, KEEP_ALIVE_SECONDS + config.redis_timeout_seconds, 2),
+            client(Redis, config.redis_timeout_seconds, 2, client_name=METRICS_CLIENT_NAME))
 
 
 async def serve(config: JobsConfig) -> int:

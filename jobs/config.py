@@ -51,8 +51,9 @@ class JobsConfig:
     # included; then it fails with 504 Timeout.
     job_timeout_seconds: int = 3600
     max_request_bytes: int = 67_108_864  # the largest submitted body, as TorchServe's max_request_size
-    # The memory a replica's submits hold at once while they are read: a multipart submit holds about 14 MiB
-    # (one part of its upload and the fields the checks read), a JSON one twice its size. Past it, submits
+    # The memory a replica's submits hold at once while they are read: a multipart submit holds about 13 MiB
+    # (a part of its upload as it comes and as it is sent, and the fields the checks read), a JSON one twice
+    # its size. Past it, submits
     # wait for their turn (503 Busy after 30 s).
     upload_memory_bytes: int = 134_217_728
     # Webhook destinations, comma-separated: host names ("hooks.example.com", "*.example.com") and address ranges

@@ -4,7 +4,7 @@ Two stores behind one interface: a bucket of an S3-compatible service (AWS S3, M
 aiobotocore, the asynchronous botocore), named by `s3://bucket/prefix` with the usual AWS credential chain
 (environment, shared files, the pod's role), or a local directory for one machine (scripts/serve.sh). Objects
 are written from an asynchronous iterable of chunks and read back as one: neither side holds a whole object,
-only a part of PART_BYTES at most (the size S3's multipart upload sends at once).
+only a part of about PART_BYTES at a time (what S3's multipart upload sends at once).
 
 A job's objects share a prefix of their own (JobObjects), so that they all go with the job: its request, its
 result, and whatever else a job keeps (a checkpoint, say) under a name of its own.
@@ -25,7 +25,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-PART_BYTES = 8 * 1024 * 1024  # S3 takes parts of 5 MiB and more (but the last); boto3's transfers use 8 MiB
+PART_BYTES = 5 * 1024 * 1024  # the least S3 takes in a part of a multipart upload (but the last)
 READ_CHUNK_BYTES = 256 * 1024
 # What an object store answers while it cannot be reached or is overloaded: wait and try again.
 OBJECT_STORE_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
@@ -99,15 +99,17 @@ def object_store(url: str, endpoint_url: str = "", region: str = "") -> ObjectSt
 
 
 async def parts_of(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
-    """`chunks` regrouped into parts of `size` bytes (the last may be shorter; none for no bytes)."""
-    buffer = bytearray()
+    """`chunks` regrouped into parts of at least `size` bytes (the last may be shorter; none for no bytes), each
+    joined once from the chunks it holds."""
+    pending, held = [], 0
     async for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            part, pending, held = b"".join(pending), [], 0
+            yield part
+    if pending:
+        yield b"".join(pending)
 
 
 class S3Objects(ObjectStore):

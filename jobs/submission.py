@@ -36,9 +36,12 @@ IMAGE_PART = re.compile(r"content|init_image|style(_\d+)?|mask_\d+")  # handler/
 # Far above what a request holds (images, masks, one part per parameter), far below what a body of the size
 # limit could hold as empty parts, each of which costs memory here and in the store.
 MAX_PARTS = 256
-HEAD_BYTES = 1024 * 1024  # of each image, kept for the checks: its header (the size it declares) is in it
-KEPT_BYTES = 8 * 1024 * 1024  # the fields and the images' heads together
-MULTIPART_MEMORY = PART_BYTES + KEPT_BYTES + 1024 * 1024  # what a multipart submit holds at most while read
+HEAD_BYTES = 256 * 1024  # of each image, kept for the checks: its header (the size it declares) is in it
+KEPT_BYTES = 2 * 1024 * 1024  # the fields and the images' heads together
+# What a multipart submit holds at most while it is read: a part of its upload as it comes and as it is sent,
+# and what it keeps
+MULTIPART_MEMORY = 2 * PART_BYTES + KEPT_BYTES + 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
 BUDGET_WAIT_SECONDS = 30.0
 BUSY_RETRY_AFTER_SECONDS = 5
 
@@ -180,7 +183,7 @@ async def _part(request: web.Request, part: BodyPartReader, reading: _Multipart,
         yield _part_head(boundary, name, None if filename is None else filename or name,
                          None if filename is None else content_type)
     kept, size = bytearray(), 0
-    while chunk := await part.read_chunk():
+    while chunk := await part.read_chunk(READ_CHUNK_BYTES):
         if request.content.total_bytes > reading.max_bytes:
             raise too_large(reading.max_bytes)
         reading.digest.update(chunk)
