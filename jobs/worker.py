@@ -17,9 +17,13 @@ Time: a job's deadline is job_timeout_seconds after its first run began, whateve
 it the job fails with 504 Timeout. arq's own time limit for a run_job call lies outside it
 (ARQ_TIMEOUT_MARGIN_SECONDS more), so that ours always comes first.
 
-Busy TorchServe (its queue full, no worker up, not reachable): the run sends the body it read once again after
-a jittered, growing wait, never shorter than TorchServe's Retry-After. The job stays `queued` until TorchServe
-takes the request.
+Requests and results: a run streams its job's request from the object store to TorchServe, at every try, and
+writes the result TorchServe answers back there, under a name of its own, before it ends the job; the
+request is deleted once the job has ended.
+
+Busy TorchServe (its queue full, no worker up, not reachable) or object store: the run sends the request again
+after a jittered, growing wait, never shorter than TorchServe's Retry-After. The job stays `queued` until
+TorchServe takes the request.
 
 Stopping (SIGTERM, QueueWorker.stop): no job is taken any more, and each running one is given back at once for
 another replica: its run's cancel key set, not counted.
