@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from .auth import Clients, load_or_create_token, token_matches
 from .checks import ServerDescription
 from .config import JobsConfig
-from .events import EventHub, EventStream, follow
+from .events import EventHub, EventStream, TimedWriter, follow
 from .objects import OBJECT_STORE_ERRORS, JobObjects, ObjectMissing, ObjectStore
 from .store import ACTIVE_STATUSES, COUNTERS, OUTBOX, STORE_ERRORS, NewJob, Quotas, Store, job_ref, public_status
 from .submission import MemoryBudget, SubmitError, store_submission, too_large
@@ -226,10 +226,10 @@ async def result(request: web.Request) -> web.StreamResponse:
                                                    "Content-Type": record["result_type"]})
             response.content_length = stored.size
             await response.prepare(request)
-            stream = EventStream(response, services.config.stream_write_timeout_seconds)
+            writer = TimedWriter(response, services.config.stream_write_timeout_seconds)
             try:
                 async for chunk in stored:
-                    await stream.write_bytes(chunk)
+                    await writer.write_bytes(chunk)
             except (OBJECT_STORE_ERRORS, TimeoutError, ConnectionResetError):
                 # the answer is cut short (its Content-Length tells the client); nothing else to do
                 if request.transport is not None:

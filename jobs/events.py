@@ -142,12 +142,11 @@ class EventHub:
                 self.cursors[ref] = entries[-1][0].decode()
 
 
-class EventStream:
-    """One client's stream of one job's events."""
+class TimedWriter:
+    """Writes to a streamed answer, each within a time limit: a client that stops reading holds nothing."""
 
     def __init__(self, response: web.StreamResponse, write_timeout: float):
         self.response, self.write_timeout = response, write_timeout
-        self.last: tuple[int, int] = (0, 0)
 
     async def write(self, text: str) -> None:
         await self.write_bytes(text.encode())
@@ -155,6 +154,14 @@ class EventStream:
     async def write_bytes(self, data: bytes) -> None:
         """Raises TimeoutError when the client does not take it in time."""
         await asyncio.wait_for(self.response.write(data), self.write_timeout)
+
+
+class EventStream(TimedWriter):
+    """One client's stream of one job's events."""
+
+    def __init__(self, response: web.StreamResponse, write_timeout: float):
+        super().__init__(response, write_timeout)
+        self.last: tuple[int, int] = (0, 0)
 
     async def send(self, event: tuple[str, str, dict]) -> bool:
         """Send the event unless it was sent already; whether it ends the job."""

@@ -160,7 +160,7 @@ class JobRunner:
         """The run's request sent to TorchServe, again while TorchServe is busy, and its result stored, all
         within the job's deadline and while the run holds its lease."""
         record = await until_stored(lambda: self.store.get(ref))
-        if record is None:
+        if record is None or "objects" not in record:  # expired, or queued by a version that kept it in Redis
             return Refused(GONE), None
         started = {"attempt": began.attempts + 1, **({"retried_after": began.retried_after}
                                                       if began.retried_after else {})}

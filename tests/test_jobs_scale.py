@@ -5,6 +5,7 @@ one store reader and end on time, metrics whose cost does not grow with the jobs
 their jobs."""
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -68,7 +69,9 @@ def post(service, headers: dict, params: dict = TINY, **extra) -> requests.Respo
 
 def test_a_job_is_its_clients_alone_and_so_is_its_idempotency_key(redis_server, tmp_path):
     tokens, alice, bob = two_clients(tmp_path)
-    with JobsInstance(tmp_path / "jobs", redis_server.url, token_file=tokens, torchserve_url=nowhere()) as service:
+    service_retention = 600
+    with JobsInstance(tmp_path / "jobs", redis_server.url, token_file=tokens, torchserve_url=nowhere(),
+                      retention_seconds=service_retention) as service:
         key = {"Idempotency-Key": f"order-{time.time()}"}
         mine = post(service, {**alice, **key})
         assert mine.status_code == 202, mine.text
@@ -82,6 +85,10 @@ def test_a_job_is_its_clients_alone_and_so_is_its_idempotency_key(redis_server, 
         assert his.status_code == 202 and his.json()["id"] != job_id and "Idempotent-Replayed" not in his.headers
         again = post(service, {**alice, **key})
         assert again.json()["id"] == job_id and again.headers["Idempotent-Replayed"] == "true"
+        # kept while the job lives, however long, and for the job's retention after it ends
+        kept = f"style-jobs:idempotency:alice:{hashlib.sha256(key['Idempotency-Key'].encode()).hexdigest()}"
+        store = redis.Redis.from_url(redis_server.url)
+        assert store.get(kept).decode() == job_id and store.ttl(kept) == -1
         # an id chosen with PUT is the client's own too: bob makes his, alice's stays as it was
         chosen = f"order-{int(time.time() * 1000)}"
         put = lambda headers: requests.put(service.url(f"/jobs/{chosen}"), headers=headers,  # noqa: E731
@@ -90,6 +97,8 @@ def test_a_job_is_its_clients_alone_and_so_is_its_idempotency_key(redis_server, 
         requests.post(service.url(f"/jobs/{chosen}/cancel"), headers=bob, timeout=10)
         assert requests.get(service.url(f"/jobs/{chosen}"), headers=alice, timeout=10).json()["status"] == "queued"
         assert requests.get(service.url(f"/jobs/{job_id}"), headers=alice, timeout=10).json()["status"] == "queued"
+        requests.post(service.url(f"/jobs/{job_id}/cancel"), headers=alice, timeout=10)
+        assert 0 < store.ttl(kept) <= service_retention
         assert requests.get(service.url("/jobs/x"), headers=bearer("nobody"), timeout=10).status_code == 401
         # a token file changed in place (a Secret updated) is read again: bob's token is gone, carol's is new
         tokens.write_text("alice alice-token-1234\ncarol carol-token-0000\n")
@@ -391,18 +400,18 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout():
     """A stream's writes are bounded in time: a client that reads nothing does not hold its writer."""
     from aiohttp import web
 
-    from jobs.events import EventStream
+    from jobs.events import TimedWriter
 
     outcome = {}
 
     async def flood(request):
         response = web.StreamResponse()
         await response.prepare(request)
-        stream = EventStream(response, write_timeout=0.5)
+        writer = TimedWriter(response, write_timeout=0.5)
         started = time.monotonic()
         try:
             while True:
-                await stream.write_bytes(b"x" * 65536)
+                await writer.write_bytes(b"x" * 65536)
         except TimeoutError:
             outcome["cut_after"] = time.monotonic() - started
         return response
