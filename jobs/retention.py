@@ -34,8 +34,9 @@ class Sweeper:
         now = time.time()
         due = await self.store.due_expiring(now, BATCH)
         for entry, fields in due:
-            await self.objects.delete_prefix(fields["objects"])
-            await self.store.expired(entry, fields["client"])
+            if fields.get("objects"):  # none for a job of a version that kept its images in Redis
+                await self.objects.delete_prefix(fields["objects"])
+            await self.store.expired(entry, fields.get("client", ""))
         abandoned = await self.store.abandoned_uploads(now - ABANDONED_UPLOAD_SECONDS, BATCH)
         for prefix in abandoned:
             logger.warning("jobs: deleting %s, written by a submit that made no job", prefix)
