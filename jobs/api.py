@@ -145,12 +145,13 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency is not None and not 0 < len(idempotency) <= MAX_IDEMPOTENCY_KEY:
         return error(400, "ParamError", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
                      "Idempotency-Key")
-    # before reading a body that would be refused (the store checks again, atomically, when it makes the job)
-    usage = await services.store.usage(client)
-    if usage["unfinished"] >= services.config.client_max_unfinished:
-        return _quota_refused("client_jobs", services)
-    if usage["stored_bytes"] + (request.content_length or 0) > services.config.client_max_stored_bytes:
-        return _quota_refused("client_bytes", services)
+    if idempotency is None and given_id is None:  # else it may name a job that exists: the store answers
+        # before reading a body that would be refused (the store checks again, atomically, when it makes the job)
+        usage = await services.store.usage(client)
+        if usage["unfinished"] >= services.config.client_max_unfinished:
+            return _quota_refused("client_jobs", services)
+        if usage["stored_bytes"] + (request.content_length or 0) > services.config.client_max_stored_bytes:
+            return _quota_refused("client_bytes", services)
     job_id = given_id or uuid.uuid4().hex
     objects = JobObjects.new(client, job_id)
     await services.store.begin_upload(objects.prefix)

@@ -115,11 +115,14 @@ def test_past_a_quota_a_submit_is_429_with_retry_after(tmp_path):
     with RedisInstance(tmp_path / "redis") as private, \
             JobsInstance(tmp_path / "jobs", private.url, token_file=tokens, torchserve_url=nowhere(),
                          client_max_unfinished=2, max_unfinished=3, client_max_stored_bytes=600_000) as service:
-        first, second = (post(service, alice).json()["id"] for _ in range(2))
+        key = {"Idempotency-Key": "first"}
+        first, second = post(service, {**alice, **key}).json()["id"], post(service, alice).json()["id"]
         over = post(service, alice)
         assert over.status_code == 429 and over.json()["quota"] == "client_jobs", over.text
         assert int(over.headers["Retry-After"]) > 0
         conforms(over.json(), "JobErrorBody")
+        replayed = post(service, {**alice, **key})
+        assert replayed.status_code == 202 and replayed.json()["id"] == first, "a job that exists is no new one"
         assert post(service, bob).status_code == 202
         service_full = post(service, bob)
         assert service_full.status_code == 429 and service_full.json()["quota"] == "service_jobs"
