@@ -78,7 +78,7 @@ async def serve(config: JobsConfig) -> int:
     queue = QueueWorker(config, pool, JobRunner(config, store, pool, objects, torchserve, replica))
     server = ServerDescription(torchserve.describe)
     hub = EventHub(store, stream_redis)
-    background = [asyncio.create_task(Recovery(config, store, pool, queue.in_progress_seconds).run_forever()),
+    background = [asyncio.create_task(Recovery(config, store, pool, queue.task_queue).run_forever()),
                   asyncio.create_task(server.refresh_forever()), asyncio.create_task(webhooks.run_forever()),
                   asyncio.create_task(Sweeper(store, objects).run_forever())]
     working = asyncio.create_task(queue.run())

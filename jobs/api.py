@@ -21,7 +21,6 @@ from pathlib import Path
 
 from aiohttp import web
 from arq.connections import ArqRedis
-from arq.constants import default_queue_name
 from redis.asyncio import Redis
 
 from .auth import Clients, load_or_create_token, token_matches
@@ -32,7 +31,7 @@ from .objects import OBJECT_STORE_ERRORS, JobObjects, ObjectMissing, ObjectStore
 from .store import ACTIVE_STATUSES, COUNTERS, OUTBOX, STORE_ERRORS, NewJob, Quotas, Store, job_ref, public_status
 from .submission import MemoryBudget, SubmitError, store_submission, too_large
 from .webhooks import WebhookPolicy, WebhookRefused
-from .worker import delete_request, enqueue
+from .worker import QUEUE, delete_request, enqueue
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots or colons: a run's key is "<client>:<id>.<run>"
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -328,7 +327,7 @@ async def metrics(request: web.Request) -> web.Response:
     try:
         async with request.app["redis"].pipeline(transaction=False) as pipe:
             pipe.hgetall(COUNTERS)
-            pipe.zcard(default_queue_name)
+            pipe.zcard(QUEUE)
             pipe.zcard(OUTBOX)
             counters, queue_depth, outbox = await pipe.execute()
     except STORE_ERRORS as failure:
