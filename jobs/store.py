@@ -4,7 +4,8 @@ holds records, events and counters only: the jobs' images are in the object stor
 A job belongs to the client that submitted it: its key in the store, its `ref`, is `<client>:<id>`, so that
 two clients may use the same id and neither ever meets the other's job.
 
-Keys (all under style-jobs:, the queue itself is arq's, named style-jobs:queue):
+Keys (all under style-jobs:, the queue itself is arq's, named style-jobs:queue; the previous release's keys,
+which name a job by its bare id, are upgrade.py's):
   job:{ref}         hash: status, times, progress, error, what the result should be, webhook; `objects`: the
                     prefix of its objects, `request_bytes`/`result_bytes` their sizes, `result_key` the result's;
                     `run`: the run that holds the job ('' when none), `owner` its replica; `attempts`: runs that
@@ -16,7 +17,8 @@ Keys (all under style-jobs:, the queue itself is arq's, named style-jobs:queue):
   idempotency:{client}:{sha}  the job an Idempotency-Key of that client made, until the job's retention ends
   cancel:{ref}.{run}  set to stop run `run` in TorchServe: the worker's handler reads it (handler/cancellation.py)
   active-jobs       sorted set: the refs not yet ended, by `sequence` (the order they came in), which the
-                    recovery loop (worker.py) looks over a slice at a time
+                    recovery loop (worker.py) looks over a slice at a time. Not `active`: that is the previous
+                    release's set, whose replicas still look over it during a rolling upgrade (upgrade.py)
   sequence          the last number given to a job in active-jobs
   client:{client}   hash: `unfinished` jobs and `stored_bytes` in the object store, for the client's quotas
   counters          hash: the metrics (api.py), kept by the transitions: `queued`, `running`, `stored_bytes`
@@ -26,6 +28,7 @@ Keys (all under style-jobs:, the queue itself is arq's, named style-jobs:queue):
                     never made a job (its replica died) leaves one that retention.py deletes
   outbox            sorted set: the webhook deliveries, by when each is due (webhooks.py)
   webhook:{id}      hash: one delivery: its URL, body, job, event, failed tries, when it was made
+  upgrade-lock      the replica moving the previous release's jobs to this layout (upgrade.py)
 
 A run is one execution of a job, named by a random token that is never used again: the header X-Style-Job-Id
 and the cancel key are `{ref}.{run}`, so stopping one run never stops another. Every change of a job is one of
@@ -71,7 +74,7 @@ STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 # leases (a live run taken for dead), results' records.
 SAFE_EVICTION_POLICY = "noeviction"
 
-# Shared by every transition: KEYS[1] is the job's hash. `event` appends an event to the
+# Shared by every transition (and upgrade.py's step): KEYS[1] is the job's hash. `event` appends an event to the
 # job's stream and, when the job's webhook asked for it, writes its delivery to the outbox; the body is the job's
 # status as GET /jobs/{id} answers it (its JSON fields copied as they are stored) with the event's data.
 # `enlist` adds a job to the active jobs, after the last; `server_ms` is Redis's clock (leases run on it, so
@@ -392,7 +395,12 @@ class NewJob:
 class Created:
     outcome: str  # "created", "exists" (the id was taken), "replayed" (the Idempotency-Key's job), "quota"
     id: str  # for "quota": which quota (client_jobs, service_jobs, client_bytes)
-    same_request: bool
+    fingerprint: str  # the job's: the new one's, or the one that took the id or Idempotency-Key
+
+
+# The fingerprint of a job moved from the previous release (upgrade.py): this prefix and the previous release's
+# fingerprint of what its client sent (submission.previous_release_fingerprint).
+PREVIOUS_FINGERPRINT = "previous:"
 
 
 @dataclass(frozen=True)
@@ -456,8 +464,7 @@ class Store:
                   job.request_bytes, job.content_type, json.dumps({"id": job.id, "status": "queued"}),
                   _delivery_id(), time.time(), quotas.client_unfinished, quotas.service_unfinished,
                   quotas.client_stored_bytes])
-        same = (fingerprint[0] if fingerprint else b"") or b""
-        return Created(outcome.decode(), job_id.decode(), same.decode() == job.fingerprint)
+        return Created(outcome.decode(), job_id.decode(), ((fingerprint[0] if fingerprint else b"") or b"").decode())
 
     async def get(self, ref: str) -> dict | None:
         raw = await self.redis.hgetall(key("job", ref))
