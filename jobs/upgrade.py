@@ -44,6 +44,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from arq.connections import ArqRedis
@@ -153,6 +154,17 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 
+@dataclass(frozen=True)
+class _Copied:
+    """What of a job was copied to the object store: its request (unfinished), or its result (succeeded)."""
+    request_bytes: int = 0
+    request_type: str = ""
+    result_key: str = ""
+    result_bytes: int = 0
+    result_type: str = ""
+    result_headers: str = "{}"
+
+
 class Upgrade:
     """Moves the previous release's jobs (see the module's doc)."""
 
@@ -228,22 +240,11 @@ class Upgrade:
         record = await self.store.get(job_id)  # the previous layout: a record under the bare id
         if record is None:
             return "none"
-        settings = json.loads(record.get("job") or "{}")
         objects = JobObjects.new(DEFAULT_CLIENT, job_id)
-        request, result = (0, ""), (0, "", "", "{}")
-        if record["status"] in ACTIVE_STATUSES:
-            body, content_type = await self.pool.hmget(key("request", job_id), "body", "content_type")
-            if body is not None:  # else its request is gone, as the job's run will say (410)
-                await self.store.begin_upload(objects.prefix)
-                request = (await self.objects.put(objects.key(REQUEST), _once(body)), content_type.decode())
-        elif record["status"] == "succeeded":
-            body, content_type, headers = await self.pool.hmget(key("result", job_id), "body", "content_type",
-                                                                "headers")
-            if body is None:
-                return "expiring"
-            await self.store.begin_upload(objects.prefix)
-            result = (await self.objects.put(objects.key(RESULT), _once(body)), objects.key(RESULT),
-                      content_type.decode(), headers.decode())
+        copied = await self._copy(job_id, record["status"], objects)
+        if copied is None:
+            return "expiring"
+        settings = json.loads(record.get("job") or "{}")
         webhook = settings.get("webhook")
         ref = job_ref(DEFAULT_CLIENT, job_id)
         outcome, status, run = (field.decode() for field in await self._move(
@@ -252,9 +253,9 @@ class Upgrade:
                   PREVIOUS_QUEUE, job_key_prefix + job_id, retry_key_prefix + job_id, client_key(DEFAULT_CLIENT),
                   UPLOADS],
             args=[job_id, ref, DEFAULT_CLIENT, record["status"], record.get("created_at", ""), objects.prefix,
-                  request[0], request[1], result[1], result[0], result[2], result[3],
-                  PREVIOUS_FINGERPRINT + record.get("fingerprint", ""), self.store.retention, json.dumps(UPGRADED),
-                  time.time(), settings.get("response", "image"),
+                  copied.request_bytes, copied.request_type, copied.result_key, copied.result_bytes,
+                  copied.result_type, copied.result_headers, PREVIOUS_FINGERPRINT + record.get("fingerprint", ""),
+                  self.store.retention, json.dumps(UPGRADED), time.time(), settings.get("response", "image"),
                   json.dumps({"url": webhook, "events": settings.get("webhook_events", [])}) if webhook else ""]))
         if outcome != "moved":
             await self.objects.delete_prefix(objects.prefix)
@@ -265,6 +266,26 @@ class Upgrade:
         elif outcome == "moved":
             await self._moved(job_id, ref, status, run)
         return outcome
+
+    async def _copy(self, job_id: str, status: str, objects: JobObjects) -> "_Copied | None":
+        """An unfinished job's request, or a succeeded job's result, copied from Redis to the object store; None
+        for a result that expired before its record."""
+        if status in ACTIVE_STATUSES:
+            body, content_type = await self.pool.hmget(key("request", job_id), "body", "content_type")
+            if body is None:  # its request is gone, as the job's run will say (410)
+                return _Copied()
+            await self.store.begin_upload(objects.prefix)
+            size = await self.objects.put(objects.key(REQUEST), _once(body))
+            return _Copied(request_bytes=size, request_type=content_type.decode())
+        if status != "succeeded":
+            return _Copied()
+        body, content_type, headers = await self.pool.hmget(key("result", job_id), "body", "content_type", "headers")
+        if body is None:
+            return None
+        await self.store.begin_upload(objects.prefix)
+        size = await self.objects.put(objects.key(RESULT), _once(body))
+        return _Copied(result_key=objects.key(RESULT), result_bytes=size, result_type=content_type.decode(),
+                       result_headers=headers.decode())
 
     async def _moved(self, job_id: str, ref: str, status: str, run: str) -> None:
         if status not in ACTIVE_STATUSES:

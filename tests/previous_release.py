@@ -1,7 +1,7 @@
 """The previous releases of the jobs service, as they left jobs in Redis, for the upgrade's tests
 (tests/test_jobs_upgrade.py): their Lua scripts verbatim (a test compares them with the history where the clone
 has it), and the few lines of their Python that called them and made the request they stored. `main` before the
-object store (commit 6a0b5e4) is THE previous release; 2026-12-03's (commit 3712f02) differs in how it named runs.
+object store (6a0b5e4) is the previous release; 2026-12-03's (3712f02) named runs by their attempt.
 """
 
 import hashlib
@@ -11,8 +11,8 @@ import time
 import redis
 from urllib3 import encode_multipart_formdata
 
-PREVIOUS_COMMIT = "6a0b5e4"  # jobs/store.py: _HOLDS to _FINISH
-DEC03_COMMIT = "3712f02"  # jobs/store.py: _CREATE and _BEGIN
+PREVIOUS_COMMIT = "6a0b5e4916f28f126e7ebe19c6b36845598b601a"  # jobs/store.py: _HOLDS to _FINISH
+DEC03_COMMIT = "3712f02d6de31dc15e0588748af52a0a4c56fe87"  # jobs/store.py: _CREATE and _BEGIN
 PREFIX = "style-jobs:"
 CANCEL_KEY_PREFIX = PREFIX + "cancel:"
 ACTIVE = PREFIX + "active"
