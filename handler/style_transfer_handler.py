@@ -197,10 +197,11 @@ class StyleTransferHandler:
         fits = (f"size at most {largest} fits" if largest is not None else
                 "no size fits: send fewer or smaller style images or a smaller style_scale")
         raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about "
-                                    f"{cost.fixed:.1f} s of work that no time budget interrupts (the style targets "
-                                    f"at every scale, the reported losses, encoding) and {cost.iteration:.1f} s for "
-                                    f"an iteration at the output size, at this worker's measured speed; a request "
-                                    f"may take at most {self.time_cap:g} s here: {fits}")
+                                    f"{cost.reserved:.1f} s that no time budget interrupts, at this worker's "
+                                    f"measured speed: {cost.fixed:.1f} s of work (the style targets at every scale, "
+                                    f"the reported losses, encoding) and an iteration at the output size "
+                                    f"({cost.iteration:.1f} s) that may start just before the end, with a margin; "
+                                    f"a request may take at most {self.time_cap:g} s here: {fits}")
 
     def _serve_groups(self, context, prepared: dict, started: float, deadline: float, responses: list,
                       client_ends: dict[int, float]) -> None:
@@ -208,7 +209,8 @@ class StyleTransferHandler:
         `deadline`: before each group, the groups whose reserved time (cost.py: fixed work and an iteration past
         the deadline) no longer fits the time left are answered 503 (the most expensive first), and the group
         gets its reserved time plus its share of the time the others' leave, by its iterations' cost; its
-        iterations end early enough for the work after them. What a group leaves unused goes to the next.
+        iterations end early enough for what may run past their deadline. What a group leaves unused goes to the
+        next.
         A group also ends by the earliest of its requests' `client_ends`, and a request whose client's end
         leaves less than the group's fixed work is answered 503 instead of being computed for nobody."""
         costs = {tuple(group): group_cost([prepared[i][0] for i in group], self.device, self.speed,
@@ -233,7 +235,7 @@ class StyleTransferHandler:
             if not group:
                 continue
             end = min([end, *(client_ends[i] for i in group if i in client_ends)])
-            iterations_end = end - cost.after - cost.iteration
+            iterations_end = end - cost.past_deadline
             for index, response in zip(group, self._serve(context, prepared, group, iterations_end, started)):
                 responses[index] = response
 
