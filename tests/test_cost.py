@@ -6,14 +6,14 @@ hold on a slow CPU as here; the model's accuracy is held against requests measur
 measures them."""
 
 import json
-import sys
 import time
 from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLES, STYLES, needs_bf16, sample
+import fixed_work
+from conftest import SAMPLES, STYLES, needs_bf16, sample
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_engine import StyleJob, parse_params, stylize_batch
 from style_engine.codec import decode_image
@@ -22,8 +22,6 @@ from style_engine.cost import (CALIBRATION_SIZES, MARGIN, MEASURE_SECONDS, Devic
 from style_engine.targets import shrink_to_need
 from style_transfer_handler import StyleTransferHandler
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import fixed_work  # noqa: E402
 
 CPU = torch.device("cpu")
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()

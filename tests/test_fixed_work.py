@@ -4,19 +4,16 @@ its time measured as benchmarks/fixed_work.py measures it, in iterations at the 
 (the benchmark has 512 and 1024 px)."""
 
 import statistics
-import sys
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from conftest import ROOT, needs_bf16
+import fixed_work
+from conftest import needs_bf16
 from style_engine import StyleJob, parse_params, stylize_batch
 from style_engine.layers import LAYER_INDEX
 from style_engine.targets import GramCache
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import fixed_work  # noqa: E402
 
 OUTPUT, COARSE = (48, 64), (24, 32)  # the 96 px sample (4:3) at size 64, and its coarse scale
 STYLE_AT_OUTPUT, STYLE_AT_COARSE = (40, 64), (20, 32)  # starry_night (1.6:1) at each

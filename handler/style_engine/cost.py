@@ -11,8 +11,8 @@ An optimisation's time is of two kinds:
   each scale every style image's Grams and, unless the scale starts from the content (whose first pass gives
   it), the content target; at each finer scale the first layers of one start candidate's pass (finer_start:
   the other's pass is the scale's first iteration, and this one stops once its loss so far is the higher;
-  counted to the second style layer, where it stopped in the benchmark: a choice that needs the whole pass
-  takes up to a pass more, within the iteration `reserved` beside the fixed work); the float32 loss of the
+  counted to the second style layer, about where it stopped in the benchmark: a choice that needs the whole
+  pass takes up to a pass more, within the iteration reserved beside the fixed work); the float32 loss of the
   initial image, where its pass is not the first iteration's (coarse to fine, or a bf16 run: that pass then
   gives the float32 content target too, when the start is the content); after a bf16 run the float32 Grams
   of the styles and the float32 loss of the result; and encoding each answer.
@@ -223,6 +223,7 @@ def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, c
     if bf16:  # the float32 objective the reported losses are taken with, its content target from the initial pass
         fixed += styles(output, False) + (0.0 if from_content else forward(output, params.content_layer, False))
     after = (forward(output, all_layers, False) if bf16 else 0.0) + speed.encode * batch * output[0] * output[1]
+
     def iteration(size: tuple[int, int]) -> float:
         return speed.iteration[bf16](batch * forward_macs(size, all_layers)) * (CHECKPOINT_FACTOR if checkpoint else 1)
 
