@@ -187,25 +187,30 @@ class StyleTransferHandler:
 
     def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
         """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
-        interrupts could not end within the server's maximum even alone (style_engine/cost.py)."""
-        fixed = group_cost([job], self.device, self.speed, checkpoint).fixed
-        if fixed <= self.time_cap:
+        interrupts, and one iteration past its deadline, could not end within the server's maximum even alone
+        (style_engine/cost.py)."""
+        cost = group_cost([job], self.device, self.speed, checkpoint)
+        if cost.reserved <= self.time_cap:
             return
         smallest = PARAM_FIELDS["size"].metadata["check"].lo
         largest = largest_size_within(job, self.device, self.speed, self.time_cap, smallest)
         fits = (f"size at most {largest} fits" if largest is not None else
                 "no size fits: send fewer or smaller style images or a smaller style_scale")
-        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about {fixed:.0f} "
-                                    f"s of work that no time budget interrupts (the style targets at every scale, "
-                                    f"the reported losses, encoding), at this worker's measured speed; a request "
-                                    f"may take at most {self.time_cap:g} s here: {fits}")
+        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about "
+                                    f"{cost.reserved:.1f} s that no time budget interrupts, at this worker's "
+                                    f"measured speed: {cost.fixed:.1f} s of work (the style targets at every scale, "
+                                    f"the reported losses, encoding) and an iteration at the output size "
+                                    f"({cost.iteration:.1f} s) that may start just before the end, with a margin; "
+                                    f"a request may take at most {self.time_cap:g} s here: {fits}")
 
     def _serve_groups(self, context, prepared: dict, started: float, deadline: float, responses: list,
                       client_ends: dict[int, float]) -> None:
         """Optimise the prepared requests group by group, the cheapest first, so that the whole call ends by
-        `deadline`: before each group, the groups whose fixed work (cost.py) no longer fits the time left are
-        answered 503 (the most expensive first), and the group gets its fixed work plus its share of the time
-        the others' fixed work leaves, by its iterations' cost. What a group leaves unused goes to the next.
+        `deadline`: before each group, the groups whose reserved time (cost.py: fixed work and an iteration past
+        the deadline) no longer fits the time left are answered 503 (the most expensive first), and the group
+        gets its reserved time plus its share of the time the others' leave, by its iterations' cost; its
+        iterations end early enough for what may run past their deadline. What a group leaves unused goes to the
+        next.
         A group also ends by the earliest of its requests' `client_ends`, and a request whose client's end
         leaves less than the group's fixed work is answered 503 instead of being computed for nobody."""
         costs = {tuple(group): group_cost([prepared[i][0] for i in group], self.device, self.speed,
@@ -214,7 +219,7 @@ class StyleTransferHandler:
         waiting = sorted(costs, key=lambda group: costs[group].fixed + costs[group].iterations)
         while waiting:
             now = time.perf_counter()
-            while waiting and sum(costs[group].fixed for group in waiting) > deadline - now:
+            while waiting and sum(costs[group].reserved for group in waiting) > deadline - now:
                 for index in waiting.pop():
                     responses[index] = self._busy(context, index, started, deadline,
                                                   "the requests of this call before it leave too little time")
@@ -223,14 +228,15 @@ class StyleTransferHandler:
             total = sum((costs[group] for group in waiting[1:]), costs[waiting[0]])
             group = waiting.pop(0)
             cost = costs[group]
-            spare = deadline - now - total.fixed
-            end = min(now + cost.fixed + spare * cost.iterations / max(total.iterations, 1e-9), now + self.time_cap)
+            spare = deadline - now - total.reserved
+            end = min(now + cost.reserved + spare * cost.iterations / max(total.iterations, 1e-9), now + self.time_cap)
             group = self._within_client_ends(context, group, client_ends, now + cost.fixed, started, deadline,
                                              responses)
             if not group:
                 continue
             end = min([end, *(client_ends[i] for i in group if i in client_ends)])
-            for index, response in zip(group, self._serve(context, prepared, group, end - cost.fixed, started)):
+            iterations_end = end - cost.past_deadline
+            for index, response in zip(group, self._serve(context, prepared, group, iterations_end, started)):
                 responses[index] = response
 
     def _within_client_ends(self, context, group: tuple, client_ends: dict[int, float], earliest_end: float,
