@@ -17,7 +17,7 @@ import yaml
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMETERS_MARKER = "<!-- the parameters table, made by scripts/docs_hooks.py -->"
+PARAMETERS_MARKER = "<!-- the parameters table, made by docs/hooks.py -->"
 # Files outside docs/ that pages link to, served at their repository paths.
 REPOSITORY_FILES = ("openapi.yaml", "benchmarks/results/*.png")
 

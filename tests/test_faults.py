@@ -31,7 +31,7 @@ RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait
 
 # An archive whose limits make hours minutes: TorchServe gives up on a worker after 16 s, one call of the
 # handler may optimise for 10 s, and requests wait up to 1.5 s to be batched together. Its entry point is the
-# real handler on a device that can be made to fail (tests/faulty_device_handler.py).
+# real handler on a device that can be made to fail (tests/support/faulty_device_handler.py).
 LIMITED = {"responseTimeout": 16, "maxBatchDelay": 1500,
            "handler": {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
                        "reply_margin_seconds": 6, "defaults": {"size": 256, "steps": 200, "max_seconds": 8},
@@ -45,7 +45,7 @@ def limited_server(tmp_path_factory):
     from torchserve_instance import TorchServeInstance
 
     store = tmp_path_factory.mktemp("limited_store")
-    build("random", store, handler=ROOT / "tests" / "faulty_device_handler.py", settings=LIMITED)
+    build("random", store, handler=ROOT / "tests" / "support" / "faulty_device_handler.py", settings=LIMITED)
     with TorchServeInstance(store, tmp_path_factory.mktemp("limited_torchserve")) as instance:
         yield instance
 

@@ -1,5 +1,5 @@
 """A jobs service (`python -m jobs`) as a child process on a free loopback port, for tests and
-scripts/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL) or killed by
+tests/support/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL) or killed by
 its pid."""
 
 import os

@@ -1,4 +1,4 @@
-"""The two images of deploy/k8s and deploy/kserve as tests/pod_harness.py runs them, built from this machine's
+"""The two images of deploy/k8s and deploy/kserve as tests/support/pod_harness.py runs them, built from this machine's
 software (no image can be pulled here):
 
 - ours (deploy/Dockerfile): its final stage's ENTRYPOINT, WORKDIR, ENV and the files it copies to
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pod_harness import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 NGINX_IMAGE = "nginxinc/nginx-unprivileged"
 OUR_IMAGE = "registry.example.com/style-transfer"
@@ -136,5 +136,5 @@ def images_for(spec: dict, mar: Path) -> dict[str, Image]:
         elif name.startswith(OUR_IMAGE + ":"):
             images[name] = our_image(mar)
         else:
-            raise ValueError(f"no image for {name} in tests/pod_images.py")
+            raise ValueError(f"no image for {name} in tests/support/pod_images.py")
     return images
