@@ -81,8 +81,8 @@ def request(size: int) -> dict:
 
 
 def fixed_of(handler, size: int) -> float:
-    job, _ = handler._prepare(request(size), grpc=False)
-    return group_cost([job], CPU, handler.speed).fixed
+    job, _ = handler.preparation.prepare(request(size), grpc=False)
+    return group_cost([job], CPU, handler.preparation.speed).fixed
 
 
 def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_after(handler_and_context, monkeypatch):
@@ -90,9 +90,10 @@ def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_afte
     call = handler.config.seconds_per_call
     # a device so slow that the largest request's fixed work takes 60 % of the call; the two others then fit
     # beside each other, not all three
-    monkeypatch.setattr(handler, "speed", slowed(handler.speed, 0.6 * call / fixed_of(handler, 96)))
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 0.6 * call / fixed_of(handler, 96)))
     fixed = {size: fixed_of(handler, size) for size in (64, 80, 96)}
-    assert fixed[64] + fixed[80] <= call < sum(fixed.values()) and fixed[96] <= handler.time_cap
+    assert fixed[64] + fixed[80] <= call < sum(fixed.values()) and fixed[96] <= handler.preparation.time_cap
     start_batch(context, 3)
     answers = handler.handle([request(96), request(64), request(80)], context)
     assert [context.get_response_status(i)[0] or 200 for i in range(3)] == [503, 200, 200]
@@ -105,9 +106,10 @@ def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_afte
 def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_the_size_that_fits(
         handler_and_context, monkeypatch):
     handler, context = handler_and_context
-    cap = handler.time_cap
-    job, _ = handler._prepare(request(96), grpc=False)
-    monkeypatch.setattr(handler, "speed", slowed(handler.speed, 2 * cap / fixed_of(handler, 96)))
+    cap = handler.preparation.time_cap
+    job, _ = handler.preparation.prepare(request(96), grpc=False)
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 2 * cap / fixed_of(handler, 96)))
     start_batch(context, 1)
     (answer,) = handler.handle([request(96)], context)
     assert context.get_response_status(0)[0] == 413
@@ -116,6 +118,6 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
     largest = int(error["message"].rsplit("size at most ", 1)[1].split()[0])
 
     def fixed_at(size):
-        return group_cost([replace(job, params=replace(job.params, size=size))], CPU, handler.speed).fixed
+        return group_cost([replace(job, params=replace(job.params, size=size))], CPU, handler.preparation.speed).fixed
 
     assert fixed_at(largest) <= cap < fixed_at(largest + 1)

@@ -151,15 +151,15 @@ def assert_served(body) -> None:
 
 def test_a_failure_decoding_one_request_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
                                                                                     monkeypatch):
-    import style_transfer_handler
+    import decoding
 
     def decode_or_run_out(request, params, *args):
         if params.seed == 13:
             raise MemoryError()  # what Pillow or numpy raise when an allocation fails
         return decode_job(request, params, *args)
 
-    decode_job = style_transfer_handler.decode_job
-    monkeypatch.setattr(style_transfer_handler, "decode_job", decode_or_run_out)
+    decode_job = decoding.decode_job
+    monkeypatch.setattr(decoding, "decode_job", decode_or_run_out)
     caplog.set_level(logging.INFO)
     handler, context = handler_and_context
     first, failed, third = batch_of_three(handler, context, {"seed": 13})
@@ -172,15 +172,15 @@ def test_a_failure_decoding_one_request_of_a_batch_answers_it_and_serves_the_oth
 
 def test_a_failure_encoding_one_answer_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
                                                                                    monkeypatch):
-    import style_transfer_handler
+    import answers
 
     def encode_or_fail(image, fmt, quality):
         if quality == 77:
             raise ValueError("encoder failure")
         return encode_image(image, fmt, quality)
 
-    encode_image = style_transfer_handler.encode_image
-    monkeypatch.setattr(style_transfer_handler, "encode_image", encode_or_fail)
+    encode_image = answers.encode_image
+    monkeypatch.setattr(answers, "encode_image", encode_or_fail)
     caplog.set_level(logging.INFO)
     handler, context = handler_and_context
     first, failed, third = batch_of_three(handler, context, {"format": "jpeg", "quality": 77})
