@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the TorchServe archive DIR/style_transfer.mar (CONTRACT.md, "Model and endpoint").
+"""Build the TorchServe archive DIR/style_transfer.mar (docs/deployment.md, "The image").
 
     scripts/build_mar.py --weights {imagenet|random|PATH} [--export-path DIR] [--styles DIR]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving command (README.md, "Two commands"): sets up .venv/, builds model_store/style_transfer.mar and
+# The serving command (README.md, "Two commands"; docs/quickstart.md): sets up .venv/, builds model_store/style_transfer.mar and
 # runs TorchServe in the foreground with config.properties (Ctrl-C stops it), and beside it, on loopback, the jobs
 # service (jobs/, http://127.0.0.1:8070) and the Redis it keeps its state in (Debian's redis-server).
 #   WEIGHTS=imagenet (default) | random (tests only) | /path/to/vgg19.pth
@@ -11,18 +11,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! java -version >/dev/null 2>&1; then
-    echo "serve: TorchServe needs Java 11 or newer (e.g. apt-get install openjdk-17-jre-headless)" >&2
-    exit 1
-fi
 redis_server=$(command -v redis-server || { [ -x /usr/sbin/redis-server ] && echo /usr/sbin/redis-server; } || true)
 if [ "${JOBS:-on}" != off ] && [ -z "$redis_server" ]; then
     echo "serve: the jobs service needs Redis (apt-get install redis-server), or serve without it: JOBS=off" >&2
     exit 1
 fi
-scripts/setup.sh
+scripts/setup.sh --serving  # checks for Java 17 and Python's venv first
 .venv/bin/python scripts/build_mar.py --weights "${WEIGHTS:-imagenet}" --export-path model_store
-echo "serve: the token is in $(pwd)/key_file.json once TorchServe has started (docs/api.md)" >&2
+echo "serve: starting; the token will be in $(pwd)/key_file.json (docs/quickstart.md)" >&2
+# Says once when the model answers: /ping is 200 once its worker is up. Ends with this script (or the
+# TorchServe it becomes with JOBS=off), so that nothing is left waiting.
+announce_ready() {
+    while kill -0 $$ 2>/dev/null; do
+        if .venv/bin/python deploy/torchserve_probe.py ready --key-file key_file.json 2>/dev/null; then
+            echo "serve: ready: the model answers on http://127.0.0.1:8080 (token in $(pwd)/key_file.json)" >&2
+            return
+        fi
+        sleep 1
+    done
+}
+announce_ready &
 export PATH="$PWD/.venv/bin:$PATH"
 torchserve_command=(torchserve --start --foreground --ncs --ts-config config.properties
                     --model-store model_store --models style_transfer=style_transfer.mar)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stylise CONTENT with style images and presets and write the result to -o OUT; or list the presets.
 
-    python scripts/stylize.py content.jpg style.jpg -o out.png --url http://127.0.0.1:8080 --set size=256
+    python scripts/stylize.py content.jpg style.jpg -o out.png --url http://127.0.0.1:8080 --size 512 --steps 300
     python scripts/stylize.py content.jpg style.jpg -o out.png --grpc 127.0.0.1:7070
     python scripts/stylize.py content.jpg style.jpg -o out.png --local --weights imagenet --json
     python scripts/stylize.py content.jpg -o out.png --url http://127.0.0.1:8080 --preset starry_night
@@ -17,9 +17,11 @@ in this process, its presets read from --styles (default samples/styles/, as bui
 styles are the STYLE files, then the --preset names, in order; --mask files pair with them in that order
 (docs/creative-controls.md); --init-image starts from that image (init=image). The token comes from --token,
 else from --key-file (TorchServe's key_file.json).
---set key=value sets any request parameter (docs/parameters.md); values are read as JSON where they parse
-(`--set size=64`, `--set 'style_blend=[1,0]'`) and as text otherwise. A progress bar goes to stderr; --json
-prints the result's fields (those of `response=json`, without the image) to stdout.
+Every request parameter has a flag of its own (docs/parameters.md): --size 512 --steps 300 --style-weight 1e5;
+--set key=value sets one by its name, for scripts. Values are read as JSON where they parse (`--style-blend
+'[1,0]'`, `--set size=64`) and as text otherwise; the server (or, with --local, the engine) checks them. A
+progress bar goes to stderr; --json prints the result's fields (those of `response=json`, without the image)
+to stdout.
 --list-presets prints each preset's name and size: from the server's model description (the management API,
 --management, with the management token from --management-token or --key-file), or with --local from
 --styles; with --json as a JSON list. Exit status 0 on success; 1 when the request is refused (the server's
@@ -41,10 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 from style_engine import RequestError, VGGFeatures, WeightsError, load_features_state_dict, parse_params, stylize  # noqa: E402
 from style_engine.api import result_fields  # noqa: E402
 from style_engine.codec import encode_image, load_image_file, load_mask_file  # noqa: E402
+from style_engine.params import describe_params  # noqa: E402
 from style_engine.presets import PresetLibrary  # noqa: E402
 
 MODEL_NAME = "style_transfer"
 PROJECT_STYLES = Path(__file__).resolve().parent.parent / "samples" / "styles"  # build_mar.py's default
+# The request parameters the client sets itself, and the option that decides each instead of a flag of its own.
+SET_BY_THE_CLIENT = {"presets": "--preset", "response": "--json", "stream": "--no-stream"}
 
 
 class Refused(Exception):
@@ -108,8 +113,11 @@ def _arguments() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--weights", default="imagenet", help="with --local: imagenet, random or a state dict path")
     parser.add_argument("--device", default=None, help="with --local: torch device (default: cuda if available)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a request parameter")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a request parameter by its name, as JSON or text (for scripts; the flags below "
+                             "are the same)")
     parser.add_argument("--json", action="store_true", help="print the result's fields as JSON to stdout")
+    _add_parameter_flags(parser)
     jobs = parser.add_argument_group("jobs (--async)")
     jobs.add_argument("--async", action="store_true", dest="async_",
                       help="submit to the jobs service and follow the job (it goes on if the client stops)")
@@ -122,8 +130,47 @@ def _arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_parameter_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every request parameter (--style-weight for style_weight), from the engine's own description:
+    its meaning, what is allowed and the default. The values go to the server as they are written."""
+    group = parser.add_argument_group("request parameters (a server may set other defaults and lower maxima)")
+    for param in describe_params():
+        if param["name"] in SET_BY_THE_CLIENT:
+            continue
+        help_text = f"{param['doc']}: {param['allowed']}; default {json.dumps(param['default'])}"
+        flag, dest = "--" + param["name"].replace("_", "-"), _parameter_dest(param["name"])
+        if param["schema"].get("type") == "boolean":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, metavar=_metavar(param["schema"]), help=help_text)
+
+
+def _parameter_dest(name: str) -> str:
+    return f"parameter_{name}"
+
+
+def _metavar(schema: dict) -> str:
+    kinds = schema.get("type", "string")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    options = [option for option in schema.get("enum", []) if isinstance(option, str)]
+    if options:  # a few choices are listed; a VGG19 layer's many names are in the help text
+        return "{" + ",".join(options) + "}" if len(options) <= 4 else "NAME"
+    if {"array", "object"} & set(kinds) or "anyOf" in schema:
+        return "JSON"
+    return "N" if {"integer", "number"} & set(kinds) else "TEXT"
+
+
+def _parameter_flags(args) -> dict:
+    """The parameters given by their own flags: name -> the value as written."""
+    return {param["name"]: getattr(args, _parameter_dest(param["name"])) for param in describe_params()
+            if getattr(args, _parameter_dest(param["name"]), None) is not None}
+
+
 def _check_usage(parser: argparse.ArgumentParser, args) -> None:
     """What argparse alone cannot say; exits with status 2 like argparse."""
+    twice = sorted(set(_parameter_flags(args)) & {pair.partition("=")[0] for pair in args.set})
+    if twice:
+        parser.error(f"{twice[0]} is given twice: by --{twice[0].replace('_', '-')} and by --set")
     if args.list_presets:
         if args.url or args.grpc:
             parser.error("--list-presets asks the management API (--management) or, with --local, --styles")
@@ -148,8 +195,11 @@ def _check_usage(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _request_params(args) -> dict:
-    """The request's parameters: --set, with the presets and init=image that --preset and --init-image ask for."""
+    """The request's parameters: their flags and --set, with the presets and init=image that --preset and
+    --init-image ask for."""
     params = _settings(args.set)
+    params.update({name: value if isinstance(value, bool) else _json_or_text(value)
+                   for name, value in _parameter_flags(args).items()})
     if args.presets:
         params["presets"] = args.presets
     if args.init_image:
@@ -164,11 +214,16 @@ def _settings(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise RequestError("params", f"--set takes KEY=VALUE; got {pair!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+        params[key] = _json_or_text(value)
     return params
+
+
+def _json_or_text(value: str):
+    """A value from the command line: JSON where it parses (numbers, lists, objects, true), else the text."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _run_local(args, raw_params: dict) -> tuple[bytes, dict]:
@@ -201,7 +256,7 @@ def _advance(bar, step: int, steps: int, loss: float, scale: int, scales: int) -
 
 
 def _parts(args, params: dict) -> dict[str, bytes]:
-    """The request's parts as CONTRACT.md names them: content, style, style_2, ..., mask_1, ..., init_image,
+    """The request's parts as the API names them: content, style, style_2, ..., mask_1, ..., init_image,
     params (JSON)."""
     parts = {"content": Path(args.content).read_bytes()}
     for i, path in enumerate(args.styles):

@@ -1,7 +1,8 @@
 """The README and the documentation site (docs/, mkdocs.yml) stay true: the site builds with no broken link and no
 page left out; the parameters, limits, commands and figures the pages state are those of the code and the results."""
 
-import ast
+import dataclasses
+import functools
 import html
 import json
 import os
@@ -14,13 +15,16 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from hooks import script_parser  # docs/hooks.py
 from style_engine.errors import ParamError
 from style_engine.params import describe_params, parse_params
 
 README = (ROOT / "README.md").read_text()
+CHANGELOG = (ROOT / "CHANGELOG.md").read_text()
 DOCS = ROOT / "docs"
 PAGES = {path.name: path.read_text() for path in sorted(DOCS.glob("*.md"))}
 MODEL_CONFIG = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+QUICK = json.loads((ROOT / "benchmarks" / "results" / "quick.json").read_text())
 
 
 def build_site(config, site_dir):
@@ -48,6 +52,7 @@ def test_the_site_builds_strictly_without_touching_the_repository(built):
     site, before, after = built
     assert before == after
     assert (site / "index.html").is_file() and (site / "openapi.yaml").is_file()
+    assert (site / "changelog.html").is_file() and (site / "LICENSE").is_file()
     assert (site / "benchmarks" / "results" / "loss_vs_time-full.png").is_file()
     for page in PAGES:
         assert (site / page.replace(".md", ".html")).is_file(), page
@@ -55,18 +60,20 @@ def test_the_site_builds_strictly_without_touching_the_repository(built):
 
 def test_a_broken_link_an_anchor_or_a_page_left_out_fails_the_build(tmp_path):
     docs = shutil.copytree(DOCS, tmp_path / "docs")
-    (docs / "api.md").write_text(PAGES["api.md"].replace("(limits.md)", "(limitz.md)", 1)
+    (docs / "api.md").write_text(PAGES["api.md"].replace("(jobs.md)", "(jobz.md)", 1)
                                  .replace("(limits.md#time)", "(limits.md#no-such-section)", 1))
     (docs / "orphan.md").write_text("# Not in the nav\n")
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config["docs_dir"] = str(docs)
     for paths in ("hooks", "watch"):  # relative to the configuration file's folder
         config[paths] = [str(ROOT / path) for path in config.get(paths, [])]
+    python = next(plugin for plugin in config["plugins"] if "mkdocstrings" in plugin)
+    python["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT / "handler")]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     build = build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert build.returncode != 0
     warnings = _warnings(build.stderr)
-    for complaint in ("'limitz.md'", "'#no-such-section'", "orphan.md"):
+    for complaint in ("'jobz.md'", "'#no-such-section'", "orphan.md"):
         assert complaint in warnings, complaint
 
 
@@ -89,7 +96,7 @@ def test_the_readme_is_the_home_page(site):
 
 def test_the_readme_points_to_every_page_of_the_site():
     nav = json.dumps(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
-    pages = set(re.findall(r'"([\w-]+\.md)"', nav)) - {"index.md"}
+    pages = set(re.findall(r'"([\w-]+\.md)"', nav)) - {"index.md", "changelog.md"}  # README.md, CHANGELOG.md
     assert pages == set(PAGES), "mkdocs.yml's nav and docs/*.md differ"
     assert set(re.findall(r"\]\(docs/([\w-]+\.md)\)", README)) == pages
 
@@ -100,7 +107,7 @@ def test_the_readme_stays_short():
 
 def test_ci_runs_the_readme_test_command():
     for text in (README, PAGES["contributing.md"]):
-        assert "\n    scripts/test.sh\n" in text and "\n    scripts/serve.sh\n" in text
+        assert "```bash\nscripts/test.sh\n```" in text and "```bash\nscripts/serve.sh\n```" in text
     assert "exec scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -189,13 +196,72 @@ def test_the_answer_and_the_error_the_readme_shows_are_the_servers():
     for name, text in [("README.md", README), *PAGES.items()]:
         named = set(re.findall(r"X-Style-[A-Za-z]+(?:-[A-Z][a-z]+)*", text))
         assert named <= documented, (name, named - documented)
-    error = json.loads(re.search(r"^    (\{\"code\": 400.*\})$", README, flags=re.MULTILINE).group(1))
+    error = json.loads(re.search(r"^```json\n(\{\"code\": 400.*\})\n```$", PAGES["api.md"],
+                                 flags=re.MULTILINE).group(1))
     with pytest.raises(ParamError) as refusal:
         parse_params({error["field"]: "many"}, maxima=MODEL_CONFIG["handler"]["maxima"])
     assert (str(refusal.value), refusal.value.field) == (error["message"], error["field"])
-    assert error["message"] in PAGES["api.md"]
-    call = README.split("\n    TOKEN=", 1)[1].split("\n\n", 1)[0]
-    assert call in PAGES["api.md"]  # the README's call is the API page's first
+
+
+def test_the_readmes_commands_are_the_quickstarts():
+    quickstart = set(_commands(PAGES["quickstart.md"]))
+    readme = _commands(README)
+    assert readme and set(readme) <= quickstart | {"scripts/test.sh"}, sorted(set(readme) - quickstart)
+
+
+def test_the_first_calls_time_is_the_results_files_with_its_machine():
+    default = QUICK["coarse_to_fine"]["default_request"]["coarse_to_fine"]
+    smaller = QUICK["server_overhead"]
+    assert (default["steps"], QUICK["coarse_to_fine"]["size"]) == (200, 256)  # the default request
+    assert (smaller["params"]["size"], smaller["params"]["steps"]) == (128, 60)  # what the pages ask for
+    for text in (README, PAGES["quickstart.md"]):
+        said = " ".join(text.split())
+        assert f"{default['seconds']:.1f} s on 2 cores of an {QUICK['machine']['cpu']}" in said
+        assert f"{smaller['server_seconds']:.1f} s" in said and "-F size=128 -F steps=60" in said
+        assert "benchmarks/results/quick.json" in said
+    assert QUICK["machine"]["date"] in PAGES["quickstart.md"] and QUICK["machine"]["threads"] == 2
+
+
+def test_links_work_on_the_forge_too():
+    """Relative links are written for the repository: each names a file there, from the file it is in."""
+    for name, text in [("README.md", README), ("CHANGELOG.md", CHANGELOG),
+                       *((f"docs/{page}", text) for page, text in PAGES.items())]:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)", _without_code(text)):
+            if not re.match(r"[a-z][a-z+.-]*:", target):
+                assert ((ROOT / name).parent / target).exists(), f"{name}: {target}"
+
+
+def test_no_page_points_outside_the_repository_or_tells_how_it_was_built():
+    texts = [("README.md", README), ("CHANGELOG.md", CHANGELOG), ("openapi.yaml", (ROOT / "openapi.yaml").read_text()),
+             *PAGES.items()]
+    for name, text in texts:
+        for said in re.findall(r"CONTRACT|\blent\b|\bissue \d+|\bcommit [0-9a-f]{7}|\.\./shared", text):
+            pytest.fail(f"{name} says {said!r}")
+
+
+def test_the_references_are_made_from_the_code(site):
+    spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+    http = (site / "http-api.html").read_text()
+    for path, item in spec["paths"].items():
+        for method in set(item) & {"get", "put", "post", "delete"}:
+            assert f">{method.upper()} {path}<a" in http, (method, path)
+    for schema in spec["components"]["schemas"]:
+        assert f'id="{schema.lower()}"' in http, schema
+    cli = html.unescape((site / "cli.html").read_text())
+    stylize = [option for param in describe_params() for option in [f"--{param['name'].replace('_', '-')}"]]
+    assert all(f"{option} " in cli for option in stylize if option not in ("--presets", "--response", "--stream"))
+    settings = (site / "jobs-settings.html").read_text()
+    from jobs.config import PREFIX, JobsConfig
+    for field in dataclasses.fields(JobsConfig):
+        assert f"<code>{PREFIX}{field.name.upper()}</code>" in settings, field.name
+    python_api = (site / "python-api.html").read_text()
+    for name in ("stylize", "parse_params", "load_features_state_dict", "VGGFeatures", "StyleResult"):
+        assert f'id="style_engine.{name}"' in python_api, name
+
+
+def test_the_license_is_apache_2():
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License\n")
+    assert "Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
 
 
 def test_the_readme_headline_is_the_full_benchmark_run():
@@ -206,6 +272,17 @@ def test_the_readme_headline_is_the_full_benchmark_run():
     assert f"({seed['auto']['steps']} L-BFGS iterations against {seed['seed_steps']} Adam steps at {seed['size']} px)" \
         in headline
     assert f"adds {(summary['summary']['server_overhead_ratio'] - 1) * 100:.1f} %" in headline
+
+
+def _commands(markdown):
+    """The command lines of the page's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
+    return [" ".join(line.split()) for block in blocks for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _without_code(markdown):
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
 
 
 def _warnings(log):
@@ -231,16 +308,17 @@ def _tracked_texts():
             yield name, path.read_text(errors="replace")
 
 
+@functools.cache
 def _options(script):
-    """The options `script` accepts: its argparse add_argument flags, or for a shell script the flags it names
-    and those of the Python script it runs."""
+    """The options `script` accepts: those of the argparse parser its main() builds, or for a shell script the
+    flags it names and those of the Python script it runs."""
     text = (ROOT / script).read_text()
     if script.endswith(".sh"):
         runs = re.findall(r"exec \.venv/bin/python (scripts/[\w-]+\.py)", text)
         return set(re.findall(r"--[a-z][\w-]*", text)).union(*(_options(target) for target in runs))
-    return {arg.value for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call)
-            and getattr(node.func, "attr", "") == "add_argument"
-            for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+    if "def main(" not in text:  # a module the docs name, not a command
+        return set()
+    return {option for action in script_parser(ROOT / script)._actions for option in action.option_strings}
 
 
 def _limits_rows():

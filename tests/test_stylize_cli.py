@@ -1,4 +1,4 @@
-"""scripts/stylize.py --local: the command of CONTRACT.md's "Local client", run as users run it."""
+"""scripts/stylize.py --local, run as users run it, and its options: a flag for every request parameter."""
 
 import json
 import subprocess
@@ -9,7 +9,9 @@ from PIL import Image
 
 from conftest import ROOT, SAMPLES, STYLES, sample
 from reference_loss import contract_losses, random_vgg19_features
+from style_engine.params import describe_params
 from style_engine.resize import resize
+from stylize import SET_BY_THE_CLIENT, _arguments, _request_params
 
 CLI = [sys.executable, str(ROOT / "scripts" / "stylize.py")]
 
@@ -81,7 +83,36 @@ def test_list_presets_of_a_directory(tmp_path):
     (["CONTENT", "-o", "out.png", "--local"], "give at least one style"),
     (["CONTENT", "STYLE", "--local"], "CONTENT, -o OUT and one of --url, --grpc or --local are required"),
     (["--list-presets", "--url", "http://127.0.0.1:8080"], "--list-presets asks the management API"),
+    (["CONTENT", "STYLE", "-o", "out.png", "--local", "--size", "64", "--set", "size=96"],
+     "size is given twice: by --size and by --set"),
 ])
 def test_usage_errors_exit_2(arguments, says):
     run = subprocess.run([*CLI, *arguments], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and says in run.stderr
+
+
+def test_every_request_parameter_has_a_flag_or_an_option_that_sets_it():
+    options = {option for action in _arguments()._actions for option in action.option_strings}
+    for param in describe_params():
+        flag = "--" + param["name"].replace("_", "-")
+        assert flag in options or SET_BY_THE_CLIENT.get(param["name"]) in options, param["name"]
+    assert set(SET_BY_THE_CLIENT) <= {param["name"] for param in describe_params()}
+
+
+def test_parameter_flags_and_set_make_the_request_parameters():
+    args = _arguments().parse_args(["content.jpg", "style.jpg", "-o", "out.png", "--local", "--size", "512",
+                                    "--steps", "300", "--style-weight", "1e5", "--style-blend", "[2, 1]",
+                                    "--preserve-color", "luminance", "--preview", "--set", "seed=3",
+                                    "--set", "init=noise"])
+    assert _request_params(args) == {"size": 512, "steps": 300, "style_weight": 1e5, "style_blend": [2, 1],
+                                     "preserve_color": "luminance", "preview": True, "seed": 3, "init": "noise"}
+
+
+def test_parameter_flags_reach_the_engine(tmp_path):
+    run = subprocess.run([*CLI, str(SAMPLES / "tubingen.jpg"), str(STYLES / "starry_night.jpg"), "-o",
+                          str(tmp_path / "out.jpg"), "--local", "--weights", "random", "--size", "48", "--steps", "2",
+                          "--format", "jpeg", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    fields = json.loads(run.stdout)
+    assert (fields["width"], fields["format"]) == (48, "jpeg") and fields["steps"] <= 2
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"

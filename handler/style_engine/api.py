@@ -1,4 +1,4 @@
-"""The response fields of CONTRACT.md that every way of calling the engine shares."""
+"""The response fields (docs/api.md, "The answer") that every way of calling the engine shares."""
 
 from .optimize import StyleResult
 

@@ -1,4 +1,5 @@
-"""Errors a request can cause. Each names the field or part at fault and maps to CONTRACT.md's error JSON."""
+"""Errors a request can cause. Each names the field or part at fault and maps to the error JSON of
+docs/api.md, "Errors"."""
 
 # Messages quote what was sent ("got '...'"), and field names can be any key a client sends: an answer
 # echoes at most this much of it back, however large the request.

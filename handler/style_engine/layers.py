@@ -1,7 +1,7 @@
 """Names of the layers of torchvision's VGG19 `features`, in execution order.
 
 `convX_Y` is a convolution's output, `reluX_Y` the ReLU after it, `poolX` the pooling that ends block X
-(CONTRACT.md, "The seed's loss"). Index i of `LAYER_NAMES` is module i of `torchvision.models.vgg19().features`.
+(docs/method.md). Index i of `LAYER_NAMES` is module i of `torchvision.models.vgg19().features`.
 """
 
 # torchvision's configuration "E" (VGG19): per block, the number of convolutions and their output channels.

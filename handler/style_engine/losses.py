@@ -1,4 +1,4 @@
-"""The seed's objective (CONTRACT.md, "The seed's loss"), per image of a batch.
+"""The seed's objective (docs/method.md), per image of a batch.
 
 content = content_weight * mean((F_target - F_content)^2) on the content layer
 style   = style_weight * sum_l w_l * mean((G_target - G_style)^2) / (d*h*w),  G = F F^T unnormalised

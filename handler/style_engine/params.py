@@ -228,7 +228,7 @@ def _param(default, check, doc: str = ""):
 
 # --- the parameters ------------------------------------------------------------------------------------------
 
-# The seed's style layers and their weights (CONTRACT.md): early layers weigh more, giving finer texture.
+# The seed's style layers and their weights (docs/method.md): early layers weigh more, giving finer texture.
 SEED_STYLE_LAYERS = (("relu1_1", 1.0), ("relu2_1", 0.75), ("relu3_1", 0.2), ("relu4_1", 0.2), ("relu5_1", 0.2))
 
 
@@ -266,7 +266,7 @@ class StyleParams:
         Choice(("none", "luminance", "histogram"), aliases=((True, "luminance"), (False, "none"))),
         "keep the content's colours",
     )
-    # Gatys et al. found average pooling gives slightly smoother results; the seed (and CONTRACT.md) use max.
+    # Gatys et al. found average pooling gives slightly smoother results; the seed uses max.
     pooling: str = _param("max", Choice(("max", "avg")), "VGG pooling")
     # Coarse-to-fine: optimise first at min_scale (longer side, px), then double up to `size`.
     # min_scale >= size turns it off.

@@ -1,4 +1,4 @@
-"""The frozen VGG19 feature extractor and the three ways to get its weights (CONTRACT.md, "Weights")."""
+"""The frozen VGG19 feature extractor and the three ways to get its weights."""
 
 import functools
 import hashlib

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "architecture.md"
 # Where a top-level import is found, in the order Python searches: pytest.ini's pythonpath, the folders scripts
 # and benchmarks put on their path (each also finds its own folder's modules), and the tests' own folder.
-SEARCH = ("", "handler", "scripts", "tests/support", "proto/gen", "benchmarks", "tests")
+SEARCH = ("", "handler", "scripts", "tests/support", "docs", "proto/gen", "benchmarks", "tests")
 # The folders with Python of their own, most specific first: a file belongs to the first that holds it.
 AREAS = ("handler/style_engine", "handler", "jobs", "scripts", "tests/support", "tests", "benchmarks", "deploy",
          "docs", "proto/gen")
