@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import SAMPLES, STYLES
 from handler_context import make_context, model_dir_with_weights, start_batch
 from streaming import ProgressStream
+from style_engine.targets import GramCache
 from style_transfer_handler import StyleTransferHandler
 
 REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (STYLES / "starry_night.jpg").read_bytes(),
@@ -47,11 +48,23 @@ class FailsOnce:
         return self.extractor(images, *args, **kwargs)
 
 
-@pytest.fixture
-def handler_and_context(tmp_path, random_state_dict):
-    context = make_context(model_dir_with_weights(tmp_path, random_state_dict), {"weights": "random"})
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory, random_state_dict):
+    context = make_context(model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict),
+                           {"weights": "random"})
     handler = StyleTransferHandler()
     handler.initialize(context)
+    return handler, context
+
+
+@pytest.fixture
+def handler_and_context(initialized, monkeypatch):
+    """The module's handler (a worker starts in seconds) as a new one serves: the extractor a test replaces is
+    put back after it, and its Gram cache starts empty, so that each test counts the extractor's calls alike."""
+    handler, context = initialized
+    monkeypatch.setattr(handler, "extractor", handler.extractor)
+    monkeypatch.setattr(handler, "gram_cache", GramCache(handler.config.gram_cache_entries,
+                                                         handler.config.preset_gram_cache_entries))
     return handler, context
 
 
