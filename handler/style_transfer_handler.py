@@ -81,7 +81,7 @@ class StyleTransferHandler:
             if turn.requests:
                 for index, answer in zip(turn.requests, self._serve(call, prepared, turn.requests, turn.deadline)):
                     responses[index] = answer
-        call.call(schedule.record(context.request_ids))
+        call.schedule(schedule.record(context.request_ids))
         return _send(context, responses, self.device_failed)
 
     def _prepare(self, call: CallTelemetry, schedule: CallSchedule, data: list[dict]) -> tuple[list, dict]:

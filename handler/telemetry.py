@@ -79,9 +79,9 @@ class CallTelemetry:
         record.update(total_seconds=round(time.perf_counter() - self.started, 3))
         logger.info("style_transfer request %s", json.dumps(record))
 
-    def call(self, schedule: dict) -> None:
+    def schedule(self, record: dict) -> None:
         """One line per call: its schedule (CallSchedule.record), and how long the call took."""
-        record = {**schedule, "total_seconds": round(time.perf_counter() - self.started, 3)}
+        record = {**record, "total_seconds": round(time.perf_counter() - self.started, 3)}
         logger.info("style_transfer call %s", json.dumps(record))
 
 
