@@ -1,9 +1,9 @@
 """Cancellation of the jobs service's requests (jobs/, CONTRACT.md "jobs"), checked at every iteration.
 
-The jobs service sends each attempt at a job with the header X-Style-Job-Id (the job's id and attempt) and, to
-cancel it, sets the Redis key CANCEL_KEY_PREFIX + that value. The worker reads those keys through the Redis URL
-of the environment variable STYLE_JOBS_REDIS_URL, the one place it is configured (the jobs service reads the
-same variable). Without it, or for requests without the header (every direct call of the predictions API),
+The jobs service sends each run of a job with the header X-Style-Job-Id (the job's id and the run's, never used
+again) and, to stop it, sets the Redis key CANCEL_KEY_PREFIX + that value. The worker reads those keys through
+the Redis URL of the environment variable STYLE_JOBS_REDIS_URL, the one place it is configured (the jobs service
+reads the same variable). Without it, or for requests without the header (every direct call of the predictions API),
 nothing is checked and nothing is slower.
 
 An iteration asks `should_stop(item)`; the keys of the whole batch are read with one MGET at most every
@@ -45,14 +45,14 @@ class CancelSignals:
         return cls(os.environ.get(REDIS_URL_ENV))
 
     def watch(self, job_keys: list[str | None]) -> Callable[[int], bool] | None:
-        """The engine's should_stop for a batch whose item i is the job attempt job_keys[i] (None: no job)."""
+        """The engine's should_stop for a batch whose item i is the job run job_keys[i] (None: no job)."""
         if self.client is None or not any(job_keys):
             return None
         return _Watch(self.client, job_keys)
 
 
 def job_key(headers: dict) -> str | None:
-    """The job attempt a request belongs to, from its headers (any case), if it is one of the jobs service's."""
+    """The job run a request belongs to, from its headers (any case), if it is one of the jobs service's."""
     for name, value in headers.items():
         if isinstance(name, str) and name.lower() == JOB_HEADER and isinstance(value, str):
             return value if JOB_ID_PATTERN.fullmatch(value) else None

@@ -2,9 +2,8 @@
 budget interrupts, so each upload's size is read from its header and taken from the call's budget before any
 pixel is decoded (handler.max_decoded_pixels_per_call)."""
 
-from request_parsing import RawRequest, style_part_name
+from request_parsing import RawRequest, declared_pixels, style_part_name
 from style_engine.codec import decode_image, decode_mask
-from style_engine.codec import declared_pixels as image_pixels
 from style_engine.errors import TooLargeError
 from style_engine.params import StyleParams
 from style_engine.presets import PresetLibrary
@@ -54,12 +53,3 @@ def decode_job(request: RawRequest, params: StyleParams, presets: PresetLibrary,
     init_image = None if request.init_image is None else decode_image(request.init_image, "init_image",
                                                                       max_pixels=max_pixels)
     return StyleJob(content, uploads + named, params, masks, init_image)
-
-
-def declared_pixels(request: RawRequest, max_pixels: int) -> int:
-    """The pixels decode_job will decode for this request's uploaded images, read from their headers only.
-    Raises ImageError / TooLargeError naming the part at fault, as decoding it would."""
-    parts = [("content", request.content), *((style_part_name(i + 1), data) for i, data in enumerate(request.styles)),
-             *((f"mask_{i + 1}", data) for i, data in enumerate(request.masks)),
-             *([("init_image", request.init_image)] if request.init_image is not None else [])]
-    return sum(image_pixels(data, part, max_pixels=max_pixels) for part, data in parts)

@@ -1,8 +1,10 @@
-"""One TorchServe request -> image bytes and raw parameters (CONTRACT.md, "Request"); decoding.py decodes them.
+"""One TorchServe request -> image bytes and raw parameters (docs/api.md), and the pixels its images declare;
+decoding.py decodes them.
 
 TorchServe hands the handler one dict per request. Multipart and form fields and gRPC input-map entries
 arrive under their own names (JSON parts already parsed, text parts as str, the rest bytes); a raw body
 arrives under "body" (a dict when its content type is application/json and it parses, bytes otherwise).
+It runs without torch: the jobs service refuses at submit what this refuses (jobs/checks.py).
 """
 
 import base64
@@ -11,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from style_engine.codec import declared_pixels as image_pixels
 from style_engine.errors import ImageError, ParamError, TooLargeError
 from style_engine.params import parse_json
 
@@ -37,6 +40,15 @@ def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     if "body" in row:
         return _parse_json_body(row["body"], max_styles)
     return _parse_fields(row, max_styles)
+
+
+def declared_pixels(request: RawRequest, max_pixels: int) -> int:
+    """The pixels decoding.decode_job will decode for this request's uploaded images, read from their headers
+    only. Raises ImageError / TooLargeError naming the part at fault, as decoding it would."""
+    parts = [("content", request.content), *((style_part_name(i + 1), data) for i, data in enumerate(request.styles)),
+             *((f"mask_{i + 1}", data) for i, data in enumerate(request.masks)),
+             *([("init_image", request.init_image)] if request.init_image is not None else [])]
+    return sum(image_pixels(data, part, max_pixels=max_pixels) for part, data in parts)
 
 
 def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:

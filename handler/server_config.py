@@ -81,9 +81,11 @@ class ServerConfig:
         return self.weights == "random"
 
     def limits(self) -> dict[str, Any]:
-        """What a request may ask for, as the model description reports it."""
+        """What a request may ask for, as the model description reports it (the jobs service checks submits
+        against it)."""
         return {"max_image_pixels": self.max_image_pixels, "max_styles": self.max_styles,
-                "max_style_pixels": self.max_style_pixels, "maxima": dict(self.maxima)}
+                "max_style_pixels": self.max_style_pixels,
+                "max_decoded_pixels_per_call": self.max_decoded_pixels_per_call, "maxima": dict(self.maxima)}
 
 def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(section) - allowed

@@ -12,6 +12,7 @@ import time
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from cancellation import job_key
 from style_engine.optimize import StyleResult
 from style_engine.targets import StyleJob, output_size
 
@@ -63,8 +64,11 @@ class CallTelemetry:
                 error: dict | None = None) -> None:
         """One line per request for operators, as JSON: what was asked, what ran, how it ended, how long it waited
         in this call for the groups before its own (`queued`) and how long the call had run when it was answered
-        (`total_seconds`). No image data. TorchServe's own queue time is its ts_queue_latency_microseconds."""
+        (`total_seconds`). No image data. TorchServe's own queue time is its ts_queue_latency_microseconds. A run
+        of the jobs service names itself (`job`: its X-Style-Job-Id, the job and the run)."""
         record: dict = {"request_id": self.context.request_ids[index], "status": status}
+        if job_run := job_key(self.context.get_all_request_header(index)):
+            record.update(job=job_run)
         if job is not None:
             height, width = output_size(job)
             record.update(size=f"{width}x{height}", styles=len(job.styles), masks=len(job.masks),

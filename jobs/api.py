@@ -1,26 +1,33 @@
 """The HTTP API (CONTRACT.md "jobs"; openapi.yaml): submit, status, events, result, cancel, with the clients'
 token on every /jobs call. Errors have the predictions endpoint's JSON body. /ping and /metrics need no token
-(health checks and Prometheus; they tell nothing about any job)."""
+(health checks and Prometheus; they tell nothing about any job).
 
+While the store cannot be reached, every call that needs it answers 503 `StoreUnavailable` with Retry-After
+within the store's socket timeout; /ping does not need it (liveness: the process answers). When the replica
+stops, its event streams end at once (clients resume from another replica with Last-Event-ID)."""
+
+import asyncio
 import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from arq.connections import ArqRedis
 
 from .auth import token_matches
-from .store import ACTIVE_STATUSES, END_EVENTS, NewJob, Store, public_status
+from .checks import ServerDescription
+from .store import ACTIVE_STATUSES, END_EVENTS, STORE_ERRORS, NewJob, Store, public_status
 from .submission import SubmitError, read_submission, too_large
 from .webhooks import WebhookPolicy, WebhookRefused, WebhookSender
 from .worker import enqueue, queue_depth
 
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots: the worker's attempt keys are "<id>.<attempt>"
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots: the runs' keys are "<id>.<run>"
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 MAX_IDEMPOTENCY_KEY = 255
 KEEP_ALIVE_SECONDS = 15  # an SSE comment this often: proxies that cut idle connections (60 s) see traffic
+STORE_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass
@@ -30,7 +37,8 @@ class Services:
     token: str
     webhook_policy: WebhookPolicy
     webhooks: WebhookSender
-    max_attempts: int
+    server: ServerDescription
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM: event streams end
 
 
 def error(code: int, type_: str, message: str, field: str | None = None, headers: dict | None = None,
@@ -69,6 +77,14 @@ async def _errors(request: web.Request, handler):
                      headers={name: http.headers[name] for name in ("Allow",) if name in http.headers})
     except SubmitError as refused:
         return web.json_response(refused.body, status=refused.body["code"])
+    except STORE_ERRORS as failure:
+        return store_unavailable(failure)
+
+
+def store_unavailable(failure: Exception) -> web.Response:
+    return error(503, "StoreUnavailable", f"the job store cannot be reached ({type(failure).__name__}); send the "
+                 f"request again in {STORE_RETRY_AFTER_SECONDS} s", None,
+                 headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
 
 
 @web.middleware
@@ -94,7 +110,7 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency is not None and not 0 < len(idempotency) <= MAX_IDEMPOTENCY_KEY:
         return error(400, "ParamError", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
                      "Idempotency-Key")
-    submission = await read_submission(request, request.app["max_request_bytes"])
+    submission = await read_submission(request, request.app["max_request_bytes"], services.server.limits)
     if submission.webhook is not None:
         try:
             await services.webhook_policy.check_url(submission.webhook)
@@ -152,9 +168,8 @@ async def cancel(request: web.Request) -> web.Response:
     services: Services = request.app["services"]
     record = await _record(request)
     job_id = record["id"]
-    if record["status"] in ("queued", "running"):
-        # the workers' keys first: an attempt starting now is stopped as well
-        await services.store.cancel_attempts(job_id, range(1, services.max_attempts + 1))
+    if record["status"] in ACTIVE_STATUSES:
+        # ends the job and stops the run holding it, in one step: no run that begins later takes it
         if await services.store.finish(job_id, "canceled", {"id": job_id}):
             record = await services.store.get(job_id)
             services.webhooks.notify(record, END_EVENTS["canceled"], {**public_status(record), "event_data": {}})
@@ -162,7 +177,7 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    store: Store = request.app["services"].store
+    services: Services = request.app["services"]
     record = await _record(request)
     after = request.headers.get("Last-Event-ID", "0")
     if not _is_stream_id(after):  # what the client sent is no event id of ours: from the first
@@ -171,8 +186,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     try:
-        await _send_events(response, store, record["id"], after)
+        await _send_events(response, services, record["id"], after)
     except ConnectionResetError:  # the client went away: nothing to do, the job goes on
+        pass
+    except STORE_ERRORS:  # the store went away mid-stream: the stream ends, the client resumes with its last id
         pass
     return response
 
@@ -182,17 +199,23 @@ def _is_stream_id(text: str) -> bool:
     return bool(EVENT_ID.fullmatch(text)) and all(int(number) < 2 ** 64 for number in text.split("-"))
 
 
-async def _send_events(response: web.StreamResponse, store: Store, job_id: str, after: str) -> None:
+async def _send_events(response: web.StreamResponse, services: Services, job_id: str, after: str) -> None:
+    store = services.store
     while True:
         current = await store.get(job_id)
         if current is None:
             return  # expired meanwhile
         # An ended job's events are all written (its end event with its status): read without waiting, and stop
-        # when none is left after Last-Event-ID, even one past the end event
+        # when none is left after Last-Event-ID, even one past the end event. A stopping replica sends what it
+        # has and ends the stream.
         ended = current["status"] not in ACTIVE_STATUSES
-        entries = await store.events(job_id, after, block_ms=None if ended else KEEP_ALIVE_SECONDS * 1000)
+        waits = not (ended or services.stopping.is_set())
+        entries = await _unless_stopping(store.events(job_id, after, block_ms=KEEP_ALIVE_SECONDS * 1000 if waits
+                                                      else None), services.stopping)
+        if entries is None:
+            return
         if not entries:
-            if ended:
+            if not waits:
                 return
             await response.write(b": keep-alive\n\n")
             continue
@@ -203,8 +226,20 @@ async def _send_events(response: web.StreamResponse, store: Store, job_id: str, 
                 return
 
 
+async def _unless_stopping(read, stopping: asyncio.Event):
+    """What `read` returns, or None once the replica is stopping."""
+    reading, stop = asyncio.ensure_future(read), asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not reading.done():
+            reading.cancel()
+    return reading.result() if reading.done() and not reading.cancelled() else None
+
+
 async def ping(request: web.Request) -> web.Response:
-    await request.app["services"].store.redis.ping()
+    """Liveness: the process answers. Not the store: a Redis that restarts must not restart every replica."""
     return web.json_response({"status": "Healthy"})
 
 

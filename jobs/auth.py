@@ -53,15 +53,17 @@ class TorchServeCredentials:
         self._read_at: tuple[float, int] | None = None
         self._entries: dict = {}
 
-    async def header(self, session: aiohttp.ClientSession) -> dict[str, str]:
+    async def header(self, session: aiohttp.ClientSession, kind: str = "inference") -> dict[str, str]:
+        """For the inference API, or with kind "management" for the model's description (the auth proxy's
+        token serves both)."""
         if self.token_file is not None:
             return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
         self._reload()
         if not self._entries:
             return {}  # no key file yet: TorchServe will answer that a token is needed
-        if self._expires_in("inference") < self.renew_before:
-            await self._renew(session)
-        return {"Authorization": f"Bearer {self._entries['inference']['key']}"}
+        if self._expires_in(kind) < self.renew_before:
+            await self._renew(session, kind)
+        return {"Authorization": f"Bearer {self._entries[kind]['key']}"}
 
     def _reload(self) -> None:
         try:
@@ -78,16 +80,16 @@ class TorchServeCredentials:
             return float("inf")
         return expiry.timestamp() - time.time()  # a naive time is local, as TorchServe writes it
 
-    async def _renew(self, session: aiohttp.ClientSession) -> None:
+    async def _renew(self, session: aiohttp.ClientSession, kind: str) -> None:
         """TorchServe's token API writes the renewed key into its key file, which the next call reads."""
         api_key = self._entries.get("API", {}).get("key")
         try:
-            async with session.post(f"{self.management_url}/token", params={"type": "inference"},
+            async with session.post(f"{self.management_url}/token", params={"type": kind},
                                     headers={"Authorization": f"Bearer {api_key}"},
                                     timeout=aiohttp.ClientTimeout(total=10)) as response:
                 if response.status != 200:
-                    logger.warning("jobs: renewing TorchServe's inference key failed: %s", response.status)
+                    logger.warning("jobs: renewing TorchServe's %s key failed: %s", kind, response.status)
         except (aiohttp.ClientError, TimeoutError) as error:
-            logger.warning("jobs: renewing TorchServe's inference key failed: %s", error)
+            logger.warning("jobs: renewing TorchServe's %s key failed: %s", kind, error)
         self._read_at = None
         self._reload()

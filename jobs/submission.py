@@ -2,9 +2,10 @@
 
 The body is the predictions endpoint's (CONTRACT.md "Request"), multipart or JSON, passed on with its images and
 parameters untouched except: `stream` is set to true (the progress is what the events are made of, and every
-chunk keeps the connection alive), and the jobs' own fields `webhook` and `webhook_events` are taken out. The
-parameters are checked by the worker's handler, as for any request: a bad one ends the job `failed` with the
-same error the predictions endpoint gives. What only the jobs service knows is checked here, at submit.
+chunk keeps the connection alive), and the jobs' own fields `webhook` and `webhook_events` are taken out (only
+as fields of their own: inside `params` they are unknown parameters, as for the predictions endpoint). What is
+passed on is checked here as the handler will read it (checks.py): what it would refuse before any work is
+refused at submit with its error.
 """
 
 import hashlib
@@ -15,6 +16,7 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from urllib3 import encode_multipart_formdata
 
+from .checks import ServerLimits, refusal
 from .store import EVENTS
 
 JOB_FIELDS = ("webhook", "webhook_events")
@@ -29,6 +31,10 @@ class SubmitError(Exception):
     def __init__(self, code: int, type_: str, message: str, field: str | None):
         super().__init__(message)
         self.body = {"code": code, "type": type_, "message": message, "field": field}
+
+    @classmethod
+    def of(cls, body: dict) -> "SubmitError":
+        return cls(body["code"], body["type"], body["message"], body["field"])
 
 
 def too_large(max_bytes: int) -> SubmitError:
@@ -45,12 +51,13 @@ class Submission:
     webhook_events: tuple[str, ...]
 
 
-async def read_submission(request: web.Request, max_bytes: int) -> Submission:
+async def read_submission(request: web.Request, max_bytes: int, limits: ServerLimits) -> Submission:
+    """The submission, or SubmitError with what the predictions endpoint (or the jobs service) refuses."""
     kind = request.content_type
     if kind == "multipart/form-data":
-        return await _from_multipart(request, max_bytes)
+        return await _from_multipart(request, max_bytes, limits)
     if kind == "application/json":
-        return _from_json(await request.read())
+        return _from_json(await request.read(), limits)
     raise SubmitError(400, "UnsupportedMediaType", "send the predictions endpoint's body: multipart/form-data or "
                                                    "application/json", "Content-Type")
 
@@ -63,10 +70,9 @@ class Part:
     content_type: str | None
 
 
-async def _from_multipart(request: web.Request, max_bytes: int) -> Submission:
-    fields, digest, texts, names = [], hashlib.sha256(), {}, set()
+async def _from_multipart(request: web.Request, max_bytes: int, limits: ServerLimits) -> Submission:
+    fields, digest, texts = [], hashlib.sha256(), {}
     for part in await _read_parts(request, max_bytes):
-        names.add(part.name)
         if part.filename is not None:
             digest.update(f"{part.name}\0file\0{len(part.data)}\0".encode() + part.data)
         else:  # text as it was read before, so that a job submitted again finds its fingerprint the same
@@ -77,10 +83,8 @@ async def _from_multipart(request: web.Request, max_bytes: int) -> Submission:
         if part.name not in JOB_FIELDS and part.name != "stream":
             fields.append((part.name, part.data if part.filename is None else
                            (part.filename or part.name, part.data, part.content_type)))
-    if "content" not in names:
-        raise SubmitError(400, "ImageError", "the content image is missing: send the file part \"content\"",
-                          "content")
     fields.append(("stream", "true"))  # a plain field wins over params' own (handler/request_parsing.py)
+    _check(dict((name, _as_torchserve_reads(value)) for name, value in fields), limits)
     body, content_type = encode_multipart_formdata(fields)
     params = _json_object(texts.get("params"))
     response = texts.get("response") or params.get("response")
@@ -121,15 +125,13 @@ async def _read_parts(request: web.Request, max_bytes: int) -> list[Part]:
     return parts
 
 
-def _from_json(raw: bytes) -> Submission:
+def _from_json(raw: bytes, limits: ServerLimits) -> Submission:
     try:
         body = json.loads(raw)
     except ValueError:
         raise SubmitError(400, "ParamError", "the body is not valid JSON", "body") from None
     if not isinstance(body, dict):
         raise SubmitError(400, "ParamError", "the JSON body must be an object", "body")
-    if "content" not in body:
-        raise SubmitError(400, "ImageError", "the content image is missing: \"content\": \"<base64>\"", "content")
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     webhook, events = body.pop("webhook", None), body.pop("webhook_events", None)
     if webhook is not None and not isinstance(webhook, str):
@@ -140,8 +142,29 @@ def _from_json(raw: bytes) -> Submission:
     if isinstance(params, dict):  # anything else is passed on for the handler to refuse, as it would directly
         body["params"] = params = {**params, "stream": True}
     response = params.get("response") if isinstance(params, dict) else None
+    _check({"body": body}, limits)  # TorchServe hands a JSON body to the handler parsed, under "body"
     return Submission(json.dumps(body).encode(), "application/json", fingerprint, _response_kind(response),
                       webhook or None, _webhook_events(events))
+
+
+def _as_torchserve_reads(value):
+    """A multipart field as TorchServe hands it to the handler: a part sent as application/json parsed (as it
+    was sent on: a file part keeps its content type, a plain field has none), anything else as bytes."""
+    if isinstance(value, tuple):
+        _, data, content_type = value
+        if (content_type or "").split(";")[0].strip().lower() == "application/json":
+            try:
+                return json.loads(data)
+            except (ValueError, RecursionError):  # TorchServe hands it on as bytes then
+                return data
+        return data
+    return value.encode() if isinstance(value, str) else value
+
+
+def _check(row: dict, limits: ServerLimits) -> None:
+    refused = refusal(row, limits)
+    if refused is not None:
+        raise SubmitError.of(refused)
 
 
 def _response_kind(value) -> str:

@@ -1,13 +1,16 @@
-"""One attempt at a job: its request sent to TorchServe's streaming REST API, the answer read as it comes.
+"""One run of a job: its request sent to TorchServe's streaming REST API, the answer read as it comes.
 
 TorchServe applies everything it applies to any request (batching, the time cap, memory admission, metrics).
 The answer is a stream of JSON lines (stream=true): progress lines, then `done` with the image, or `error`.
+Its status line and first line come when a worker has taken the request: that is when TorchServe has accepted
+it (the job is `running` from then on; before, it waits in TorchServe's queue and stays `queued`).
 What can go wrong is sorted into what the caller does about it:
   Done         the result
   Refused      the request's own error (bad input, too large, out of memory): the job fails with it
   Busy         TorchServe cannot take it now (its queue is full, no worker is up, it is not reachable): wait
-               and send it again; this does not count as an attempt
+               (at least its Retry-After) and send it again; this does not count as an attempt
   Interrupted  the run broke off (the worker died, the stream was cut, the device failed): another attempt
+No time limit here: the caller's deadline (the job's) cancels the call.
 """
 
 import base64
@@ -30,6 +33,10 @@ BUSY_TYPES = ("ServiceUnavailableException", "Busy", "Expired")
 # A proxy's own 504 comes before any line of the stream: the request was still waiting in TorchServe's queue,
 # where the handler drops it unseen (Expired). Sent again like a 503, bounded by the job's own timeout.
 QUEUE_TIMEOUT = 504
+# Only connecting is bounded here: a request may wait long in TorchServe's queue before its first line, and the
+# job's own deadline (worker.py) bounds the whole run.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+DESCRIBE_TIMEOUT_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Refused:
 @dataclass(frozen=True)
 class Busy:
     reason: str
+    retry_after: float | None = None  # s, from TorchServe's (or the handler's) Retry-After
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,9 @@ Outcome = Done | Refused | Busy | Interrupted
 
 
 class TorchServeClient:
-    def __init__(self, url: str, credentials: TorchServeCredentials):
+    def __init__(self, url: str, management_url: str, credentials: TorchServeCredentials):
         self.url = f"{url.rstrip('/')}/predictions/{MODEL}"
+        self.describe_url = f"{management_url.rstrip('/')}/models/{MODEL}?customized=true"
         self.credentials = credentials
         self.session: aiohttp.ClientSession | None = None
 
@@ -69,25 +78,33 @@ class TorchServeClient:
         if self.session is not None:
             await self.session.close()
 
-    async def run(self, body: bytes, content_type: str, attempt_key: str, timeout: float,
+    async def run(self, body: bytes, content_type: str, run_key: str, on_accepted: Callable[[], Awaitable[None]],
                   on_progress: Callable[[dict], Awaitable[None]]) -> Outcome:
+        """Send the request with X-Style-Job-Id: `run_key` (whose cancel key stops it in the worker)."""
         headers = {**await self.credentials.header(self.session), "Content-Type": content_type,
-                   "X-Style-Job-Id": attempt_key}
+                   "X-Style-Job-Id": run_key}
         try:
-            async with self.session.post(self.url, data=body, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            async with self.session.post(self.url, data=body, headers=headers, timeout=TIMEOUT) as response:
                 if response.status != 200:
-                    return _sorted_error(response.status, await response.read())
+                    return _sorted_error(response.status, await response.read(), response.headers)
                 if response.content_type != STREAM_TYPE:
                     return Interrupted(_error(502, "BadGateway", f"TorchServe answered {response.content_type}, "
                                                                  f"not a stream", None))
+                await on_accepted()
                 return await _read_stream(response, on_progress)
-        except aiohttp.ClientConnectorError as error:
-            return Busy(f"TorchServe is not reachable: {error}")
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            return Busy(f"TorchServe is not reachable: {error!r}")
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             return Interrupted(_error(502, "WorkerLost", f"the connection to TorchServe broke off: {error}", None))
-        except TimeoutError:
-            return Interrupted(_error(504, "Timeout", f"no answer from TorchServe within {timeout:.0f} s", None))
+
+    async def describe(self) -> dict:
+        """The handler's description of the model (presets, parameters, limits): TorchServe's describe call on
+        its management API, or on the cluster's auth proxy, which passes that one call on."""
+        headers = await self.credentials.header(self.session, "management")
+        async with self.session.get(self.describe_url, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=DESCRIBE_TIMEOUT_SECONDS)) as response:
+            response.raise_for_status()
+            return (await response.json())[0]["customizedMetadata"]
 
 
 async def _read_stream(response: aiohttp.ClientResponse, on_progress) -> Outcome:
@@ -112,7 +129,7 @@ async def _read_stream(response: aiohttp.ClientResponse, on_progress) -> Outcome
                                                  "mid-run", None))
 
 
-def _sorted_error(status: int, raw: bytes) -> Outcome:
+def _sorted_error(status: int, raw: bytes, headers=None) -> Outcome:
     try:
         body = json.loads(raw)
     except ValueError:
@@ -122,9 +139,10 @@ def _sorted_error(status: int, raw: bytes) -> Outcome:
     error = _error(status, body.get("type") or "TorchServeError", body.get("message") or raw[:500].decode(
         "utf-8", "replace"), body.get("field"))
     if status == 503 and error["type"] in BUSY_TYPES:
-        return Busy(error["message"])
+        return Busy(error["message"], _retry_after(headers))
     if status == QUEUE_TIMEOUT:
-        return Busy(f"a proxy in front of TorchServe gave up waiting for the first line ({error['message'][:200]})")
+        return Busy(f"a proxy in front of TorchServe gave up waiting for the first line ({error['message'][:200]})",
+                    _retry_after(headers))
     if TOKEN_REFUSED in error["message"]:
         return Interrupted(_error(502, "TorchServeAuthFailed", "TorchServe refused the jobs service's key", None))
     if status == 507 and error["type"] == "InternalServerException":
@@ -132,6 +150,14 @@ def _sorted_error(status: int, raw: bytes) -> Outcome:
     if status >= 500 and status != 507:  # 507 with our own type is the request's memory: refused
         return Interrupted(error)
     return Refused(error)
+
+
+def _retry_after(headers) -> float | None:
+    """Retry-After in seconds (the date form is not used by TorchServe or the handler)."""
+    try:
+        return max(0.0, float((headers or {}).get("Retry-After", "")))
+    except ValueError:
+        return None
 
 
 def _error(code: int, type_: str, message: str, field: str | None) -> dict:

@@ -99,9 +99,10 @@ class WebhookSender:
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_CheckedResolver(self.policy)))
 
-    async def close(self) -> None:
+    async def close(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the deliveries under way; what is left then is not delivered."""
         if self.pending:
-            await asyncio.wait(self.pending, timeout=self.timeout)
+            await asyncio.wait(self.pending, timeout=timeout)
         if self.session is not None:
             await self.session.close()
 

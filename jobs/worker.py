@@ -1,20 +1,43 @@
-"""The queue's worker: arq runs `run_job` for each queued job; it sends the job to TorchServe and records what
-happens. Also the replica's heartbeat and the recovery loop that makes sure no job is lost.
+"""The queue's worker: arq runs `run_job` for each queued job, which sends the job to TorchServe and records what
+happens; the supervision that keeps arq polling through store outages; the recovery loop that loses no job.
 
-Attempts: a run that breaks off (the TorchServe worker died, the connection was cut, this service was killed)
-is tried again until max_attempts; then the job fails with the reason. A cancel ends the job at once (api.py)
-and sets the cancel key of each attempt, which the TorchServe worker reads at its next iteration.
+Runs and leases: each execution of a job is a run with an id of its own, never used again (store.py). A run
+begins by taking the job and its lease, renews the lease every third of lease_seconds from a task of its own,
+and changes the job only while it still holds it (the store checks, atomically). A run whose job was taken
+away (its replica stalled past the lease: a paused node, a hung event loop) records nothing more, closes its
+request and sets its cancel key, so that TorchServe stops computing it: a job is computed by at most one live
+run.
 
-Recovery: arq keeps a job in its queue until the function returns, and marks a job being run with an
-in-progress key that lives for the job timeout (an hour). A replica that is killed leaves that key behind.
-Each replica therefore beats a heartbeat into the store, and every few seconds looks at the active jobs:
-a running job whose replica has stopped beating has its in-progress key removed so that arq starts it again at
-once, on any replica; a job that is in no queue at all (its submit was cut short) is queued again.
+Attempts: a run that breaks off in TorchServe (its worker died, the stream was cut) counts, and the job is
+tried again until max_attempts; then it fails with the reason. A run cut short by the service itself (this
+replica stopping, a lapsed lease) does not count; the next run's `started` event says why (`retried_after`).
+Only a client's cancel ends a job `canceled`.
+
+Time: a job's deadline is job_timeout_seconds after its first run began, whatever happens to its runs; past
+it the job fails with 504 Timeout. arq's own time limit for a run_job call lies outside it
+(ARQ_TIMEOUT_MARGIN_SECONDS more), so that ours always comes first.
+
+Busy TorchServe (its queue full, no worker up, not reachable): the run sends the body it read once again after
+a jittered, growing wait, never shorter than TorchServe's Retry-After. The job stays `queued` until TorchServe
+takes the request.
+
+Stopping (SIGTERM, QueueWorker.stop): no job is taken any more, and each running one is given back at once for
+another replica: its run's cancel key set, not counted.
+
+Store outages: arq's poll loop ends at the first failed Redis call; QueueWorker starts it again with back-off.
+Runs go on in TorchServe meanwhile; their lease is renewed, and their end recorded, once the store is back.
+
+Recovery: every replica, every third of lease_seconds, looks over the active jobs: a run whose lease has
+lapsed gives its job back (its cancel key set), and a job that no run holds is made sure to be in arq's queue
+and not marked as taken by a pick-up that began no run. It judges leases only after it has reached the store
+for a whole lease period: after an outage, the runs that still live renew theirs first.
 """
 
 import asyncio
 import json
 import logging
+import random
+import signal
 import time
 import uuid
 
@@ -23,100 +46,219 @@ from arq.connections import ArqRedis
 from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
 
 from .config import JobsConfig
-from .store import ACTIVE, Store, public_status
-from .torchserve import Busy, Done, Interrupted, Refused, TorchServeClient, done_event, result_of
+from .store import END_EVENTS, STORE_ERRORS, Began, Store, check_eviction_policy, public_status
+from .torchserve import Busy, Done, Interrupted, Outcome, Refused, TorchServeClient, done_event, result_of
 from .webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
 FUNCTION = "run_job"
-BUSY_RETRY_SECONDS = 1.0  # between tries while TorchServe's queue is full or it is not reachable
+POLL_SECONDS = 0.2  # how often arq looks for queued jobs
+ARQ_TIMEOUT_MARGIN_SECONDS = 60  # arq's limit of one run_job call: the job's time limit and this much more
+ARQ_MAX_TRIES = 1_000_000  # arq's own count of pick-ups: the attempts that matter are counted here (store.py)
+BUSY_WAITS = (0.5, 15.0)  # s: the first and the longest wait for a busy TorchServe
+STORE_WAITS = (0.2, 5.0)  # s: the first and the longest wait for a store that cannot be reached
+
+STOPPED = {"code": 503, "type": "ReplicaStopped", "field": None,
+           "message": "the jobs service's replica running it was stopped and gave it back"}
+LEASE_LAPSED = {"code": 503, "type": "LeaseLapsed", "field": None,
+                "message": "the replica running it stopped renewing its lease (it was stopped, stalled or cut off "
+                           "from the store)"}
+GONE = {"code": 410, "type": "Gone", "message": "the job's request is gone", "field": None}
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def new_replica_name() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Backoff:
+    """Growing waits with jitter (each between half and all of the current step, the step doubling up to its
+    most), never shorter than what the other side asked for (Retry-After)."""
+
+    def __init__(self, first: float, most: float):
+        self.first, self.most = first, most
+        self.step = first
+
+    def next(self, at_least: float | None = None) -> float:
+        wait = random.uniform(self.step / 2, self.step)
+        self.step = min(2 * self.step, self.most)
+        return max(wait, at_least or 0.0)
+
+    def reset(self) -> None:
+        self.step = self.first
+
+
+async def until_stored(operation):
+    """`await operation()`, tried again after growing waits while the store cannot be reached."""
+    waits = Backoff(*STORE_WAITS)
+    while True:
+        try:
+            return await operation()
+        except STORE_ERRORS as error:
+            logger.warning("jobs: the store cannot be reached (%r): trying again", error)
+            await asyncio.sleep(waits.next())
 
 
 class JobRunner:
-    def __init__(self, config: JobsConfig, store: Store, torchserve: TorchServeClient, webhooks: WebhookSender,
-                 replica: str):
-        self.config, self.store, self.torchserve, self.webhooks = config, store, torchserve, webhooks
+    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, torchserve: TorchServeClient,
+                 webhooks: WebhookSender, replica: str):
+        self.config, self.store, self.pool, self.torchserve, self.webhooks = config, store, pool, torchserve, webhooks
         self.replica = replica
 
     async def run(self, job_id: str) -> None:
-        deadline = time.monotonic() + self.config.job_timeout_seconds
-        last_error = None  # of this replica's attempts: a killed replica's own are not known
+        """Runs of the job until it ends or another run holds it; on cancellation (this replica stopping) the
+        job is given back."""
         while True:
-            attempt = await self.store.begin_attempt(job_id, self.replica)
-            if attempt < 0:
-                return  # canceled (or expired) before it could start
-            if attempt > 1:  # the run before was cut short: make sure it no longer runs anywhere
-                await self.store.cancel_attempts(job_id, range(1, attempt))
-            if attempt > self.config.max_attempts:
-                await self._finish(job_id, "failed", error=_given_up(attempt - 1, last_error))
-                return
-            # a retry says what interrupted the attempt before, when this replica saw it
-            await self._event(job_id, "started", {"attempt": attempt, **({"retried_after": last_error}
-                                                                         if last_error else {})})
+            run = new_run_id()
+            began = await self.store.begin(job_id, run, self.replica, self.config.lease_seconds,
+                                           self.config.job_timeout_seconds)
+            if began is None:
+                return  # ended (canceled, expired), or another run holds it
             try:
-                outcome = await self._attempt(job_id, attempt, deadline)
-            except asyncio.CancelledError:  # this replica is stopping: the job goes back to the queue
-                await asyncio.shield(self._give_back(job_id, attempt))
+                again = await self._run(job_id, run, began)
+            except asyncio.CancelledError:
+                await self._give_back(job_id, run)
                 raise
-            if isinstance(outcome, Interrupted):
-                last_error = outcome.error
-                logger.warning("jobs: %s attempt %d interrupted: %s", job_id, attempt, outcome.error["message"])
-                continue
-            await self._conclude(job_id, outcome)
-            return
+            if not again:
+                return
 
-    async def _attempt(self, job_id: str, attempt: int, deadline: float):
+    async def _run(self, job_id: str, run: str, began: Began) -> bool:
+        """One run, holding the job's lease; whether the job goes on with another run."""
+        if began.attempts >= self.config.max_attempts:
+            await self._finish(job_id, run, "failed", error=_given_up(began.attempts, began.retried_after))
+            return False
+        sending = asyncio.create_task(self._send(job_id, run, began))
+        lease = asyncio.create_task(self._keep_lease(job_id, run))
+        try:
+            done, _ = await asyncio.wait({sending, lease}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lease.cancel()
+            sending.cancel()  # nothing when it is done; else its request to TorchServe is closed
+        if sending not in done:
+            await self._stop(job_id, run)
+            logger.warning("jobs: %s run %s no longer holds its job (canceled, or its lease lapsed): it records "
+                           "nothing more and TorchServe stops it", job_id, run)
+            return False
+        outcome = sending.result()
+        if isinstance(outcome, Interrupted):
+            logger.warning("jobs: %s run %s broke off: %s", job_id, run, outcome.error["message"])
+            return await until_stored(lambda: self.store.release(job_id, run, outcome.error, counts=True))
+        await self._conclude(job_id, run, outcome)
+        return False
+
+    async def _send(self, job_id: str, run: str, began: Began) -> Outcome:
+        """The run's request to TorchServe, sent again while TorchServe is busy, within the job's deadline."""
+        request = await until_stored(lambda: self.store.request(job_id))  # read once, sent again as it is
+        if request is None:
+            return Refused(GONE)
+        started = {"attempt": began.attempts + 1, **({"retried_after": began.retried_after}
+                                                      if began.retried_after else {})}
+        recorder = _Recorder(self, job_id, run, started)
+        waits = Backoff(*BUSY_WAITS)
+        try:
+            async with asyncio.timeout(began.deadline - time.time()):
+                while True:
+                    outcome = await self.torchserve.run(*request, f"{job_id}.{run}", recorder.accepted,
+                                                        recorder.progress)
+                    if not isinstance(outcome, Busy):
+                        return outcome
+                    wait = waits.next(outcome.retry_after)
+                    logger.info("jobs: %s waits %.1f s: %s", job_id, wait, outcome.reason)
+                    await asyncio.sleep(wait)
+        except TimeoutError:
+            await self._stop(job_id, run)
+            return Refused({"code": 504, "type": "Timeout", "field": None,
+                            "message": f"the job did not finish within {self.config.job_timeout_seconds} s"})
+
+    async def _keep_lease(self, job_id: str, run: str) -> None:
+        """Renew the run's lease; returns when the run no longer holds its job."""
         while True:
-            request = await self.store.request(job_id)
-            if request is None:
-                return Refused({"code": 410, "type": "Gone", "message": "the job's request is gone", "field": None})
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return Refused({"code": 504, "type": "Timeout", "field": None,
-                                "message": f"the job did not finish within {self.config.job_timeout_seconds} s"})
-            outcome = await self.torchserve.run(*request, f"{job_id}.{attempt}", left,
-                                                lambda progress: self._progress(job_id, progress))
-            if not isinstance(outcome, Busy):
-                return outcome
-            logger.info("jobs: %s waits: %s", job_id, outcome.reason)
-            await asyncio.sleep(BUSY_RETRY_SECONDS)
+            await asyncio.sleep(self.config.lease_seconds / 3)
+            try:
+                if not await self.store.renew(job_id, run, self.config.lease_seconds):
+                    return
+            except STORE_ERRORS as error:  # the run goes on; its lease is renewed once the store is back
+                logger.warning("jobs: %s run %s cannot renew its lease (%r)", job_id, run, error)
 
-    async def _progress(self, job_id: str, progress: dict) -> None:
-        await self.store.record_progress(job_id, progress)
-        await self._notify(job_id, "progress", progress)
-
-    async def _conclude(self, job_id: str, outcome) -> None:
-        record = await self.store.get(job_id)
-        if record is None or record["status"] not in ("queued", "running"):
-            return  # canceled while it ran: the cancel has ended it
+    async def _conclude(self, job_id: str, run: str, outcome: Outcome) -> None:
         if isinstance(outcome, Done) and outcome.fields.get("stop_reason") == "canceled":
-            await self._finish(job_id, "canceled")
-        elif isinstance(outcome, Done):
+            # TorchServe stopped it on its cancel key: whoever took the job from this run (a client's cancel,
+            # the recovery of its lease) set it, and has recorded what happens to the job
+            return
+        if isinstance(outcome, Done):
+            record = await until_stored(lambda: self.store.get(job_id))
+            if record is None:
+                return
             response = json.loads(record["job"]).get("response", "image")
-            await self._finish(job_id, "succeeded", data=done_event(outcome.fields, job_id),
+            await self._finish(job_id, run, "succeeded", data=done_event(outcome.fields, job_id),
                                result=result_of(outcome.fields, response))
         else:
-            await self._finish(job_id, "failed", error=outcome.error)
+            await self._finish(job_id, run, "failed", error=outcome.error)
 
-    async def _finish(self, job_id: str, status: str, data: dict | None = None, error: dict | None = None,
-                      result=None) -> None:
+    async def _finish(self, job_id: str, run: str, status: str, data: dict | None = None,
+                      error: dict | None = None, result=None) -> None:
         data = error if status == "failed" else (data or {"id": job_id})
-        if await self.store.finish(job_id, status, data, error=error, result=result):
-            await self._notify(job_id, {"succeeded": "done", "failed": "error", "canceled": "canceled"}[status], data)
+        if await until_stored(lambda: self.store.finish(job_id, status, data, error=error, result=result, run=run)):
+            await self._notify(job_id, END_EVENTS[status], data)
+        else:
+            logger.info("jobs: %s run %s ended (%s) but no longer holds its job: nothing recorded", job_id, run, status)
 
-    async def _give_back(self, job_id: str, attempt: int) -> None:
-        await self.store.cancel_attempts(job_id, range(attempt, attempt + 1))
-        await self.store.release_attempt(job_id)
+    async def _give_back(self, job_id: str, run: str) -> None:
+        """This replica is stopping: the job is queued again at once, for any replica, without using an
+        attempt. A store that cannot be reached now leaves it to the recovery of the lapsed lease."""
+        try:
+            if await self.store.release(job_id, run, STOPPED, counts=False):
+                await enqueue(self.pool, job_id)  # in case the queue forgot it (a run that lost its lease ended)
+                logger.info("jobs: %s given back (run %s)", job_id, run)
+        except STORE_ERRORS as error:
+            logger.warning("jobs: %s could not be given back (%r): another replica takes it when its lease "
+                           "lapses", job_id, error)
 
-    async def _event(self, job_id: str, event: str, data: dict) -> None:
-        await self.store.add_event(job_id, event, data)
-        await self._notify(job_id, event, data)
+    async def _stop(self, job_id: str, run: str) -> None:
+        try:
+            await self.store.stop_run(job_id, run)
+        except STORE_ERRORS as error:  # whoever took the job set it too
+            logger.warning("jobs: %s run %s: cannot set its cancel key (%r)", job_id, run, error)
 
     async def _notify(self, job_id: str, event: str, data: dict) -> None:
-        record = await self.store.get(job_id)
+        try:
+            record = await self.store.get(job_id)
+        except STORE_ERRORS:
+            return  # webhooks are best effort; the events stream has it
         if record is not None:
             self.webhooks.notify(record, event, {**public_status(record), "event_data": data})
+
+
+class _Recorder:
+    """What a run tells the store while TorchServe answers: that TorchServe took the request (the job is
+    `running`, with its `started` event) and its progress. A store that is away loses progress, never the run."""
+
+    def __init__(self, runner: JobRunner, job_id: str, run: str, started: dict):
+        self.runner, self.job_id, self.run, self.started = runner, job_id, run, started
+        self.recorded = False
+
+    async def accepted(self) -> None:
+        try:
+            self.recorded = await self.runner.store.accept(self.job_id, self.run, self.started)
+        except STORE_ERRORS as error:
+            logger.warning("jobs: %s: cannot record its start (%r)", self.job_id, error)
+            return
+        if self.recorded:
+            await self.runner._notify(self.job_id, "started", self.started)
+
+    async def progress(self, progress: dict) -> None:
+        if not self.recorded:
+            await self.accepted()
+        try:
+            recorded = await self.runner.store.record_progress(self.job_id, self.run, progress)
+        except STORE_ERRORS:
+            return
+        if recorded:
+            await self.runner._notify(self.job_id, "progress", progress)
 
 
 def _given_up(attempts: int, last_error: dict | None) -> dict:
@@ -129,52 +271,106 @@ async def run_job(ctx: dict, job_id: str) -> None:
     await ctx["runner"].run(job_id)
 
 
-def make_worker(config: JobsConfig, pool: ArqRedis, runner: JobRunner) -> Worker:
-    """arq's worker in this process's event loop; its signals are this process's (see __main__.py)."""
-    return Worker(functions=[func(run_job, name=FUNCTION, timeout=config.job_timeout_seconds, keep_result=0,
-                                  max_tries=config.max_attempts + 10)],
-                  redis_pool=pool, max_jobs=config.concurrency, handle_signals=False, ctx={"runner": runner},
-                  poll_delay=0.2, job_timeout=config.job_timeout_seconds, keep_result=0)
-
-
 async def enqueue(pool: ArqRedis, job_id: str) -> None:
     """Queue the job under its own id: arq does nothing when a job of that id is queued or running."""
     await pool.enqueue_job(FUNCTION, job_id, _job_id=job_id)
 
 
-class Recovery:
-    """The heartbeat of this replica and the look-over of the active jobs (see the module's doc)."""
-
-    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, replica: str):
-        self.config, self.store, self.pool, self.replica = config, store, pool, replica
-
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.store.heartbeat(self.replica, 4 * self.config.heartbeat_seconds)
-                await self.look_over()
-            except Exception:  # the store may be restarting: try again at the next beat
-                logger.exception("jobs: recovery pass failed")
-            await asyncio.sleep(self.config.heartbeat_seconds)
-
-    async def look_over(self) -> None:
-        for job_id in await self.store.active_ids():
-            record = await self.store.get(job_id)
-            if record is None:
-                await self.store.redis.srem(ACTIVE, job_id)
-                continue
-            if not await self.pool.exists(job_key_prefix + job_id):
-                logger.warning("jobs: %s was in no queue: queued again", job_id)
-                await enqueue(self.pool, job_id)
-            elif record["status"] == "running" and not await self.store.replica_alive(record.get("owner", "")):
-                if await self.pool.delete(in_progress_key_prefix + job_id):
-                    logger.warning("jobs: %s was left running by a stopped replica: started again", job_id)
-
-
-def new_replica_name() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 async def queue_depth(pool: ArqRedis) -> int:
     """Jobs in arq's queue, waiting or running: the demand on TorchServe."""
     return await pool.zcard(default_queue_name)
+
+
+class QueueWorker:
+    """arq's worker in this process's event loop (its signals are this process's, __main__.py), polling again
+    after every store outage."""
+
+    def __init__(self, config: JobsConfig, pool: ArqRedis, runner: JobRunner):
+        self.worker = Worker(functions=[func(run_job, name=FUNCTION, keep_result=0, max_tries=ARQ_MAX_TRIES,
+                                             timeout=config.job_timeout_seconds + ARQ_TIMEOUT_MARGIN_SECONDS)],
+                             redis_pool=pool, max_jobs=config.concurrency, handle_signals=False,
+                             ctx={"runner": runner}, poll_delay=POLL_SECONDS, keep_result=0)
+
+    @property
+    def in_progress_seconds(self) -> float:
+        """How long arq marks a job it took as in progress."""
+        return self.worker.in_progress_timeout_s
+
+    async def run(self) -> None:
+        """Poll arq's queue until cancelled; raises StoreRefused for a Redis that may evict keys (checked
+        whenever the store is reached again: it may have restarted with another configuration)."""
+        waits = Backoff(*STORE_WAITS)
+        while True:
+            try:
+                await check_eviction_policy(self.worker.pool)
+                waits.reset()
+                await self.worker.async_run()
+            except STORE_ERRORS as error:
+                logger.warning("jobs: the queue's store cannot be reached (%r): polling again shortly", error)
+                await self._count_slots_again()
+                await asyncio.sleep(waits.next())
+
+    async def _count_slots_again(self) -> None:
+        """arq 0.28 takes a slot (its semaphore and job counter) before the Redis calls that start a job and
+        does not give it back when one of them fails: count them again from the runs still going."""
+        going = sum(not task.done() for task in self.worker.tasks.values())
+        self.worker.job_counter = going
+        self.worker.sem = asyncio.BoundedSemaphore(self.worker.max_jobs + 1)
+        for _ in range(going):
+            await self.worker.sem.acquire()
+
+    async def stop(self) -> None:
+        """Take no more jobs and give the running ones back (each run's cancellation, JobRunner.run)."""
+        self.worker.allow_pick_jobs = False
+        self.worker.handle_sig(signal.SIGTERM)  # cancels the poll loop and every running job
+        await asyncio.gather(*self.worker.tasks.values(), return_exceptions=True)
+
+
+class Recovery:
+    """The look-over of the active jobs (see the module's doc)."""
+
+    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, in_progress_seconds: float):
+        self.config, self.store, self.pool = config, store, pool
+        self.in_progress_ms = in_progress_seconds * 1000
+
+    async def run_forever(self) -> None:
+        reached_since = None  # monotonic time of the first pass that reached the store after it could not
+        while True:
+            started = time.monotonic()
+            try:
+                await self.look_over(reached_since is not None and
+                                     started - reached_since >= self.config.lease_seconds)
+                reached_since = reached_since or started
+            except STORE_ERRORS as error:
+                if reached_since is not None:
+                    logger.warning("jobs: recovery cannot reach the store (%r)", error)
+                reached_since = None
+            await asyncio.sleep(self.config.lease_seconds / 3)
+
+    async def look_over(self, judge: bool) -> None:
+        """One pass; `judge`: whether lapsed leases and pick-ups may be taken for dead."""
+        for job_id in await self.store.active_ids():
+            record = await self.store.get(job_id)
+            if record is None:
+                await self.store.forget(job_id)
+                continue
+            run = record.get("run", "")
+            if run:
+                if not judge or await self.store.lease_held(job_id):
+                    continue
+                if not await self.store.release(job_id, run, LEASE_LAPSED, counts=False, only_if_lapsed=True):
+                    continue
+                logger.warning("jobs: %s run %s of replica %s let its lease lapse: queued again", job_id, run,
+                               record.get("owner"))
+            await self._make_sure_queued(job_id, judge)
+
+    async def _make_sure_queued(self, job_id: str, judge: bool) -> None:
+        """For a job no run holds: in arq's queue, and not marked in progress by a pick-up that began no run."""
+        if not await self.pool.exists(job_key_prefix + job_id):
+            logger.warning("jobs: %s was in no queue: queued again", job_id)
+            await enqueue(self.pool, job_id)
+            return
+        left_ms = await self.pool.pttl(in_progress_key_prefix + job_id)
+        if judge and left_ms > 0 and self.in_progress_ms - left_ms > self.config.lease_seconds * 1000:
+            if await self.pool.delete(in_progress_key_prefix + job_id):
+                logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", job_id)

@@ -7,94 +7,35 @@ import io
 import json
 import os
 import signal
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import jsonschema
 import psutil
 import pytest
 import redis
 import requests
-import yaml
 from PIL import Image
 
 import cancellation
-from conftest import ROOT, SAMPLES, STYLES
 from jobs import store as job_store
 from jobs import torchserve as jobs_torchserve
 from jobs.webhooks import WebhookPolicy, WebhookRefused
+from jobs_calls import (CONTENT, LONG, STYLE, TINY, conforms, read_events, running_with_progress, status,
+                        submit, wait_for)
 from jobs_instance import JobsInstance
 from torchserve_instance import free_port
 
 pytestmark = pytest.mark.integration
-
-CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
-STYLE = (STYLES / "starry_night.jpg").read_bytes()
-TINY = {"size": 32, "steps": 3, "min_scale": 32}
-LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0, "min_scale": 64, "precision": "fp32"}
-ENDED = ("succeeded", "failed", "canceled")
-SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
-
-
-def conforms(body, schema: str) -> None:
-    """`body` is what openapi.yaml's components/schemas/`schema` says."""
-    jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": SPEC["components"]},
-                                    format_checker=jsonschema.FormatChecker()).validate(body)
-
 
 @pytest.fixture(scope="module")
 def jobs(server, redis_server, tmp_path_factory):
     with JobsInstance(tmp_path_factory.mktemp("jobs"), redis_server.url, server,
                       webhook_allow="127.0.0.1/32", retention_seconds=600) as instance:
         yield instance
-
-
-def submit(jobs, params: dict, *, as_json=False, headers=None, method="POST", job_id=None, **extra):
-    url = jobs.url(f"/jobs/{job_id}" if job_id else "/jobs")
-    headers = {**jobs.auth, **(headers or {})}
-    if as_json:
-        body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(),
-                "params": params, **extra}
-        return requests.request(method, url, json=body, headers=headers, timeout=30)
-    return requests.request(method, url, files={"content": CONTENT, "style": STYLE},
-                            data={"params": json.dumps(params), **extra}, headers=headers, timeout=30)
-
-
-def status(jobs, job_id: str) -> dict:
-    response = requests.get(jobs.url(f"/jobs/{job_id}"), headers=jobs.auth, timeout=10)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_for(jobs, job_id: str, until=lambda s: s["status"] in ENDED, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while not until(state := status(jobs, job_id)):
-        assert time.monotonic() < deadline, f"{job_id} still {state} after {timeout} s:\n{jobs.log_tail()}"
-        assert state["status"] not in ENDED, state
-        time.sleep(0.1)
-    return state
-
-
-def read_events(jobs, job_id: str, last_event_id: str | None = None,
-                timeout: float = 120) -> list[tuple[str, str, dict]]:
-    headers = {**jobs.auth, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
-    with requests.get(jobs.url(f"/jobs/{job_id}/events"), headers=headers, stream=True, timeout=timeout) as response:
-        assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
-        events, fields = [], {}
-        for line in response.iter_lines(decode_unicode=True):
-            if line == "" and fields:
-                events.append((fields["id"], fields["event"], json.loads(fields["data"])))
-                fields = {}
-            elif line and not line.startswith(":"):
-                name, _, value = line.partition(": ")
-                fields[name] = value
-    return events
-
-
-def running_with_progress(state: dict) -> bool:
-    return state["status"] == "running" and state["progress"] is not None
 
 
 def test_the_cancel_keys_are_the_handlers():
@@ -191,13 +132,57 @@ def test_idempotent_submits(jobs):
 def test_bad_input_is_refused_at_submit_or_fails_the_job_with_the_predictions_error(jobs):
     no_content = requests.post(jobs.url("/jobs"), headers=jobs.auth, files={"style": STYLE}, timeout=10)
     assert no_content.status_code == 400 and no_content.json()["field"] == "content"
-    bad = submit(jobs, {**TINY, "steps": -1})
-    state = wait_for(jobs, bad.json()["id"])
-    assert state["status"] == "failed" and state["error"]["code"] == 400 and state["error"]["field"] == "steps"
-    conforms(state, "JobStatus")
     conforms(no_content.json(), "JobErrorBody")
+    # what only the optimisation's preparation can tell (one style_blend weight per style) fails the job
+    bad = submit(jobs, {**TINY, "style_blend": [1, 1]})
+    state = wait_for(jobs, bad.json()["id"])
+    assert state["status"] == "failed" and state["error"]["code"] == 400, state
+    assert state["error"]["field"] == "style_blend"
+    conforms(state, "JobStatus")
     result = requests.get(jobs.url(bad.headers["Location"] + "/result"), headers=jobs.auth, timeout=10)
     assert result.status_code == 400 and result.json() == state["error"]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, with no pixel data: what a decompression bomb shows
+    before it is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_what_the_predictions_endpoint_refuses_for_its_fields_parameters_or_image_sizes_is_refused_at_submit(
+        jobs, server):
+    """The same status and error body as TorchServe's own answer to the same request, before anything is queued:
+    bad and unknown parameters (a job's own fields inside params too), the server's own maxima (1024 px on a CPU
+    worker), too many styles, an image header declaring too many pixels or none at all, an unknown preset, a
+    part the predictions endpoint does not take."""
+    deadline = time.monotonic() + 20  # the service reads TorchServe's description when it starts
+    while "checking submits against TorchServe's limits" not in jobs.log_tail(400) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    multipart = [({"params": json.dumps({**TINY, "steps": "lots"})}, {}),
+                 ({"params": json.dumps({**TINY, "webhook": "http://127.0.0.1/hook"})}, {}),
+                 ({"size": "2048"}, {}), ({"presets": "nope"}, {}),
+                 ({}, {f"style_{number}": STYLE for number in range(2, 6)}),
+                 ({}, {"style_1": STYLE}), ({}, {"content": png_declaring(8000, 6000)}),
+                 ({}, {"content": b"not an image"})]
+    answers = []
+    for fields, files in multipart:
+        parts = {"content": CONTENT, "style": STYLE, **files}
+        answers.append((requests.post(jobs.url("/jobs"), headers=jobs.auth, data=fields, files=parts, timeout=30),
+                        requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                                      data=fields, files=parts, timeout=60)))
+    body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(), "mask": []}
+    answers.append((requests.post(jobs.url("/jobs"), headers=jobs.auth, json=body, timeout=30),
+                    requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                                  json=body, timeout=60)))
+    for at_submit, direct in answers:
+        assert direct.status_code in (400, 413), direct.text
+        assert (at_submit.status_code, at_submit.json()) == (direct.status_code, direct.json()), direct.text
+        conforms(at_submit.json(), "JobErrorBody")
+    fields = [at_submit.json()["field"] for at_submit, _ in answers]
+    assert fields == ["steps", "webhook", "size", "presets", "style", "style_1", "content", "content", "mask"]
 
 
 EMPTY_PART = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
@@ -319,8 +304,10 @@ def test_the_service_killed_mid_run_and_started_again_loses_no_job(jobs):
     jobs.start()
     for job_id in [running, *queued]:
         assert wait_for(jobs, job_id, timeout=60)["status"] == "succeeded", jobs.log_tail()
+    # the killed replica's run lost its lease: run again, not counted, and the new run says why
     started = [data for _, name, data in read_events(jobs, running) if name == "started"]
-    assert [data["attempt"] for data in started] == [1, 2]
+    assert [data["attempt"] for data in started] == [1, 1]
+    assert started[1]["retried_after"]["type"] == "LeaseLapsed"
 
 
 @pytest.fixture

@@ -2,11 +2,19 @@
 the other manifests by tests/test_deploy.py, which reads deploy/k8s/ recursively), and that they fit together
 with the style-transfer objects and with what the service really serves."""
 
+import ast
+import dataclasses
+import importlib.metadata
+import json
+import re
 import subprocess
+import sys
 
 import yaml
 
 from conftest import ROOT
+from jobs.config import JobsConfig
+from jobs.store import SAFE_EVICTION_POLICY
 
 DEPLOY = ROOT / "deploy"
 JOBS_K8S = DEPLOY / "k8s" / "jobs"
@@ -16,16 +24,55 @@ def objects(path) -> dict[str, dict]:
     return {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text()) if doc}
 
 
-def test_the_jobs_image_passes_hadolint_and_copies_only_what_it_needs():
+# Imports the jobs service with torch, torchvision and TorchServe impossible to import, as in its image, and
+# prints the repository's files it loaded.
+WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "ts"):
+            raise ImportError(name + " is not in the jobs service's image")
+sys.meta_path.insert(0, NoTorch())
+import jobs.__main__
+root = Path.cwd()
+print(json.dumps(sorted(str(Path(module.__file__).relative_to(root)) for module in list(sys.modules.values())
+                        if getattr(module, "__file__", None) and Path(module.__file__).is_relative_to(root)
+                        and ".venv" not in Path(module.__file__).parts)))
+"""
+
+
+def test_the_jobs_service_needs_no_torch_and_its_image_copies_what_it_imports():
+    """Its submit checks run the handler's own request parsing, which imports no torch: the image holds those
+    modules beside jobs/, and installs (pinned) every package they and the service import."""
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    loaded = set(json.loads(run.stdout))
+    dockerfile = (DEPLOY / "Dockerfile.jobs").read_text()
+    copied = [source for line in re.findall(r"^COPY ((?:.*\\\n)*.*)$", dockerfile, re.MULTILINE)
+              for source in line.replace("\\\n", " ").split()[:-1] if not source.startswith("--")]
+    in_image = {str(path.relative_to(ROOT)) for source in copied for path in
+                ([ROOT / source] if (ROOT / source).is_file() else (ROOT / source).rglob("*.py"))}
+    assert loaded <= in_image, loaded - in_image
+    allowed = [line[1:] for line in (DEPLOY / "Dockerfile.jobs.dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    assert sorted(allowed) == sorted(copied)  # the build context holds what is copied, nothing more
+    # what each module imports when it is imported (not in a function, not only for type checkers)
+    imported = {node.names[0].name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
+                for name in loaded for node in ast.parse((ROOT / name).read_text()).body
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)}
+    distributions = importlib.metadata.packages_distributions()
+    needed = {dist.lower() for module in imported for dist in distributions.get(module, [])}
+    packages = dockerfile.split("--constraint /tmp/requirements.txt")[1].split("\\")[0].split()
+    assert needed <= set(packages), needed - set(packages)
+    pinned = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert set(packages) <= pinned  # every package the image installs has its version in requirements.txt
+
+
+def test_the_jobs_image_passes_hadolint():
     run = subprocess.run([str(ROOT / ".venv" / "bin" / "hadolint"), "--no-color", str(DEPLOY / "Dockerfile.jobs")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
-    allowed = [line for line in (DEPLOY / "Dockerfile.jobs.dockerignore").read_text().splitlines()
-               if line.startswith("!")]
-    assert allowed == ["!requirements.txt", "!jobs/"]
-    packages = (DEPLOY / "Dockerfile.jobs").read_text().split("--constraint /tmp/requirements.txt")[1].split("\\")[0]
-    pinned = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
-    assert set(packages.split()) <= pinned  # every package the image installs has its version in requirements.txt
 
 
 def test_the_jobs_objects_refer_to_each_other_and_to_the_style_transfer_ones():
@@ -64,3 +111,29 @@ def test_the_style_transfer_autoscaler_follows_the_jobs_queue_the_service_report
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["externalRules"]
     assert [rule["name"]["matches"] for rule in rules] == [f"^{external}$"]
     assert f"{external} " in (ROOT / "jobs" / "api.py").read_text()  # a series /metrics serves
+
+
+def test_a_replica_stops_within_its_grace_period_and_survives_redis_restarts():
+    """The pod's grace period holds the preStop pause and the service's own shutdown twice over; its probes do
+    not ask Redis; the model description it checks submits against comes through the auth proxy; its Redis
+    evicts nothing (the service refuses to run otherwise)."""
+    pod = objects(JOBS_K8S / "jobs.yaml")["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    shutdown = float(env.get("STYLE_JOBS_SHUTDOWN_SECONDS", JobsConfig.shutdown_seconds))
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= 2 * (pause + shutdown)
+    assert {container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")} == {"/ping"}
+    assert env["STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL"] == env["STYLE_JOBS_TORCHSERVE_URL"]
+    (redis,) = objects(JOBS_K8S / "redis.yaml")["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][redis["args"].index("--maxmemory-policy") + 1] == SAFE_EVICTION_POLICY
+
+
+def test_the_docs_name_the_jobs_settings_that_exist_with_their_defaults():
+    docs = " ".join(path.read_text() for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    docs = " ".join(docs.split())
+    settings = {f"STYLE_JOBS_{field.name.upper()}": field for field in dataclasses.fields(JobsConfig)}
+    named = set(re.findall(r"STYLE_JOBS_[A-Z_]+[A-Z]", docs))
+    assert named <= set(settings), named - set(settings)
+    for name, number in re.findall(r"`(STYLE_JOBS_[A-Z_]+)`,? \(?(\d+) s\b", docs):
+        assert float(number) == settings[name].default, (name, number)

@@ -4,16 +4,24 @@ Decoding: only the header is read before the declared size is checked against `m
 bombs are refused without decoding a pixel); animated images give their first frame; EXIF orientation is
 applied; transparency is composited over white in the image's own colour space, then an embedded ICC profile
 converts it to sRGB; 16-bit and float images are scaled from their full range.
+
+torch is imported where a tensor is made, not with the module: the header reading (declared_pixels) also serves
+the jobs service's checks at submit, which run without torch.
 """
+
+from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, TooLargeError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ALLOWED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
@@ -48,6 +56,8 @@ def declared_pixels(data: bytes, part: str, *, max_pixels: int) -> int:
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
+    import torch
+
     pixels = torch.from_numpy(np.array(image))
     return (pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None]).float().div_(255)
 

@@ -1,16 +1,21 @@
 """Named style images: the presets that scripts/build_mar.py --styles DIR puts into the archive.
 
 A preset's name is its file's stem in lower case (`Starry_Night.JPG` is `starry_night`). The worker loads every
-preset once, when it starts; requests name them in `presets` and never reach a file.
+preset once, when it starts; requests name them in `presets` and never reach a file. Importable without torch:
+the jobs service checks preset names at submit.
 """
+
+from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .codec import load_image_file
 from .errors import ParamError
+
+if TYPE_CHECKING:
+    import torch
 
 ARCHIVE_DIR = "presets"  # where they are inside the archive, and so in the worker's model_dir
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what codec.py reads

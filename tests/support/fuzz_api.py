@@ -83,9 +83,8 @@ TORCHSERVE_API = Api("torchserve", jobs=False, expected_statuses=("2XX", "4XX", 
 })
 # The jobs service's: no 5xx at all, and its own token checks (401) and methods (405) are held to as well.
 JOBS_API = Api("jobs", jobs=True, expected_statuses=("2XX", "4XX"), excluded_checks={
-    "negative_data_rejection": "the request's parameters are checked when the job runs, by TorchServe's handler "
-                               "(a bad one ends the job failed with the predictions endpoint's 400, as "
-                               "openapi.yaml says): at submit only the jobs' own fields are",
+    "negative_data_rejection": "submits are checked as the handler checks them (jobs/checks.py), and the handler "
+                               "reads more than the schema promises: numbers as text, choices in any case",
     "positive_data_acceptance": "a webhook URL the schema allows is refused (400) unless the server's allowlist "
                                 "permits it, and the fuzzing service permits none",
 })
@@ -95,7 +94,8 @@ APIS = {api.name: api for api in (TORCHSERVE_API, JOBS_API)}
 TINY = {"size": 32, "steps": 2, "min_scale": 32}
 SEEDED_JOBS = {"fuzz-canceled": (TINY, "canceled"), "fuzz-image": (TINY, "succeeded"),
                "fuzz-json": ({**TINY, "response": "json"}, "succeeded"),
-               "fuzz-failed": ({**TINY, "steps": -1}, "failed")}
+               # refused only when it runs: one style_blend weight per style is the preparation's check
+               "fuzz-failed": ({**TINY, "style_blend": [1, 1]}, "failed")}
 JOB_ENDS = ("succeeded", "failed", "canceled")
 
 

@@ -16,7 +16,8 @@ The checks:
 - `streams_are_json_lines`: a stream is JSON lines, each a StreamEvent of openapi.yaml, progress events first
   and exactly one `done` or `error` event last (Schemathesis reads no NDJSON itself).
 - `job_errors_name_the_field`: a jobs API error is the predictions endpoint's JSON error body with its own
-  status as `code`; one the client's input caused (400, 401, 413, 422) names the field at fault.
+  status as `code`; one the client's input caused (400, 401, 413, 422) names the field at fault (which may be
+  the empty name a client gave a key).
 - `job_events_are_server_sent_events`: a job's events are server-sent events, each with an id, a name out of
   JobEventName and a JSON object as data, ending with the job's end event; none only after a Last-Event-ID.
 """
@@ -147,7 +148,7 @@ def job_errors_name_the_field(ctx, response, case):
     assert not problems, f"not the JSON error body: {problems[:3]}"
     assert error["code"] == response.status_code, f"a {response.status_code} whose body says {error['code']}"
     if response.status_code in ERRORS_NAMING_A_FIELD:
-        assert error.get("field"), f"a {response.status_code} that names no field: {error}"
+        assert isinstance(error.get("field"), str), f"a {response.status_code} that names no field: {error}"
     return None
 
 

@@ -1,8 +1,9 @@
 """A jobs service (`python -m jobs`) as a child process on a free loopback port, for tests and
-tests/support/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL) or killed by
-its pid."""
+tests/support/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL), stopped
+with SIGTERM alone as a rolling restart does, or killed by its pid. Replicas share a token file."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +16,14 @@ from torchserve_instance import ROOT, ServerProcess, free_port
 
 
 class JobsInstance(ServerProcess):
-    def __init__(self, workdir: Path, redis_url: str, torchserve=None, **settings):
-        """`torchserve`: a TorchServeInstance; `settings`: more STYLE_JOBS_* values, by lower-case name."""
+    def __init__(self, workdir: Path, redis_url: str, torchserve=None, token_file: Path | None = None, **settings):
+        """`torchserve`: a TorchServeInstance; `token_file`: another replica's (default: its own, written at
+        start); `settings`: more STYLE_JOBS_* values, by lower-case name."""
         self.workdir = Path(workdir)
         self.port = free_port()
+        self.token_file = Path(token_file) if token_file else self.workdir / "jobs_token"
         self.env = {"STYLE_JOBS_REDIS_URL": redis_url, "STYLE_JOBS_LISTEN": f"127.0.0.1:{self.port}",
-                    "STYLE_JOBS_TOKEN_FILE": str(self.workdir / "jobs_token"), "STYLE_JOBS_HEARTBEAT_SECONDS": "0.5"}
+                    "STYLE_JOBS_TOKEN_FILE": str(self.token_file), "STYLE_JOBS_LEASE_SECONDS": "3"}
         if torchserve is not None:
             self.env.update({"STYLE_JOBS_TORCHSERVE_URL": torchserve.url("inference"),
                              "STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL": torchserve.url("management"),
@@ -32,7 +35,7 @@ class JobsInstance(ServerProcess):
 
     @property
     def token(self) -> str:
-        return (self.workdir / "jobs_token").read_text().strip()
+        return self.token_file.read_text().strip()
 
     @property
     def auth(self) -> dict[str, str]:
@@ -42,11 +45,22 @@ class JobsInstance(ServerProcess):
     def log_path(self) -> Path:
         return self.workdir / "jobs.log"
 
-    def start(self, timeout: float = 30) -> "JobsInstance":
+    @property
+    def replica(self) -> str | None:
+        """The replica's name, which a job's record names as its owner, as its log says it (the last start's)."""
+        found = re.findall(r"jobs: replica (\w+) on http", self.log_path.read_text(errors="replace"))
+        return found[-1] if found else None
+
+    def launch(self) -> "JobsInstance":
+        """Start the process without waiting for it to answer."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "jobs"], cwd=ROOT, env={**os.environ, **self.env},
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def start(self, timeout: float = 30) -> "JobsInstance":
+        self.launch()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -58,6 +72,14 @@ class JobsInstance(ServerProcess):
                 self.stop()
                 raise RuntimeError(f"the jobs service did not start:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM to the service alone, as a rolling restart or Ctrl-C sends it; its exit status, which it must
+        reach within `timeout` s (subprocess.TimeoutExpired otherwise, and stop() ends it)."""
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=timeout)
+        self.process = None
+        return status
 
     def kill(self) -> None:
         """SIGKILL, as the kernel's OOM killer or a lost node would: no chance to give jobs back."""
