@@ -268,6 +268,12 @@ class _OpenApiPage:
             for method in self.METHODS:
                 if method in item:
                     lines += self.operation(path, item, method, item[method])
+        if self.spec.get("webhooks"):
+            lines += ["## Webhooks", ""]
+            for name, item in self.spec["webhooks"].items():
+                for method in self.METHODS:
+                    if method in item:
+                        lines += self.operation(name, item, method, item[method], webhook=True)
         lines += ["## Authentication", ""]
         for name, scheme in self.spec["components"]["securitySchemes"].items():
             lines += [f"### {name}", "", f"HTTP `{scheme['scheme']}` token.", "",
@@ -278,12 +284,15 @@ class _OpenApiPage:
         return "\n".join(lines)
 
     # operations
-    def operation(self, path: str, item: dict, method: str, operation: dict) -> list[str]:
+    def operation(self, path: str, item: dict, method: str, operation: dict, webhook: bool = False) -> list[str]:
+        """An operation of a path, or with `webhook` a request the service sends (`path`: the webhook's name)."""
         servers = operation.get("servers") or item.get("servers") or self.spec["servers"]
         security = operation.get("security", self.spec.get("security", []))
         schemes = [f"[`{name}`](#{name.lower()})" for requirement in security for name in requirement]
-        lines = [f"### {method.upper()} {path}", "", f"**{operation['summary']}.**", "",
-                 f"Server: `{servers[0]['url']}`. Token: {', '.join(schemes) or 'none'}.", ""]
+        where = ("Sent by the jobs service to the job's `webhook` URL." if webhook else
+                 f"Server: `{servers[0]['url']}`. Token: {', '.join(schemes) or 'none'}.")
+        lines = [f"### {'Webhook' if webhook else method.upper()} {path}", "", f"**{operation['summary']}.**", "",
+                 where, ""]
         if operation.get("description"):
             lines += [operation["description"].strip(), ""]
         parameters = [self.resolve(p) for p in item.get("parameters", []) + operation.get("parameters", [])]

@@ -1,10 +1,12 @@
-"""`python -m jobs`: the HTTP API, arq's worker and the recovery loop of one replica, in one event loop, until
+"""`python -m jobs`: the HTTP API, its metrics, arq's worker, the recovery loop, the webhooks' sender and the
+sweeper of expired objects of one replica, in one event loop, until
 SIGTERM or SIGINT. It starts whether or not the store can be reached (the API answers 503 until it can), and
 exits with status 2, saying why, when the store is a Redis that may evict keys.
 
 On SIGTERM, in this order and within shutdown_seconds: it takes no more jobs and ends its event streams at once
 (clients resume on another replica with Last-Event-ID), gives its running jobs back to the queue for another
-replica at once (not counted as attempts), then stops answering and exits."""
+replica at once (not counted as attempts), then stops answering, lets the webhook tries under way finish in what
+time is left (the others' claims lapse: another replica tries them) and exits."""
 
 import asyncio
 import logging
@@ -12,65 +14,88 @@ import signal
 
 from aiohttp import web
 from arq.connections import ArqRedis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .api import KEEP_ALIVE_SECONDS, Services, create_app
-from .auth import TorchServeCredentials, load_or_create_token
+from .api import Services, create_app, metrics_app
+from .auth import Clients, TorchServeCredentials
 from .checks import ServerDescription
 from .config import JobsConfig
+from .events import KEEP_ALIVE_SECONDS, EventHub
+from .objects import object_store
+from .retention import Sweeper
 from .store import Store, StoreRefused
+from .submission import MemoryBudget
 from .torchserve import TorchServeClient
-from .webhooks import WebhookPolicy, WebhookSender
+from .webhooks import Signer, WebhookPolicy, WebhookSender, load_or_create_secrets
 from .worker import JobRunner, QueueWorker, Recovery, new_replica_name
 
 logger = logging.getLogger("jobs")
 
 STORE_REFUSED_EXIT_STATUS = 2
 HANDLERS_GRACE_SECONDS = 2  # of shutdown_seconds: for the HTTP handlers still answering when the API stops
+METRICS_CLIENT_NAME = "style-jobs-metrics"
+STORE_CONNECTIONS = 64
 
 
-def redis_clients(config: JobsConfig) -> tuple[ArqRedis, Redis]:
+def redis_clients(config: JobsConfig) -> tuple[ArqRedis, Redis, Redis]:
     """The store's clients, connecting when first used: one for every call, one for the event streams' blocking
-    reads (whose socket timeout outlasts a read's wait). Every call is bounded by the socket timeout; a call whose
-    connection broke (a Redis that restarted closes them all) is sent once more on a new one."""
-    def client(cls, read_timeout: float):
-        return cls.from_url(config.redis_url, socket_timeout=read_timeout,
-                            socket_connect_timeout=config.redis_timeout_seconds,
-                            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 1),
-                            retry_on_error=[RedisConnectionError])
-    return (client(ArqRedis, config.redis_timeout_seconds),
-            client(Redis, KEEP_ALIVE_SECONDS + config.redis_timeout_seconds))
+    reads (whose socket timeout outlasts a read's wait), and one for the metrics (named, so that the store's
+    operators tell its few reads apart). Every call is bounded by the socket timeout; a call whose connection
+    broke (a Redis that restarted closes them all) is sent once more on a new one. A replica holds at most
+    STORE_CONNECTIONS connections for its calls, however many come at once: a call waits for one of them as
+    long as for an answer."""
+    def client(cls, read_timeout: float, connections: int, **more):
+        pool = BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=connections, timeout=config.redis_timeout_seconds,
+            socket_timeout=read_timeout, socket_connect_timeout=config.redis_timeout_seconds,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 1), retry_on_error=[RedisConnectionError], **more)
+        return cls.from_pool(pool)
+    return (client(ArqRedis, config.redis_timeout_seconds, STORE_CONNECTIONS),
+            client(Redis, KEEP_ALIVE_SECONDS + config.redis_timeout_seconds, 2),
+            client(Redis, config.redis_timeout_seconds, 2, client_name=METRICS_CLIENT_NAME))
 
 
 async def serve(config: JobsConfig) -> int:
     """The replica's life; its exit status."""
-    token = load_or_create_token(config.path("token_file"))
-    pool, stream_redis = redis_clients(config)
+    clients = Clients(config.path("token_file"))
+    signer = Signer(load_or_create_secrets(config.path("webhook_secret_file")))
+    pool, stream_redis, metrics_redis = redis_clients(config)
     store = Store(pool, stream_redis, config.retention_seconds)
+    objects = object_store(config.object_store, config.s3_endpoint_url, config.s3_region)
     credentials = TorchServeCredentials(config.path("torchserve_key_file"),
                                         config.path("torchserve_token_file") if config.torchserve_token_file else None,
                                         config.torchserve_management_url, config.renew_key_before_seconds)
     torchserve = TorchServeClient(config.torchserve_url, config.torchserve_management_url, credentials)
     policy = WebhookPolicy(config.webhook_allowlist)
-    webhooks = WebhookSender(policy, config.webhook_timeout_seconds)
+    webhooks = WebhookSender(pool, policy, signer, config)
+    await objects.start()
     await torchserve.start()
     await webhooks.start()
     replica = new_replica_name()
-    queue = QueueWorker(config, pool, JobRunner(config, store, pool, torchserve, webhooks, replica))
+    queue = QueueWorker(config, pool, JobRunner(config, store, pool, objects, torchserve, replica))
     server = ServerDescription(torchserve.describe)
+    hub = EventHub(store, stream_redis)
     background = [asyncio.create_task(Recovery(config, store, pool, queue.in_progress_seconds).run_forever()),
-                  asyncio.create_task(server.refresh_forever())]
+                  asyncio.create_task(server.refresh_forever()), asyncio.create_task(webhooks.run_forever()),
+                  asyncio.create_task(Sweeper(store, objects).run_forever())]
     working = asyncio.create_task(queue.run())
-    services = Services(store, pool, token, policy, webhooks, server)
-    runner = web.AppRunner(create_app(services, config.max_request_bytes), shutdown_timeout=HANDLERS_GRACE_SECONDS)
-    await runner.setup()
-    host, port = config.host_port
-    await web.TCPSite(runner, host, port).start()
-    logger.info("jobs: replica %s on http://%s:%d, TorchServe %s, token in %s", replica, host, port,
-                config.torchserve_url, config.path("token_file"))
+    services = Services(config, store, pool, objects, clients, policy, server, hub,
+                        MemoryBudget(config.upload_memory_bytes))
+    runners = [web.AppRunner(create_app(services), shutdown_timeout=HANDLERS_GRACE_SECONDS)]
+    sites = [config.host_port]
+    if config.metrics_host_port is not None:
+        runners.append(web.AppRunner(metrics_app(services, metrics_redis, config.path("metrics_token_file")
+                                                 if config.metrics_token_file else None)))
+        sites.append(config.metrics_host_port)
+    for runner, (host, port) in zip(runners, sites):
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+    logger.info("jobs: replica %s on http://%s:%d (metrics: %s), TorchServe %s, objects in %s, %d clients", replica,
+                *config.host_port, config.metrics_listen or "none", config.torchserve_url, config.object_store,
+                len(clients.tokens))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -84,6 +109,7 @@ async def serve(config: JobsConfig) -> int:
         status = STORE_REFUSED_EXIT_STATUS
     ends = asyncio.get_running_loop().time() + config.shutdown_seconds
     services.stopping.set()  # event streams end, new ones send what there is and end
+    hub.end_all("the replica is stopping")
     try:
         await asyncio.wait_for(queue.stop(), config.shutdown_seconds - HANDLERS_GRACE_SECONDS)
     except TimeoutError:
@@ -91,10 +117,13 @@ async def serve(config: JobsConfig) -> int:
                        "and other replicas take them")
     for task in (working, *background):
         task.cancel()
-    await runner.cleanup()  # within HANDLERS_GRACE_SECONDS
+    for runner in runners:
+        await runner.cleanup()  # within HANDLERS_GRACE_SECONDS
     await webhooks.close(timeout=max(0.0, ends - asyncio.get_running_loop().time()))
+    await hub.close()
     await torchserve.close()
-    await asyncio.gather(pool.aclose(), stream_redis.aclose(), return_exceptions=True)
+    await objects.close()
+    await asyncio.gather(pool.aclose(), stream_redis.aclose(), metrics_redis.aclose(), return_exceptions=True)
     return status
 
 

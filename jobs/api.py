@@ -1,44 +1,65 @@
-"""The HTTP API (CONTRACT.md "jobs"; openapi.yaml): submit, status, events, result, cancel, with the clients'
-token on every /jobs call. Errors have the predictions endpoint's JSON body. /ping and /metrics need no token
-(health checks and Prometheus; they tell nothing about any job).
+"""The HTTP API (CONTRACT.md "jobs"; openapi.yaml): submit, status, events, result, cancel, with a client's token
+on every /jobs call. A job is its client's: to any other client it does not exist (404), and an
+Idempotency-Key or an id chosen with PUT is the client's own. Errors have the predictions endpoint's JSON body.
+/ping needs no token (liveness: the process answers, whether or not the store can be reached). The metrics
+are served apart (metrics_app), on a port of their own.
 
 While the store cannot be reached, every call that needs it answers 503 `StoreUnavailable` with Retry-After
-within the store's socket timeout; /ping does not need it (liveness: the process answers). When the replica
-stops, its event streams end at once (clients resume from another replica with Last-Event-ID)."""
+within the store's socket timeout. Past a quota, a submit answers 429 with Retry-After; so does a stream past
+the client's streams. When the replica stops, its event streams end at once (clients resume from another
+replica with Last-Event-ID)."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 from arq.connections import ArqRedis
+from arq.constants import default_queue_name
+from redis.asyncio import Redis
 
-from .auth import token_matches
+from .auth import Clients, load_or_create_token, token_matches
 from .checks import ServerDescription
-from .store import ACTIVE_STATUSES, END_EVENTS, STORE_ERRORS, NewJob, Store, public_status
-from .submission import SubmitError, read_submission, too_large
-from .webhooks import WebhookPolicy, WebhookRefused, WebhookSender
-from .worker import enqueue, queue_depth
+from .config import JobsConfig
+from .events import EventHub, EventStream, TimedWriter, follow
+from .objects import OBJECT_STORE_ERRORS, JobObjects, ObjectMissing, ObjectStore
+from .store import ACTIVE_STATUSES, COUNTERS, OUTBOX, STORE_ERRORS, NewJob, Quotas, Store, job_ref, public_status
+from .submission import MemoryBudget, SubmitError, store_submission, too_large
+from .webhooks import WebhookPolicy, WebhookRefused
+from .worker import delete_request, enqueue
 
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots: the runs' keys are "<id>.<run>"
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots or colons: a run's key is "<client>:<id>.<run>"
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 MAX_IDEMPOTENCY_KEY = 255
-KEEP_ALIVE_SECONDS = 15  # an SSE comment this often: proxies that cut idle connections (60 s) see traffic
 STORE_RETRY_AFTER_SECONDS = 5
+QUOTA_RETRY_AFTER_SECONDS = 30
+STREAMS_RETRY_AFTER_SECONDS = 10
 
 
 @dataclass
 class Services:
+    config: JobsConfig
     store: Store
     pool: ArqRedis
-    token: str
+    objects: ObjectStore
+    clients: Clients
     webhook_policy: WebhookPolicy
-    webhooks: WebhookSender
     server: ServerDescription
+    hub: EventHub
+    budget: MemoryBudget
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM: event streams end
+    streams: Counter = field(default_factory=Counter)  # client -> its event streams open on this replica
+
+    @property
+    def quotas(self) -> Quotas:
+        return Quotas(self.config.client_max_unfinished, self.config.max_unfinished,
+                      self.config.client_max_stored_bytes)
 
 
 def error(code: int, type_: str, message: str, field: str | None = None, headers: dict | None = None,
@@ -47,10 +68,9 @@ def error(code: int, type_: str, message: str, field: str | None = None, headers
                              status=code, headers=headers)
 
 
-def create_app(services: Services, max_request_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors, _auth])
+def create_app(services: Services) -> web.Application:
+    app = web.Application(client_max_size=services.config.max_request_bytes, middlewares=[_errors, _auth])
     app["services"] = services
-    app["max_request_bytes"] = max_request_bytes
     app.router.add_post("/jobs", submit)
     app.router.add_put("/jobs/{id}", submit)
     app.router.add_get("/jobs/{id}", status)
@@ -58,7 +78,6 @@ def create_app(services: Services, max_request_bytes: int) -> web.Application:
     app.router.add_get("/jobs/{id}/result", result)
     app.router.add_post("/jobs/{id}/cancel", cancel)
     app.router.add_get("/ping", ping)
-    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -67,7 +86,7 @@ async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:  # aiohttp's, reading a JSON body
-        refused = too_large(request.app["max_request_bytes"])
+        refused = too_large(request.app["services"].config.max_request_bytes)
         return web.json_response(refused.body, status=refused.body["code"])
     except web.HTTPException as http:
         if http.status < 400:
@@ -76,23 +95,27 @@ async def _errors(request: web.Request, handler):
         return error(http.status, http.reason.replace(" ", ""), http.text or http.reason,
                      headers={name: http.headers[name] for name in ("Allow",) if name in http.headers})
     except SubmitError as refused:
-        return web.json_response(refused.body, status=refused.body["code"])
+        return web.json_response(refused.body, status=refused.body["code"], headers=refused.headers)
     except STORE_ERRORS as failure:
-        return store_unavailable(failure)
+        return unavailable("StoreUnavailable", "the job store", failure)
+    except OBJECT_STORE_ERRORS as failure:
+        return unavailable("ObjectStoreUnavailable", "the object store", failure)
 
 
-def store_unavailable(failure: Exception) -> web.Response:
-    return error(503, "StoreUnavailable", f"the job store cannot be reached ({type(failure).__name__}); send the "
-                 f"request again in {STORE_RETRY_AFTER_SECONDS} s", None,
+def unavailable(type_: str, what: str, failure: Exception) -> web.Response:
+    return error(503, type_, f"{what} cannot be reached ({type(failure).__name__}); send the request again in "
+                             f"{STORE_RETRY_AFTER_SECONDS} s", None,
                  headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
 
 
 @web.middleware
 async def _auth(request: web.Request, handler):
-    if request.path.startswith("/jobs") and not token_matches(request.headers.get("Authorization"),
-                                                                request.app["services"].token):
-        return error(401, "Unauthorized", "send Authorization: Bearer <token> (the jobs service's token file)",
-                     "Authorization")
+    if request.path.startswith("/jobs"):
+        client = request.app["services"].clients.client(request.headers.get("Authorization"))
+        if client is None:
+            return error(401, "Unauthorized", "send Authorization: Bearer <token> (a token of the jobs service's "
+                                              "token file)", "Authorization")
+        request["client"] = client
     return await handler(request)
 
 
@@ -101,8 +124,20 @@ def _urls(job_id: str) -> dict:
     return {"self": base, "events": f"{base}/events", "result": f"{base}/result", "cancel": f"{base}/cancel"}
 
 
+def _quota_refused(which: str, services: Services) -> web.Response:
+    config = services.config
+    message = {"client_jobs": f"this client has {config.client_max_unfinished} jobs not yet ended, its most",
+               "service_jobs": f"the service has {config.max_unfinished} jobs not yet ended, its most",
+               "client_bytes": f"this client's requests and results would take more than "
+                               f"{config.client_max_stored_bytes} bytes of storage, its most (results are kept "
+                               f"{config.retention_seconds} s after their job ends)"}[which]
+    return error(429, "QuotaExceeded", f"{message}: send it again later", None,
+                 headers={"Retry-After": str(QUOTA_RETRY_AFTER_SECONDS)}, quota=which)
+
+
 async def submit(request: web.Request) -> web.Response:
     services: Services = request.app["services"]
+    client = request["client"]
     given_id = request.match_info.get("id")
     if given_id is not None and not JOB_ID.fullmatch(given_id):
         return error(400, "ParamError", "a job id is 1 to 64 letters, digits, '-' or '_'", "id")
@@ -110,28 +145,44 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency is not None and not 0 < len(idempotency) <= MAX_IDEMPOTENCY_KEY:
         return error(400, "ParamError", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
                      "Idempotency-Key")
-    submission = await read_submission(request, request.app["max_request_bytes"], services.server.limits)
-    if submission.webhook is not None:
-        try:
-            await services.webhook_policy.check_url(submission.webhook)
-        except WebhookRefused as refused:
-            return error(400, "WebhookRefused", str(refused), "webhook")
+    if idempotency is None and given_id is None:  # else it may name a job that exists: the store answers
+        # before reading a body that would be refused (the store checks again, atomically, when it makes the job)
+        usage = await services.store.usage(client)
+        if usage["unfinished"] >= services.config.client_max_unfinished:
+            return _quota_refused("client_jobs", services)
+        if usage["stored_bytes"] + (request.content_length or 0) > services.config.client_max_stored_bytes:
+            return _quota_refused("client_bytes", services)
     job_id = given_id or uuid.uuid4().hex
-    created = await services.store.create(
-        NewJob(job_id, submission.body, submission.content_type, submission.fingerprint, submission.response,
-               submission.webhook, submission.webhook_events),
-        idempotency and hashlib.sha256(idempotency.encode()).hexdigest())
+    objects = JobObjects.new(client, job_id)
+    await services.store.begin_upload(objects.prefix)
+    try:
+        submission = await store_submission(request, services.config.max_request_bytes, services.server.limits,
+                                            services.objects, objects, services.budget)
+        if submission.webhook is not None:
+            await services.webhook_policy.check_url(submission.webhook)
+        created = await services.store.create(
+            NewJob(client, job_id, objects.prefix, submission.size, submission.content_type, submission.fingerprint,
+                   submission.response, submission.webhook, submission.webhook_events),
+            idempotency and hashlib.sha256(idempotency.encode()).hexdigest(), services.quotas)
+    except BaseException as failure:
+        await asyncio.shield(_discard(services, objects))
+        if isinstance(failure, WebhookRefused):
+            return error(400, "WebhookRefused", str(failure), "webhook")
+        raise
+    if created.outcome != "created":
+        await _discard(services, objects)
+    if created.outcome == "quota":
+        return _quota_refused(created.id, services)
     if not created.same_request:
         if created.outcome == "replayed":
             return error(422, "IdempotencyKeyReused", "this Idempotency-Key was used for another request",
                          "Idempotency-Key")
         return error(409, "Conflict", f"job {job_id} exists with another request", "id")
+    ref = job_ref(client, created.id)
     if created.outcome == "created":
-        await enqueue(services.pool, job_id)
-    record = await services.store.get(created.id)
+        await enqueue(services.pool, ref)
+    record = await services.store.get(ref)
     new = created.outcome == "created"
-    if new and record is not None:
-        services.webhooks.notify(record, "queued", {**public_status(record), "event_data": {}})
     code = 202 if given_id is None else (201 if new else 200)
     headers = {"Location": f"/jobs/{created.id}"}
     if not new:
@@ -140,11 +191,20 @@ async def submit(request: web.Request) -> web.Response:
                               "urls": _urls(created.id)}, status=code, headers=headers)
 
 
+async def _discard(services: Services, objects: JobObjects) -> None:
+    """Delete what a submit that made no job wrote; what cannot be deleted now, retention.py deletes later."""
+    with contextlib.suppress(*STORE_ERRORS, *OBJECT_STORE_ERRORS):
+        await services.objects.delete_prefix(objects.prefix)
+        await services.store.end_upload(objects.prefix)
+
+
 async def _record(request: web.Request) -> dict:
+    """The job of the path's id, if it is the calling client's; 404 for anyone else's, as for no job at all."""
     job_id = request.match_info["id"]
-    record = await request.app["services"].store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    store = request.app["services"].store
+    record = await store.get(job_ref(request["client"], job_id)) if JOB_ID.fullmatch(job_id) else None
     if record is None:
-        raise web.HTTPNotFound(text=f"no job {job_id}: never submitted, or expired")
+        raise web.HTTPNotFound(text=f"no job {job_id}: never submitted (by this client), or expired")
     return record
 
 
@@ -152,45 +212,75 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(public_status(await _record(request)))
 
 
-async def result(request: web.Request) -> web.Response:
+async def result(request: web.Request) -> web.StreamResponse:
+    """The result, streamed from the object store as it is read."""
+    services: Services = request.app["services"]
     record = await _record(request)
     if record["status"] == "failed":  # what the predictions endpoint would have answered
         failure = json.loads(record["error"])
         return web.json_response(failure, status=failure["code"])
-    stored = await request.app["services"].store.result(record["id"]) if record["status"] == "succeeded" else None
-    if stored is None:
+    if record["status"] != "succeeded":
         return error(409, "NotReady", f"the job is {record['status']}: no result", None, status=record["status"])
-    body, content_type, headers = stored
-    return web.Response(body=body, content_type=content_type, headers=headers)
+    try:
+        async with services.objects.read(record["result_key"]) as stored:
+            response = web.StreamResponse(headers={**json.loads(record["result_headers"]),
+                                                   "Content-Type": record["result_type"]})
+            response.content_length = stored.size
+            await response.prepare(request)
+            writer = TimedWriter(response, services.config.stream_write_timeout_seconds)
+            try:
+                async for chunk in stored:
+                    await writer.write_bytes(chunk)
+            except (OBJECT_STORE_ERRORS, TimeoutError, ConnectionResetError):
+                # the answer is cut short (its Content-Length tells the client); nothing else to do
+                if request.transport is not None:
+                    request.transport.abort()
+            return response
+    except ObjectMissing:
+        raise web.HTTPNotFound(text=f"no job {record['id']}: expired") from None
 
 
 async def cancel(request: web.Request) -> web.Response:
     services: Services = request.app["services"]
     record = await _record(request)
-    job_id = record["id"]
+    ref = job_ref(request["client"], record["id"])
     if record["status"] in ACTIVE_STATUSES:
         # ends the job and stops the run holding it, in one step: no run that begins later takes it
-        if await services.store.finish(job_id, "canceled", {"id": job_id}):
-            record = await services.store.get(job_id)
-            services.webhooks.notify(record, END_EVENTS["canceled"], {**public_status(record), "event_data": {}})
-    return web.json_response(public_status(await services.store.get(job_id) or record), status=202)
+        if await services.store.finish(ref, "canceled", {"id": record["id"]}):
+            await delete_request(services.store, services.objects, ref)
+    return web.json_response(public_status(await services.store.get(ref) or record), status=202)
 
 
 async def events(request: web.Request) -> web.StreamResponse:
     services: Services = request.app["services"]
     record = await _record(request)
-    after = request.headers.get("Last-Event-ID", "0")
+    client = request["client"]
+    if services.streams[client] >= services.config.max_streams_per_client:
+        return error(429, "TooManyStreams", f"this client has {services.config.max_streams_per_client} event "
+                                            f"streams open on this replica, its most: close one, or poll "
+                                            f"GET /jobs/{{id}}", None,
+                     headers={"Retry-After": str(STREAMS_RETRY_AFTER_SECONDS)})
+    after = request.headers.get("Last-Event-ID", "0-0")
     if not _is_stream_id(after):  # what the client sent is no event id of ours: from the first
-        after = "0"
+        after = "0-0"
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+    services.streams[client] += 1
     try:
-        await _send_events(response, services, record["id"], after)
-    except ConnectionResetError:  # the client went away: nothing to do, the job goes on
-        pass
-    except STORE_ERRORS:  # the store went away mid-stream: the stream ends, the client resumes with its last id
-        pass
+        await response.prepare(request)
+        stream = EventStream(response, services.config.stream_write_timeout_seconds)
+        ended = record["status"] not in ACTIVE_STATUSES or services.stopping.is_set()
+        await follow(stream, services.hub, services.store, job_ref(client, record["id"]), after, ended,
+                     services.config.event_stream_seconds, services.stopping)
+    except (ConnectionResetError, *STORE_ERRORS):
+        pass  # the client went away, or the store did (the client resumes with its last id): the job goes on
+    except TimeoutError:  # the client stopped taking what is written
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        services.streams[client] -= 1
+        if not services.streams[client]:
+            del services.streams[client]
     return response
 
 
@@ -199,58 +289,65 @@ def _is_stream_id(text: str) -> bool:
     return bool(EVENT_ID.fullmatch(text)) and all(int(number) < 2 ** 64 for number in text.split("-"))
 
 
-async def _send_events(response: web.StreamResponse, services: Services, job_id: str, after: str) -> None:
-    store = services.store
-    while True:
-        current = await store.get(job_id)
-        if current is None:
-            return  # expired meanwhile
-        # An ended job's events are all written (its end event with its status): read without waiting, and stop
-        # when none is left after Last-Event-ID, even one past the end event. A stopping replica sends what it
-        # has and ends the stream.
-        ended = current["status"] not in ACTIVE_STATUSES
-        waits = not (ended or services.stopping.is_set())
-        entries = await _unless_stopping(store.events(job_id, after, block_ms=KEEP_ALIVE_SECONDS * 1000 if waits
-                                                      else None), services.stopping)
-        if entries is None:
-            return
-        if not entries:
-            if not waits:
-                return
-            await response.write(b": keep-alive\n\n")
-            continue
-        for entry_id, event, data in entries:
-            await response.write(f"id: {entry_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n".encode())
-            after = entry_id
-            if event in END_EVENTS.values():
-                return
-
-
-async def _unless_stopping(read, stopping: asyncio.Event):
-    """What `read` returns, or None once the replica is stopping."""
-    reading, stop = asyncio.ensure_future(read), asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not reading.done():
-            reading.cancel()
-    return reading.result() if reading.done() and not reading.cancelled() else None
-
-
 async def ping(request: web.Request) -> web.Response:
     """Liveness: the process answers. Not the store: a Redis that restarts must not restart every replica."""
     return web.json_response({"status": "Healthy"})
 
 
+# --- the metrics: their own app, on their own port -------------------------------------------------------------
+
+METRICS = (  # (name, type, help, the counter it reads)
+    ("style_jobs_queued", "gauge", "Jobs not yet accepted by TorchServe (waiting in the queue or for TorchServe).",
+     "queued"),
+    ("style_jobs_running", "gauge", "Jobs TorchServe has accepted and is computing.", "running"),
+    ("style_jobs_submitted_total", "counter", "Jobs submitted.", "submitted"),
+    ("style_jobs_runs_given_back_total", "counter", "Runs given back to the queue (replica stopped, lease lapsed, "
+                                                    "TorchServe's worker lost).", "given_back"),
+    ("style_jobs_stored_bytes", "gauge", "Bytes of requests and results in the object store.", "stored_bytes"),
+    ("style_jobs_webhook_failed_tries_total", "counter", "Webhook tries that got no 2xx.", "webhooks_failed_tries"),
+)
+
+
+def metrics_app(services: Services, redis: Redis, token_file: Path | None) -> web.Application:
+    """GET /metrics, Prometheus' text format, read through a Redis client of its own; with `token_file`, only with
+    Authorization: Bearer <its token>."""
+    app = web.Application()
+    app["services"], app["redis"] = services, redis
+    app["token"] = load_or_create_token(token_file) if token_file else None
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text: the queue's depth, which the cluster's autoscaling follows (deploy/k8s/jobs.yaml)."""
+    """The same few reads whatever the number of jobs: the counters the transitions keep (store.py), and the
+    lengths of the queue and the webhooks' outbox."""
     services: Services = request.app["services"]
-    counts = await services.store.count_active()
-    lines = ["# HELP style_jobs_queued Jobs waiting for TorchServe.", "# TYPE style_jobs_queued gauge",
-             f"style_jobs_queued {counts['queued']}",
-             "# HELP style_jobs_running Jobs being run by TorchServe.", "# TYPE style_jobs_running gauge",
-             f"style_jobs_running {counts['running']}",
-             "# HELP style_jobs_queue_depth Jobs in the task queue, waiting or running.",
-             "# TYPE style_jobs_queue_depth gauge", f"style_jobs_queue_depth {await queue_depth(services.pool)}"]
+    token = request.app["token"]
+    if token is not None and not token_matches(request.headers.get("Authorization"), token):
+        return error(401, "Unauthorized", "send Authorization: Bearer <the metrics token>", "Authorization")
+    try:
+        async with request.app["redis"].pipeline(transaction=False) as pipe:
+            pipe.hgetall(COUNTERS)
+            pipe.zcard(default_queue_name)
+            pipe.zcard(OUTBOX)
+            counters, queue_depth, outbox = await pipe.execute()
+    except STORE_ERRORS as failure:
+        return unavailable("StoreUnavailable", "the job store", failure)
+    counts = {name.decode(): int(value) for name, value in counters.items()}
+    lines = []
+    for name, kind, help_, counter in METRICS:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {counts.get(counter, 0)}"]
+    lines += ["# HELP style_jobs_finished_total Jobs ended, by status.", "# TYPE style_jobs_finished_total counter"]
+    lines += [f'style_jobs_finished_total{{status="{status}"}} {counts.get(status, 0)}'
+              for status in ("succeeded", "failed", "canceled")]
+    lines += ["# HELP style_jobs_webhook_deliveries_total Webhook deliveries settled, by outcome.",
+              "# TYPE style_jobs_webhook_deliveries_total counter"]
+    lines += [f'style_jobs_webhook_deliveries_total{{outcome="{outcome}"}} {counts.get(f"webhooks_{outcome}", 0)}'
+              for outcome in ("delivered", "given_up")]
+    lines += ["# HELP style_jobs_webhook_outbox Webhook deliveries not yet settled.",
+              "# TYPE style_jobs_webhook_outbox gauge", f"style_jobs_webhook_outbox {outbox}",
+              "# HELP style_jobs_queue_depth Jobs in the task queue, waiting or running.",
+              "# TYPE style_jobs_queue_depth gauge", f"style_jobs_queue_depth {queue_depth}",
+              "# HELP style_jobs_event_streams Event streams open on this replica.",
+              "# TYPE style_jobs_event_streams gauge", f"style_jobs_event_streams {sum(services.streams.values())}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

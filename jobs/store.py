@@ -1,29 +1,43 @@
-"""Every job's state in Redis, so that any replica answers for any job and a restarted one loses nothing.
+"""Every job's state in Redis, so that any replica answers for any job and a restarted one loses nothing. Redis
+holds records, events and counters only: the jobs' images are in the object store (objects.py).
+
+A job belongs to the client that submitted it: its key in the store, its `ref`, is `<client>:<id>`, so that
+two clients may use the same id and neither ever meets the other's job.
 
 Keys (all under style-jobs:, the queue itself is arq's):
-  job:{id}          hash: status, times, progress, error, what the result should be, webhook; `run`: the run that
-                    holds the job ('' when none), `owner` its replica; `attempts`: runs that broke off and count
-                    (TorchServe's worker died, its stream was cut); `deadline`: when its time is up (epoch s);
-                    `retried_after`: the error that cut the run before short, for the next `started` event
-  lease:{id}        the run holding the job; expires unless that run renews it (worker.py)
-  request:{id}      hash: the body to send to TorchServe and its content type; deleted when the job ends
-  result:{id}       hash: the answer's body, content type and headers
-  events:{id}       stream: queued, started, progress, done, error, canceled (what GET .../events replays)
-  idempotency:{sha} the job an Idempotency-Key made
-  cancel:{id}.{run} set to stop run `run` in TorchServe: the worker's handler reads it (handler/cancellation.py)
-  active            set of the ids not yet ended, which the recovery loop (worker.py) looks after
+  job:{ref}         hash: status, times, progress, error, what the result should be, webhook; `objects`: the
+                    prefix of its objects, `request_bytes`/`result_bytes` their sizes, `result_key` the result's;
+                    `run`: the run that holds the job ('' when none), `owner` its replica; `attempts`: runs that
+                    broke off and count (TorchServe's worker died, its stream was cut); `deadline`: when its
+                    time is up (epoch s); `retried_after`: the error that cut the run before short
+  lease:{ref}       the run holding the job; expires unless that run renews it (worker.py)
+  events:{ref}      stream: queued, started, progress, done, error, canceled (what GET .../events replays)
+  idempotency:{client}:{sha}  the job an Idempotency-Key of that client made, until the job's retention ends
+  cancel:{ref}.{run}  set to stop run `run` in TorchServe: the worker's handler reads it (handler/cancellation.py)
+  active            set of the refs not yet ended, which the recovery loop (worker.py) looks after
+  client:{client}   hash: `unfinished` jobs and `stored_bytes` in the object store, for the client's quotas
+  counters          hash: the metrics (api.py), kept by the transitions: `queued`, `running`, `stored_bytes`
+                    now; `submitted`, `succeeded`, `failed`, `canceled`, `given_back`, `webhooks_*` so far
+  expiring          sorted set: the objects of ended jobs, by when they expire with their job (retention.py)
+  uploads           sorted set: object prefixes being written by a submit, by when it began; a submit that
+                    never made a job (its replica died) leaves one that retention.py deletes
+  outbox            sorted set: the webhook deliveries, by when each is due (webhooks.py)
+  webhook:{id}      hash: one delivery: its URL, body, job, event, failed tries, when it was made
 
 A run is one execution of a job, named by a random token that is never used again: the header X-Style-Job-Id
-and the cancel key are `{id}.{run}`, so stopping one run never stops another. Every change of a job is one of
+and the cancel key are `{ref}.{run}`, so stopping one run never stops another. Every change of a job is one of
 the Lua scripts below, the transitions, each atomic: a run changes its job only while it still holds it
 (`run` is its own and the job has not ended), so a run that lost its lease, or whose job was canceled, changes
 nothing. Whoever takes a run's job away (a cancel, the recovery of a lapsed lease) sets that run's cancel key
-in the same step. When a job ends, everything it left expires after the retention time.
+in the same step. The transitions also keep the counters and quotas, and write the event and the webhook
+delivery it makes (the outbox), in the same step as the change they tell of. When a job ends, its record,
+events and idempotency key expire after the retention time, and its objects are listed to go with them.
 """
 
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -36,6 +50,10 @@ logger = logging.getLogger(__name__)
 PREFIX = "style-jobs:"
 CANCEL_KEY_PREFIX = PREFIX + "cancel:"  # the same as handler/cancellation.py's (a test checks)
 ACTIVE = PREFIX + "active"
+COUNTERS = PREFIX + "counters"
+EXPIRING = PREFIX + "expiring"
+UPLOADS = PREFIX + "uploads"
+OUTBOX = PREFIX + "outbox"
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 ACTIVE_STATUSES = ("queued", "running")
 END_EVENTS = {"succeeded": "done", "failed": "error", "canceled": "canceled"}
@@ -45,11 +63,15 @@ EVENTS_KEPT = 2000  # progress events of one job kept for replay (about 15 minut
 # append-only file, is a ConnectionError; ReadOnlyError: a replica not yet promoted): wait and try again.
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 # Redis evicts keys under memory pressure unless maxmemory-policy is noeviction: it would drop queued jobs,
-# leases (a live run taken for dead), results.
+# leases (a live run taken for dead), results' records.
 SAFE_EVICTION_POLICY = "noeviction"
 
-# Every transition's KEYS[1] is the job's hash; `holds(run)`: the job is active and `run` holds it.
-_HOLDS = """
+# Shared by every transition: KEYS[1] is the job's hash. `event` appends an event to the job's stream and, when
+# the job's webhook asked for it, writes its delivery to the outbox; the body is the job's status as GET
+# /jobs/{id} answers it (its JSON fields copied as they are stored) with the event's data.
+_LIB = f"""
+local P = '{PREFIX}'
+local COUNTERS = '{COUNTERS}'
 local function active()
   local status = redis.call('HGET', KEYS[1], 'status')
   return status == 'queued' or status == 'running'
@@ -57,31 +79,87 @@ end
 local function holds(run)
   return active() and (redis.call('HGET', KEYS[1], 'run') or '') == run
 end
+local function count(field, by)
+  redis.call('HINCRBY', COUNTERS, field, by)
+end
+local function json_string(value)
+  if value and value ~= '' then return cjson.encode(value) end
+  return 'null'
+end
+local function json_value(value)
+  if value and value ~= '' then return value end
+  return 'null'
+end
+local function event(stream, name, data, delivery, now, kept)
+  if kept then
+    redis.call('XADD', stream, 'MAXLEN', '~', kept, '*', 'event', name, 'data', data)
+  else
+    redis.call('XADD', stream, '*', 'event', name, 'data', data)
+  end
+  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  if not hook or hook == '' then return end
+  local settings = cjson.decode(hook)
+  for _, wanted in ipairs(settings.events) do
+    if wanted == name then
+      local f = redis.call('HMGET', KEYS[1], 'id', 'status', 'progress', 'error', 'created_at', 'started_at',
+                           'finished_at', 'client')
+      local body = '{{"event": ' .. cjson.encode(name) .. ', "job": {{"id": ' .. cjson.encode(f[1]) ..
+        ', "status": ' .. cjson.encode(f[2]) .. ', "progress": ' .. json_value(f[3]) .. ', "error": ' ..
+        json_value(f[4]) .. ', "created_at": ' .. json_string(f[5]) .. ', "started_at": ' .. json_string(f[6]) ..
+        ', "finished_at": ' .. json_string(f[7]) .. ', "event_data": ' .. data .. '}}}}'
+      redis.call('HSET', P .. 'webhook:' .. delivery, 'url', settings.url, 'body', body, 'client', f[8],
+                 'job', f[1], 'event', name, 'tries', 0, 'created', now)
+      redis.call('ZADD', P .. 'outbox', now, delivery)
+      count('webhooks_queued', 1)
+      return
+    end
+  end
+end
 """
 
-_CREATE = """
-local job, request, events, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, fingerprint, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
+# KEYS: job, events, idempotency ('' when none), active, client; ARGV: id, client, fingerprint, now (ISO),
+# response, webhook settings (JSON or ''), objects prefix, request bytes, request content type, the queued
+# event's data, a delivery id, now (epoch s), the client's most unfinished jobs, the service's, the client's
+# most stored bytes
+_CREATE = _LIB + """
+local job, idem = KEYS[1], KEYS[3]
+local id, client = ARGV[1], ARGV[2]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
-  if existing and redis.call('EXISTS', ARGV[8] .. existing) == 1 then
-    return {'replayed', existing, redis.call('HGET', ARGV[8] .. existing, 'fingerprint')}
+  if existing and redis.call('EXISTS', P .. 'job:' .. client .. ':' .. existing) == 1 then
+    return {'replayed', existing, redis.call('HGET', P .. 'job:' .. client .. ':' .. existing, 'fingerprint')}
   end
 end
 if redis.call('EXISTS', job) == 1 then
   return {'exists', id, redis.call('HGET', job, 'fingerprint')}
 end
-redis.call('HSET', job, 'id', id, 'status', 'queued', 'created_at', ARGV[4], 'fingerprint', fingerprint,
-           'attempts', 0, 'run', '', 'job', ARGV[5], 'idempotency', idem)
-redis.call('HSET', request, 'body', ARGV[6], 'content_type', ARGV[7])
-redis.call('XADD', events, '*', 'event', 'queued', 'data', ARGV[9])
-redis.call('SADD', KEYS[5], id)
-if idem ~= '' then redis.call('SET', idem, id, 'EX', retention) end
-return {'created', id, fingerprint}
+local size = tonumber(ARGV[8])
+if tonumber(redis.call('HGET', KEYS[5], 'unfinished') or '0') >= tonumber(ARGV[13]) then
+  return {'quota', 'client_jobs'}
+end
+local unfinished = tonumber(redis.call('HGET', COUNTERS, 'queued') or '0') +
+                   tonumber(redis.call('HGET', COUNTERS, 'running') or '0')
+if unfinished >= tonumber(ARGV[14]) then return {'quota', 'service_jobs'} end
+if tonumber(redis.call('HGET', KEYS[5], 'stored_bytes') or '0') + size > tonumber(ARGV[15]) then
+  return {'quota', 'client_bytes'}
+end
+redis.call('HSET', job, 'id', id, 'client', client, 'status', 'queued', 'created_at', ARGV[4],
+           'fingerprint', ARGV[3], 'attempts', 0, 'run', '', 'response', ARGV[5], 'webhook', ARGV[6],
+           'idempotency', idem, 'objects', ARGV[7], 'request_bytes', size, 'request_type', ARGV[9])
+redis.call('HINCRBY', KEYS[5], 'unfinished', 1)
+redis.call('HINCRBY', KEYS[5], 'stored_bytes', size)
+count('queued', 1)
+count('submitted', 1)
+count('stored_bytes', size)
+redis.call('SADD', KEYS[4], client .. ':' .. id)
+redis.call('ZREM', P .. 'uploads', ARGV[7])
+if idem ~= '' then redis.call('SET', idem, id) end
+event(KEYS[2], 'queued', ARGV[10], ARGV[11], ARGV[12])
+return {'created', id, ARGV[3]}
 """
 
 # KEYS: job, lease; ARGV: run, owner, lease ms, now (epoch s), the job's time limit (s)
-_BEGIN = _HOLDS + """
+_BEGIN = _LIB + """
 if not active() then return {'ended'} end
 if (redis.call('HGET', KEYS[1], 'run') or '') ~= '' then return {'held'} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
@@ -96,27 +174,32 @@ return {'began', redis.call('HGET', KEYS[1], 'attempts') or '0', deadline,
 """
 
 # KEYS: job, lease; ARGV: run, lease ms
-_RENEW = _HOLDS + """
+_RENEW = _LIB + """
 if not holds(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# TorchServe took the run's request: the job is running. KEYS: job, events; ARGV: run, now, started event data
-_ACCEPT = _HOLDS + """
+# TorchServe took the run's request: the job is running. KEYS: job, events; ARGV: run, now (ISO), started event
+# data, a delivery id, now (epoch s)
+_ACCEPT = _LIB + """
 if not holds(ARGV[1]) then return 0 end
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  count('queued', -1)
+  count('running', 1)
+end
 redis.call('HSET', KEYS[1], 'status', 'running')
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 redis.call('HDEL', KEYS[1], 'retried_after')
-redis.call('XADD', KEYS[2], '*', 'event', 'started', 'data', ARGV[3])
+event(KEYS[2], 'started', ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
 
-# KEYS: job, events; ARGV: run, progress (the status's), progress event data, events kept
-_PROGRESS = _HOLDS + """
+# KEYS: job, events; ARGV: run, progress (the status's), progress event data, events kept, a delivery id, now
+_PROGRESS = _LIB + """
 if not holds(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', 'progress', 'data', ARGV[3])
+event(KEYS[2], 'progress', ARGV[3], ARGV[5], ARGV[6], ARGV[4])
 return 1
 """
 
@@ -124,9 +207,14 @@ return 1
 # (counted), or its lease lapsed (recovery, only while no lease is left). Its cancel key stops what TorchServe
 # may still compute for it. KEYS: job, lease, the run's cancel key; ARGV: run, why (an error body), counts
 # ('1' or '0'), retention, only when the lease has lapsed ('1' or '0')
-_RELEASE = _HOLDS + """
+_RELEASE = _LIB + """
 if not holds(ARGV[1]) then return 0 end
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  count('running', -1)
+  count('queued', 1)
+end
+count('given_back', 1)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'run', '', 'owner', '', 'retried_after', ARGV[2])
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('DEL', KEYS[2])
@@ -135,35 +223,63 @@ return 1
 """
 
 # End an active job: by the run holding it (ARGV[11] its run), or canceled by a client (ARGV[11] ''), which also
-# stops the run holding it. KEYS: job, request, result, events, active, lease; ARGV: id, status, now, error,
-# result body, result type, result headers, retention, event, event data, run, cancel key prefix
-_FINISH = _HOLDS + """
+# stops the run holding it. Its request's bytes are no longer counted (the caller deletes the object), its
+# result's are until it expires. KEYS: job, events, active, lease, client; ARGV: ref, status, now (ISO), error,
+# result key, result bytes, result content type, result headers, retention, event, event data, run, a delivery
+# id, now (epoch s)
+_FINISH = _LIB + """
 if not active() then return 0 end
 local run = redis.call('HGET', KEYS[1], 'run') or ''
-local by_client = ARGV[11] == ''
-if not by_client and run ~= ARGV[11] then return 0 end
-local retention = tonumber(ARGV[8])
-if by_client and run ~= '' then redis.call('SET', ARGV[12] .. ARGV[1] .. '.' .. run, '1', 'EX', retention) end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'run', '', 'owner', '')
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[3], 'body', ARGV[5], 'content_type', ARGV[6], 'headers', ARGV[7])
-end
-redis.call('DEL', KEYS[2], KEYS[6])
-redis.call('XADD', KEYS[4], '*', 'event', ARGV[9], 'data', ARGV[10])
-redis.call('SREM', KEYS[5], ARGV[1])
-for _, key in ipairs({KEYS[1], KEYS[3], KEYS[4]}) do redis.call('EXPIRE', key, retention) end
+local by_client = ARGV[12] == ''
+if not by_client and run ~= ARGV[12] then return 0 end
+local retention = tonumber(ARGV[9])
+if by_client and run ~= '' then redis.call('SET', P .. 'cancel:' .. ARGV[1] .. '.' .. run, '1', 'EX', retention) end
+count(redis.call('HGET', KEYS[1], 'status'), -1)
+count(ARGV[2], 1)
+local result_bytes = tonumber(ARGV[6])
+local stored = result_bytes - tonumber(redis.call('HGET', KEYS[1], 'request_bytes') or '0')
+count('stored_bytes', stored)
+redis.call('HINCRBY', KEYS[5], 'stored_bytes', stored)
+redis.call('HINCRBY', KEYS[5], 'unfinished', -1)
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'run', '', 'owner', '',
+           'result_key', ARGV[5], 'result_bytes', result_bytes, 'result_type', ARGV[7], 'result_headers', ARGV[8])
+redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[3], ARGV[1])
+local f = redis.call('HMGET', KEYS[1], 'client', 'objects')
+redis.call('ZADD', P .. 'expiring', tonumber(ARGV[14]) + retention,
+           cjson.encode({client = f[1], objects = f[2], bytes = result_bytes}))
+event(KEYS[2], ARGV[10], ARGV[11], ARGV[13], ARGV[14])
+for _, key in ipairs({KEYS[1], KEYS[2]}) do redis.call('EXPIRE', key, retention) end
 local idem = redis.call('HGET', KEYS[1], 'idempotency')
 if idem and idem ~= '' then redis.call('EXPIRE', idem, retention) end
 return 1
 """
 
+# An ended job's objects are gone: no longer counted. KEYS: the expiring set; ARGV: the entry, its client's key
+_EXPIRED = _LIB + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local entry = cjson.decode(ARGV[1])
+redis.call('HINCRBY', ARGV[2], 'stored_bytes', -entry.bytes)
+count('stored_bytes', -entry.bytes)
+return 1
+"""
 
-def key(kind: str, job_id: str) -> str:
-    return f"{PREFIX}{kind}:{job_id}"
+
+def key(kind: str, ref: str) -> str:
+    return f"{PREFIX}{kind}:{ref}"
 
 
-def cancel_key(job_id: str, run: str) -> str:
-    return f"{CANCEL_KEY_PREFIX}{job_id}.{run}"
+def job_ref(client: str, job_id: str) -> str:
+    """A job's key in the store: its client's name and its id."""
+    return f"{client}:{job_id}"
+
+
+def client_key(client: str) -> str:
+    return f"{PREFIX}client:{client}"
+
+
+def cancel_key(ref: str, run: str) -> str:
+    return f"{CANCEL_KEY_PREFIX}{ref}.{run}"
 
 
 def now_iso() -> str:
@@ -171,21 +287,39 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
+def _delivery_id() -> str:
+    """A webhook delivery's id (`webhook-id`), the same for every try of it."""
+    return f"msg_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    client_unfinished: int
+    service_unfinished: int
+    client_stored_bytes: int
+
+
 @dataclass(frozen=True)
 class NewJob:
+    client: str
     id: str
-    body: bytes  # what goes to TorchServe (stream=true set, webhook fields taken out)
-    content_type: str
+    objects: str  # its objects' prefix (objects.JobObjects), its request stored under "request"
+    request_bytes: int
+    content_type: str  # the request's
     fingerprint: str  # of what the client sent: the same id or Idempotency-Key with another body is a conflict
     response: str  # "image" or "json": what GET .../result returns
     webhook: str | None
     webhook_events: tuple[str, ...]
 
+    @property
+    def ref(self) -> str:
+        return job_ref(self.client, self.id)
+
 
 @dataclass(frozen=True)
 class Created:
-    outcome: str  # "created", "exists" (the id was taken), "replayed" (the Idempotency-Key's job)
-    id: str
+    outcome: str  # "created", "exists" (the id was taken), "replayed" (the Idempotency-Key's job), "quota"
+    id: str  # for "quota": which quota (client_jobs, service_jobs, client_bytes)
     same_request: bool
 
 
@@ -197,41 +331,61 @@ class Began:
     retried_after: dict | None  # what cut the run before short, if one was
 
 
+@dataclass(frozen=True)
+class StoredResult:
+    key: str  # in the object store
+    size: int
+    content_type: str
+    headers: dict
+
+
 class Store:
     def __init__(self, redis: Redis, stream_redis: Redis, retention_seconds: int):
-        """`stream_redis`: a client whose socket timeout outlasts a blocking read of events (events())."""
+        """`stream_redis`: a client whose socket timeout outlasts a blocking read of events (events.py)."""
         self.redis, self.stream_redis, self.retention = redis, stream_redis, retention_seconds
-        self._create, self._begin, self._renew, self._accept, self._progress, self._release, self._finish = (
-            redis.register_script(script) for script in (_CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE,
-                                                          _FINISH))
+        (self._create, self._begin, self._renew, self._accept, self._progress, self._release, self._finish,
+         self._expired) = (redis.register_script(script) for script in (
+            _CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE, _FINISH, _EXPIRED))
 
-    async def create(self, job: NewJob, idempotency_key: str | None) -> Created:
-        job_json = json.dumps({"response": job.response, "webhook": job.webhook,
-                               "webhook_events": list(job.webhook_events)})
-        idem = idempotency_key and f"{PREFIX}idempotency:{idempotency_key}"
-        outcome, job_id, fingerprint = await self._create(
-            keys=[key("job", job.id), key("request", job.id), key("events", job.id), idem or "", ACTIVE],
-            args=[job.id, job.fingerprint, self.retention, now_iso(), job_json, job.body, job.content_type,
-                  PREFIX + "job:", json.dumps({"id": job.id, "status": "queued"})])
-        return Created(outcome.decode(), job_id.decode(), (fingerprint or b"").decode() == job.fingerprint)
+    async def begin_upload(self, objects: str) -> None:
+        """A submit starts writing objects under `objects`: listed until a job takes them (create), so that
+        they are deleted if none ever does."""
+        await self.redis.zadd(UPLOADS, {objects: time.time()})
 
-    async def get(self, job_id: str) -> dict | None:
-        raw = await self.redis.hgetall(key("job", job_id))
+    async def end_upload(self, objects: str) -> None:
+        """The objects under `objects` were deleted: no longer listed."""
+        await self.redis.zrem(UPLOADS, objects)
+
+    async def create(self, job: NewJob, idempotency_key: str | None, quotas: Quotas) -> Created:
+        webhook = json.dumps({"url": job.webhook, "events": list(job.webhook_events)}) if job.webhook else ""
+        idem = idempotency_key and f"{PREFIX}idempotency:{job.client}:{idempotency_key}"
+        outcome, job_id, *fingerprint = await self._create(
+            keys=[key("job", job.ref), key("events", job.ref), idem or "", ACTIVE, client_key(job.client)],
+            args=[job.id, job.client, job.fingerprint, now_iso(), job.response, webhook, job.objects,
+                  job.request_bytes, job.content_type, json.dumps({"id": job.id, "status": "queued"}),
+                  _delivery_id(), time.time(), quotas.client_unfinished, quotas.service_unfinished,
+                  quotas.client_stored_bytes])
+        same = (fingerprint[0] if fingerprint else b"") or b""
+        return Created(outcome.decode(), job_id.decode(), same.decode() == job.fingerprint)
+
+    async def get(self, ref: str) -> dict | None:
+        raw = await self.redis.hgetall(key("job", ref))
         return {name.decode(): value.decode() for name, value in raw.items()} if raw else None
 
-    async def request(self, job_id: str) -> tuple[bytes, str] | None:
-        body, content_type = await self.redis.hmget(key("request", job_id), "body", "content_type")
-        return None if body is None else (body, content_type.decode())
+    async def usage(self, client: str) -> dict[str, int]:
+        """The client's unfinished jobs and stored bytes."""
+        unfinished, stored = await self.redis.hmget(client_key(client), "unfinished", "stored_bytes")
+        return {"unfinished": int(unfinished or 0), "stored_bytes": int(stored or 0)}
 
-    async def result(self, job_id: str) -> tuple[bytes, str, dict] | None:
-        body, content_type, headers = await self.redis.hmget(key("result", job_id), "body", "content_type", "headers")
-        return None if body is None else (body, content_type.decode(), json.loads(headers))
+    async def counters(self) -> dict[str, int]:
+        """The metrics' counters: one read, whatever the number of jobs."""
+        return {name.decode(): int(value) for name, value in (await self.redis.hgetall(COUNTERS)).items()}
 
     # --- the transitions of a run (worker.py) ---
-    async def begin(self, job_id: str, run: str, owner: str, lease_seconds: float,
+    async def begin(self, ref: str, run: str, owner: str, lease_seconds: float,
                     timeout_seconds: float) -> Began | None:
         """Run `run` takes the job and its lease; None when the job has ended or another run holds it."""
-        outcome, *fields = await self._begin(keys=[key("job", job_id), key("lease", job_id)],
+        outcome, *fields = await self._begin(keys=[key("job", ref), key("lease", ref)],
                                              args=[run, owner, int(lease_seconds * 1000), time.time(),
                                                    timeout_seconds])
         if outcome != b"began":
@@ -239,71 +393,83 @@ class Store:
         attempts, deadline, retried_after = (field.decode() for field in fields)
         return Began(int(attempts), float(deadline), json.loads(retried_after) if retried_after else None)
 
-    async def renew(self, job_id: str, run: str, lease_seconds: float) -> bool:
+    async def renew(self, ref: str, run: str, lease_seconds: float) -> bool:
         """Extend the run's lease; False when the run no longer holds its job."""
-        return bool(await self._renew(keys=[key("job", job_id), key("lease", job_id)],
-                                      args=[run, int(lease_seconds * 1000)]))
+        return bool(await self._renew(keys=[key("job", ref), key("lease", ref)], args=[run, int(lease_seconds * 1000)]))
 
-    async def lease_held(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(key("lease", job_id)))
+    async def lease_held(self, ref: str) -> bool:
+        return bool(await self.redis.exists(key("lease", ref)))
 
-    async def accept(self, job_id: str, run: str, started: dict) -> bool:
+    async def accept(self, ref: str, run: str, started: dict) -> bool:
         """TorchServe took the run's request: the job is `running`, with the `started` event."""
-        return bool(await self._accept(keys=[key("job", job_id), key("events", job_id)],
-                                       args=[run, now_iso(), json.dumps(started)]))
+        return bool(await self._accept(keys=[key("job", ref), key("events", ref)],
+                                       args=[run, now_iso(), json.dumps(started), _delivery_id(), time.time()]))
 
-    async def record_progress(self, job_id: str, run: str, progress: dict) -> bool:
+    async def record_progress(self, ref: str, run: str, progress: dict) -> bool:
         state = json.dumps({name: value for name, value in progress.items() if name not in ("event", "preview")})
-        return bool(await self._progress(keys=[key("job", job_id), key("events", job_id)],
-                                         args=[run, state, json.dumps(progress), EVENTS_KEPT]))
+        return bool(await self._progress(keys=[key("job", ref), key("events", ref)],
+                                         args=[run, state, json.dumps(progress), EVENTS_KEPT, _delivery_id(),
+                                               time.time()]))
 
-    async def release(self, job_id: str, run: str, why: dict, counts: bool, only_if_lapsed: bool = False) -> bool:
+    async def release(self, ref: str, run: str, why: dict, counts: bool, only_if_lapsed: bool = False) -> bool:
         """Give the job back to the queue, `why` for the next run's `started` event; the run's cancel key stops
         what TorchServe may still compute for it. `counts`: it used up an attempt. `only_if_lapsed`: only if
         the run's lease has run out (the recovery of a run whose replica stopped renewing it)."""
         return bool(await self._release(
-            keys=[key("job", job_id), key("lease", job_id), cancel_key(job_id, run)],
+            keys=[key("job", ref), key("lease", ref), cancel_key(ref, run)],
             args=[run, json.dumps(why), int(counts), self.retention, int(only_if_lapsed)]))
 
-    async def stop_run(self, job_id: str, run: str) -> None:
+    async def stop_run(self, ref: str, run: str) -> None:
         """Stop what TorchServe computes for a run that no longer holds its job."""
-        await self.redis.set(cancel_key(job_id, run), "1", ex=self.retention)
+        await self.redis.set(cancel_key(ref, run), "1", ex=self.retention)
 
-    async def finish(self, job_id: str, status: str, data: dict, error: dict | None = None,
-                     result: tuple[bytes, str, dict] | None = None, run: str | None = None) -> bool:
+    async def finish(self, ref: str, status: str, data: dict, error: dict | None = None,
+                     result: StoredResult | None = None, run: str | None = None) -> bool:
         """End an active job with `status`: by the run `run` while it holds the job, or, without a run, canceled
         by its client. False when it had ended already, or `run` no longer holds it."""
-        body, content_type, headers = result or (b"", "", {})
+        client = ref.split(":", 1)[0]
         ended = await self._finish(
-            keys=[key("job", job_id), key("request", job_id), key("result", job_id), key("events", job_id), ACTIVE,
-                  key("lease", job_id)],
-            args=[job_id, status, now_iso(), json.dumps(error) if error else "", body, content_type,
-                  json.dumps(headers), self.retention, END_EVENTS[status], json.dumps(data), run or "",
-                  CANCEL_KEY_PREFIX])
+            keys=[key("job", ref), key("events", ref), ACTIVE, key("lease", ref), client_key(client)],
+            args=[ref, status, now_iso(), json.dumps(error) if error else "", result.key if result else "",
+                  result.size if result else 0, result.content_type if result else "",
+                  json.dumps(result.headers if result else {}), self.retention, END_EVENTS[status],
+                  json.dumps(data), run or "", _delivery_id(), time.time()])
         return bool(ended)
 
     # --- reading ---
-    async def events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, dict]]:
-        """The events after stream id `after` ("0" for all), waiting up to block_ms for one (None: not at all)."""
-        found = await self.stream_redis.xread({key("events", job_id): after}, block=block_ms, count=100)
+    async def events(self, ref: str, after: str, count: int = 100) -> list[tuple[str, str, dict]]:
+        """Up to `count` events after stream id `after` ("0" for all), without waiting."""
+        found = await self.redis.xread({key("events", ref): after}, count=count)
         return [(entry_id.decode(), fields[b"event"].decode(), json.loads(fields[b"data"]))
                 for _, entries in found for entry_id, fields in entries]
 
-    async def active_ids(self) -> list[str]:
+    async def last_event_id(self, ref: str) -> str:
+        """The id of the job's last event, "0-0" when it has none."""
+        last = await self.redis.xrevrange(key("events", ref), count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def active_refs(self) -> list[str]:
         return [member.decode() async for member in self.redis.sscan_iter(ACTIVE, count=500)]
 
-    async def forget(self, job_id: str) -> None:
-        """Take an id whose record has expired out of the active set."""
-        await self.redis.srem(ACTIVE, job_id)
+    async def forget(self, ref: str) -> None:
+        """Take a ref whose record has expired out of the active set."""
+        await self.redis.srem(ACTIVE, ref)
 
-    async def count_active(self) -> dict[str, int]:
-        """Active jobs by status, for the metrics (autoscaling on the queue's depth)."""
-        counts = dict.fromkeys(ACTIVE_STATUSES, 0)
-        for job_id in await self.active_ids():
-            status = await self.redis.hget(key("job", job_id), "status")
-            if status is not None and status.decode() in counts:
-                counts[status.decode()] += 1
-        return counts
+    # --- what expires (retention.py) ---
+    async def due_expiring(self, now: float, count: int) -> list[tuple[str, dict]]:
+        """Up to `count` entries of ended jobs' objects whose time has come: (the entry, its fields)."""
+        found = await self.redis.zrangebyscore(EXPIRING, "-inf", now, start=0, num=count)
+        return [(entry.decode(), json.loads(entry)) for entry in found]
+
+    async def expired(self, entry: str, client: str) -> bool:
+        """The entry's objects are deleted: it is taken off, and its bytes no longer counted. False when
+        another replica took it first."""
+        return bool(await self._expired(keys=[EXPIRING], args=[entry, client_key(client)]))
+
+    async def abandoned_uploads(self, before: float, count: int) -> list[str]:
+        """Prefixes of uploads begun before `before` that no job took."""
+        return [prefix.decode() for prefix in await self.redis.zrangebyscore(UPLOADS, "-inf", before, start=0,
+                                                                             num=count)]
 
 
 class StoreRefused(Exception):

@@ -1,4 +1,4 @@
-"""A submitted job's body -> what is sent to TorchServe, and what the job's own fields ask for.
+"""A submitted job's body -> the request stored for TorchServe, and what the job's own fields ask for.
 
 The body is the predictions endpoint's (CONTRACT.md "Request"), multipart or JSON, passed on with its images and
 parameters untouched except: `stream` is set to true (the progress is what the events are made of, and every
@@ -6,31 +6,51 @@ chunk keeps the connection alive), and the jobs' own fields `webhook` and `webho
 as fields of their own: inside `params` they are unknown parameters, as for the predictions endpoint). What is
 passed on is checked here as the handler will read it (checks.py): what it would refuse before any work is
 refused at submit with its error.
+
+Memory: a multipart body is never held whole. Its parts are written to the object store as they arrive, hashed
+on the way (the fingerprint that Idempotency-Key and PUT compare); only the fields and the first HEAD_BYTES of
+each image, what the checks read, are kept. A JSON body (its images are base64 inside one document) is read
+whole. Each submit holds a share of the replica's upload memory (MemoryBudget) while it is read: past that,
+submits wait for their turn, and answer 503 Busy when none comes in time.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from urllib3 import encode_multipart_formdata
+from urllib3.fields import RequestField
 
 from .checks import ServerLimits, refusal
+from .objects import PART_BYTES, JobObjects, ObjectStore
 from .store import EVENTS
 
 JOB_FIELDS = ("webhook", "webhook_events")
 DEFAULT_WEBHOOK_EVENTS = ("done", "error", "canceled")
-TEXT_FIELDS = ("params", "response", *JOB_FIELDS)  # the fields read here
+IMAGE_PART = re.compile(r"content|init_image|style(_\d+)?|mask_\d+")  # handler/request_parsing.py's images
 # Far above what a request holds (images, masks, one part per parameter), far below what a body of the size
 # limit could hold as empty parts, each of which costs memory here and in the store.
 MAX_PARTS = 256
+HEAD_BYTES = 256 * 1024  # of each image, kept for the checks: its header (the size it declares) is in it
+KEPT_BYTES = 2 * 1024 * 1024  # the fields and the images' heads together
+# What a multipart submit holds at most while it is read: a part of its upload as it comes and as it is sent,
+# and what it keeps
+MULTIPART_MEMORY = 2 * PART_BYTES + KEPT_BYTES + 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+BUDGET_WAIT_SECONDS = 30.0
+BUSY_RETRY_AFTER_SECONDS = 5
 
 
 class SubmitError(Exception):
-    def __init__(self, code: int, type_: str, message: str, field: str | None):
+    def __init__(self, code: int, type_: str, message: str, field: str | None, headers: dict | None = None):
         super().__init__(message)
         self.body = {"code": code, "type": type_, "message": message, "field": field}
+        self.headers = headers
 
     @classmethod
     def of(cls, body: dict) -> "SubmitError":
@@ -41,9 +61,35 @@ def too_large(max_bytes: int) -> SubmitError:
     return SubmitError(413, "TooLarge", f"the request is larger than the {max_bytes} bytes allowed", "body")
 
 
+class MemoryBudget:
+    """Bytes a replica's submits may hold in memory at once; each takes its share while it is read."""
+
+    def __init__(self, total: int):
+        self.total, self.free = total, total
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, wanted: int, timeout: float = BUDGET_WAIT_SECONDS):
+        wanted = min(wanted, self.total)
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= wanted), timeout)
+            except TimeoutError:
+                raise SubmitError(503, "Busy", f"the service is reading as many submits as its memory allows; "
+                                               f"send the request again in {BUSY_RETRY_AFTER_SECONDS} s", None,
+                                  {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}) from None
+            self.free -= wanted
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += wanted
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True)
 class Submission:
-    body: bytes
+    size: int  # of the request stored for TorchServe
     content_type: str
     fingerprint: str
     response: str  # "image" or "json"
@@ -51,61 +97,64 @@ class Submission:
     webhook_events: tuple[str, ...]
 
 
-async def read_submission(request: web.Request, max_bytes: int, limits: ServerLimits) -> Submission:
-    """The submission, or SubmitError with what the predictions endpoint (or the jobs service) refuses."""
+async def store_submission(request: web.Request, max_bytes: int, limits: ServerLimits, objects: ObjectStore,
+                           job: JobObjects, budget: MemoryBudget) -> Submission:
+    """The submission, its request written to `job`'s "request" object; or SubmitError with what the
+    predictions endpoint (or the jobs service) refuses (the caller deletes what was written)."""
     kind = request.content_type
+    if kind not in ("multipart/form-data", "application/json"):
+        raise SubmitError(400, "UnsupportedMediaType", "send the predictions endpoint's body: multipart/form-data "
+                                                       "or application/json", "Content-Type")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(max_bytes)
     if kind == "multipart/form-data":
-        return await _from_multipart(request, max_bytes, limits)
-    if kind == "application/json":
-        return _from_json(await request.read(), limits)
-    raise SubmitError(400, "UnsupportedMediaType", "send the predictions endpoint's body: multipart/form-data or "
-                                                   "application/json", "Content-Type")
+        async with budget.hold(MULTIPART_MEMORY):
+            return await _from_multipart(request, max_bytes, limits, objects, job)
+    async with budget.hold(2 * (request.content_length or max_bytes)):
+        return await _from_json(request, limits, objects, job)
 
 
-@dataclass(frozen=True)
-class Part:
-    name: str
-    filename: str | None
-    data: bytes
-    content_type: str | None
+@dataclass
+class _Multipart:
+    """What reading a multipart body keeps: the fields and image heads the checks read, and the fingerprint."""
+    max_bytes: int
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    row: dict = field(default_factory=dict)  # part name -> (filename, kept bytes, content type)
+    cut: set = field(default_factory=set)  # image parts kept only in part
+    kept: int = 0
 
 
-async def _from_multipart(request: web.Request, max_bytes: int, limits: ServerLimits) -> Submission:
-    fields, digest, texts = [], hashlib.sha256(), {}
-    for part in await _read_parts(request, max_bytes):
-        if part.filename is not None:
-            digest.update(f"{part.name}\0file\0{len(part.data)}\0".encode() + part.data)
-        else:  # text as it was read before, so that a job submitted again finds its fingerprint the same
-            value = part.data.decode("utf-8", "surrogateescape")
-            digest.update(f"{part.name}\0text\0{len(value)}\0{value}".encode("utf-8", "surrogateescape"))
-        if part.name in TEXT_FIELDS:  # clients may send any field as a file part (requests' files= does)
-            texts[part.name] = part.data.decode("utf-8", "replace")
-        if part.name not in JOB_FIELDS and part.name != "stream":
-            fields.append((part.name, part.data if part.filename is None else
-                           (part.filename or part.name, part.data, part.content_type)))
-    fields.append(("stream", "true"))  # a plain field wins over params' own (handler/request_parsing.py)
-    _check(dict((name, _as_torchserve_reads(value)) for name, value in fields), limits)
-    body, content_type = encode_multipart_formdata(fields)
+async def _from_multipart(request: web.Request, max_bytes: int, limits: ServerLimits, objects: ObjectStore,
+                          job: JobObjects) -> Submission:
+    reading = _Multipart(max_bytes)
+    boundary = f"style-jobs-{job.prefix.split('/')[-2]}"
+    size = await objects.put(job.key("request"), _encoded_parts(request, reading, boundary))
+    texts = {name: data.decode("utf-8", "replace") for name, (_, data, _) in reading.row.items()
+             if name in (*JOB_FIELDS, "params", "response")}
+    row = {name: _as_torchserve_reads(filename, data, content_type)
+           for name, (filename, data, content_type) in reading.row.items() if name not in JOB_FIELDS}
+    row["stream"] = b"true"  # a plain field wins over params' own (handler/request_parsing.py)
+    _check(row, limits, reading.cut)
     params = _json_object(texts.get("params"))
     response = texts.get("response") or params.get("response")
     events = texts.get("webhook_events")
-    return Submission(body, content_type, digest.hexdigest(), _response_kind(response), texts.get("webhook") or None,
+    return Submission(size, f"multipart/form-data; boundary={boundary}", reading.digest.hexdigest(),
+                      _response_kind(response), texts.get("webhook") or None,
                       _webhook_events(_comma_or_json_list(events) if events is not None else None))
 
 
-async def _read_parts(request: web.Request, max_bytes: int) -> list[Part]:
-    """Every part as the bytes it holds, within the request's size limit. Not aiohttp's request.post(), which
-    decodes a part without a file name as text and fails on an image sent that way: TorchServe takes it."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise too_large(max_bytes)
-    parts = []
+async def _encoded_parts(request: web.Request, reading: _Multipart, boundary: str) -> AsyncIterator[bytes]:
+    """The body sent on to TorchServe, part by part as the client's body is read: every part but the jobs'
+    own fields and `stream`, then stream=true. Not aiohttp's request.post(), which holds the body and decodes
+    a part without a file name as text (failing on an image sent that way, which TorchServe takes)."""
+    parts = 0
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             # Checked at every part too: empty parts never reach the chunk loop below.
-            if request.content.total_bytes > max_bytes:
-                raise too_large(max_bytes)
-            if len(parts) == MAX_PARTS:
+            if request.content.total_bytes > reading.max_bytes:
+                raise too_large(reading.max_bytes)
+            if parts == MAX_PARTS:
                 raise SubmitError(400, "ParamError", f"more than {MAX_PARTS} parts: send the images and at most "
                                                      f"one part per parameter", "body")
             if not isinstance(part, BodyPartReader):
@@ -114,25 +163,67 @@ async def _read_parts(request: web.Request, max_bytes: int) -> list[Part]:
             if not part.name:  # TorchServe's decoder would refuse the body with a 500 (openapi.yaml)
                 raise SubmitError(400, "ParamError", "a part has no name: every part needs Content-Disposition: "
                                                      "form-data; name=\"...\"", "body")
-            data = bytearray()
-            while chunk := await part.read_chunk():
-                data.extend(chunk)
-                if request.content.total_bytes > max_bytes:
-                    raise too_large(max_bytes)
-            parts.append(Part(part.name, part.filename, bytes(data), part.headers.get(hdrs.CONTENT_TYPE)))
+            parts += 1
+            async for chunk in _part(request, part, reading, boundary):
+                yield chunk
     except (ValueError, HttpProcessingError) as error:  # no boundary, a broken body, unreadable part headers
         raise SubmitError(400, "ParamError", f"the multipart body cannot be read: {error}", "body") from None
-    return parts
+    yield _part_head(boundary, "stream", None, None) + b"true\r\n" + f"--{boundary}--\r\n".encode()
 
 
-def _from_json(raw: bytes, limits: ServerLimits) -> Submission:
+async def _part(request: web.Request, part: BodyPartReader, reading: _Multipart,
+                boundary: str) -> AsyncIterator[bytes]:
+    """One part: hashed, its head kept, passed on unless it is one of the jobs' fields (or `stream`)."""
+    name, filename, content_type = part.name, part.filename, part.headers.get(hdrs.CONTENT_TYPE)
+    passed_on = name not in JOB_FIELDS and name != "stream"
+    keeps = HEAD_BYTES if IMAGE_PART.fullmatch(name) else reading.max_bytes
+    reading.digest.update(f"{name}\0{'text' if filename is None else 'file'}\0".encode())
+    if passed_on:
+        # a part with a file name of "" is still a file: TorchServe's decoder needs one
+        yield _part_head(boundary, name, None if filename is None else filename or name,
+                         None if filename is None else content_type)
+    kept, size = bytearray(), 0
+    while chunk := await part.read_chunk(READ_CHUNK_BYTES):
+        if request.content.total_bytes > reading.max_bytes:
+            raise too_large(reading.max_bytes)
+        reading.digest.update(chunk)
+        size += len(chunk)
+        if len(kept) < keeps:
+            kept += chunk[:keeps - len(kept)]
+            if reading.kept + len(kept) > KEPT_BYTES:
+                raise SubmitError(413, "TooLarge", f"the fields and the images' first {HEAD_BYTES} bytes come to "
+                                                   f"more than {KEPT_BYTES} bytes: send fewer or smaller fields",
+                                  "body")
+        if passed_on:
+            yield chunk
+    reading.digest.update(f"\0{size}\0".encode())
+    reading.kept += len(kept)
+    if size > len(kept):
+        reading.cut.add(name)
+    reading.row[name] = (filename, bytes(kept), content_type)
+    if passed_on:
+        yield b"\r\n"
+
+
+def _part_head(boundary: str, name: str, filename: str | None, content_type: str | None) -> bytes:
+    field = RequestField(name, b"", filename=filename)
+    field.make_multipart(content_type=content_type)
+    return f"--{boundary}\r\n".encode() + field.render_headers().encode()
+
+
+async def _from_json(request: web.Request, limits: ServerLimits, objects: ObjectStore,
+                     job: JobObjects) -> Submission:
+    raw = await request.read()  # aiohttp's client_max_size bounds it (413)
     try:
         body = json.loads(raw)
     except ValueError:
         raise SubmitError(400, "ParamError", "the body is not valid JSON", "body") from None
+    del raw
     if not isinstance(body, dict):
         raise SubmitError(400, "ParamError", "the JSON body must be an object", "body")
-    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for chunk in json.JSONEncoder(sort_keys=True).iterencode(body):
+        digest.update(chunk.encode())
     webhook, events = body.pop("webhook", None), body.pop("webhook_events", None)
     if webhook is not None and not isinstance(webhook, str):
         raise SubmitError(400, "ParamError", "webhook must be a URL string", "webhook")
@@ -143,27 +234,33 @@ def _from_json(raw: bytes, limits: ServerLimits) -> Submission:
         body["params"] = params = {**params, "stream": True}
     response = params.get("response") if isinstance(params, dict) else None
     _check({"body": body}, limits)  # TorchServe hands a JSON body to the handler parsed, under "body"
-    return Submission(json.dumps(body).encode(), "application/json", fingerprint, _response_kind(response),
-                      webhook or None, _webhook_events(events))
+    webhook_events = _webhook_events(events)
+
+    async def encoded() -> AsyncIterator[bytes]:
+        for chunk in json.JSONEncoder().iterencode(body):
+            yield chunk.encode()
+
+    size = await objects.put(job.key("request"), encoded())
+    return Submission(size, "application/json", digest.hexdigest(), _response_kind(response), webhook or None,
+                      webhook_events)
 
 
-def _as_torchserve_reads(value):
-    """A multipart field as TorchServe hands it to the handler: a part sent as application/json parsed (as it
-    was sent on: a file part keeps its content type, a plain field has none), anything else as bytes."""
-    if isinstance(value, tuple):
-        _, data, content_type = value
-        if (content_type or "").split(";")[0].strip().lower() == "application/json":
-            try:
-                return json.loads(data)
-            except (ValueError, RecursionError):  # TorchServe hands it on as bytes then
-                return data
-        return data
-    return value.encode() if isinstance(value, str) else value
+def _as_torchserve_reads(filename: str | None, data: bytes, content_type: str | None):
+    """A multipart field as TorchServe hands it to the handler: a file part sent as application/json parsed (a
+    plain field has no content type passed on), anything else as bytes."""
+    if filename is not None and (content_type or "").split(";")[0].strip().lower() == "application/json":
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):  # TorchServe hands it on as bytes then
+            return data
+    return data
 
 
-def _check(row: dict, limits: ServerLimits) -> None:
+def _check(row: dict, limits: ServerLimits, cut: set[str] = frozenset()) -> None:
     refused = refusal(row, limits)
-    if refused is not None:
+    # An image kept only in part may be refused for its cut (a TIFF whose header lies at its end): the run,
+    # which reads it whole, decides. What its header declares is read all the same (413).
+    if refused is not None and not (refused["field"] in cut and refused["code"] == 400):
         raise SubmitError.of(refused)
 
 

@@ -16,7 +16,7 @@ No time limit here: the caller's deadline (the job's) cancels the call.
 import base64
 import json
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
@@ -78,11 +78,13 @@ class TorchServeClient:
         if self.session is not None:
             await self.session.close()
 
-    async def run(self, body: bytes, content_type: str, run_key: str, on_accepted: Callable[[], Awaitable[None]],
+    async def run(self, body: AsyncIterable[bytes], size: int, content_type: str, run_key: str,
+                  on_accepted: Callable[[], Awaitable[None]],
                   on_progress: Callable[[dict], Awaitable[None]]) -> Outcome:
-        """Send the request with X-Style-Job-Id: `run_key` (whose cancel key stops it in the worker)."""
+        """Send the request, `size` bytes read from `body` as they are sent, with X-Style-Job-Id: `run_key`
+        (whose cancel key stops it in the worker)."""
         headers = {**await self.credentials.header(self.session), "Content-Type": content_type,
-                   "X-Style-Job-Id": run_key}
+                   "Content-Length": str(size), "X-Style-Job-Id": run_key}
         try:
             async with self.session.post(self.url, data=body, headers=headers, timeout=TIMEOUT) as response:
                 if response.status != 200:
@@ -164,16 +166,30 @@ def _error(code: int, type_: str, message: str, field: str | None) -> dict:
     return {"code": code, "type": type_, "message": message, "field": field}
 
 
-def result_of(done: dict, response: str) -> tuple[bytes, str, dict]:
-    """What GET /jobs/{id}/result returns: the body, its content type and headers, as the predictions endpoint
-    answers the same request without stream."""
-    fields = {key: value for key, value in done.items() if key != "event"}
-    headers = {"X-Style-Steps": str(fields.get("steps")), "X-Style-Seconds": f"{fields.get('seconds', 0):.3f}",
-               "X-Style-Loss": f"{fields['loss']['final']['total']:.6g}",
-               "X-Style-Stop-Reason": str(fields.get("stop_reason")), "X-Style-Precision": str(fields.get("precision"))}
+RESULT_CHUNK_CHARS = 4 * 256 * 1024  # base64 decoded a whole number of 4-character groups at a time
+
+
+def result_headers(done: dict) -> dict:
+    """The X-Style-* headers the predictions endpoint gives with the same request's answer."""
+    return {"X-Style-Steps": str(done.get("steps")), "X-Style-Seconds": f"{done.get('seconds', 0):.3f}",
+            "X-Style-Loss": f"{done['loss']['final']['total']:.6g}",
+            "X-Style-Stop-Reason": str(done.get("stop_reason")), "X-Style-Precision": str(done.get("precision"))}
+
+
+def result_type(done: dict, response: str) -> str:
+    return "application/json" if response == "json" else CONTENT_TYPES.get(done.get("format"), "image/png")
+
+
+async def result_chunks(done: dict, response: str) -> AsyncIterator[bytes]:
+    """What GET /jobs/{id}/result returns, as the predictions endpoint answers the same request without stream:
+    the response=json fields, or the image, made a piece at a time."""
     if response == "json":
-        return json.dumps(fields).encode(), "application/json", headers
-    return base64.b64decode(fields["image"]), CONTENT_TYPES.get(fields.get("format"), "image/png"), headers
+        for chunk in json.JSONEncoder().iterencode({key: value for key, value in done.items() if key != "event"}):
+            yield chunk.encode()
+        return
+    image = done["image"]
+    for start in range(0, len(image), RESULT_CHUNK_CHARS):
+        yield base64.b64decode(image[start:start + RESULT_CHUNK_CHARS])
 
 
 def done_event(done: dict, job_id: str) -> dict:

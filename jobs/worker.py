@@ -17,9 +17,13 @@ Time: a job's deadline is job_timeout_seconds after its first run began, whateve
 it the job fails with 504 Timeout. arq's own time limit for a run_job call lies outside it
 (ARQ_TIMEOUT_MARGIN_SECONDS more), so that ours always comes first.
 
-Busy TorchServe (its queue full, no worker up, not reachable): the run sends the body it read once again after
-a jittered, growing wait, never shorter than TorchServe's Retry-After. The job stays `queued` until TorchServe
-takes the request.
+Requests and results: a run streams its job's request from the object store to TorchServe, at every try, and
+writes the result TorchServe answers back there, under a name of its own, before it ends the job; the
+request is deleted once the job has ended.
+
+Busy TorchServe (its queue full, no worker up, not reachable) or object store: the run sends the request again
+after a jittered, growing wait, never shorter than TorchServe's Retry-After. The job stays `queued` until
+TorchServe takes the request.
 
 Stopping (SIGTERM, QueueWorker.stop): no job is taken any more, and each running one is given back at once for
 another replica: its run's cancel key set, not counted.
@@ -34,21 +38,22 @@ for a whole lease period: after an outage, the runs that still live renew theirs
 """
 
 import asyncio
-import json
 import logging
 import random
 import signal
 import time
 import uuid
+from typing import AsyncIterator
 
 from arq import Worker, func
 from arq.connections import ArqRedis
 from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
 
 from .config import JobsConfig
-from .store import END_EVENTS, STORE_ERRORS, Began, Store, check_eviction_policy, public_status
-from .torchserve import Busy, Done, Interrupted, Outcome, Refused, TorchServeClient, done_event, result_of
-from .webhooks import WebhookSender
+from .objects import OBJECT_STORE_ERRORS, ObjectMissing, ObjectStore
+from .store import STORE_ERRORS, Began, Store, StoredResult, check_eviction_policy
+from .torchserve import (Busy, Done, Interrupted, Outcome, Refused, TorchServeClient, done_event, result_chunks,
+                         result_headers, result_type)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ LEASE_LAPSED = {"code": 503, "type": "LeaseLapsed", "field": None,
                 "message": "the replica running it stopped renewing its lease (it was stopped, stalled or cut off "
                            "from the store)"}
 GONE = {"code": 410, "type": "Gone", "message": "the job's request is gone", "field": None}
+REQUEST = "request"  # the name of a job's request among its objects (objects.JobObjects)
 
 
 def new_run_id() -> str:
@@ -104,161 +110,203 @@ async def until_stored(operation):
 
 
 class JobRunner:
-    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, torchserve: TorchServeClient,
-                 webhooks: WebhookSender, replica: str):
-        self.config, self.store, self.pool, self.torchserve, self.webhooks = config, store, pool, torchserve, webhooks
-        self.replica = replica
+    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, objects: ObjectStore,
+                 torchserve: TorchServeClient, replica: str):
+        self.config, self.store, self.pool, self.objects = config, store, pool, objects
+        self.torchserve, self.replica = torchserve, replica
 
-    async def run(self, job_id: str) -> None:
+    async def run(self, ref: str) -> None:
         """Runs of the job until it ends or another run holds it; on cancellation (this replica stopping) the
         job is given back."""
         while True:
             run = new_run_id()
-            began = await self.store.begin(job_id, run, self.replica, self.config.lease_seconds,
+            began = await self.store.begin(ref, run, self.replica, self.config.lease_seconds,
                                            self.config.job_timeout_seconds)
             if began is None:
                 return  # ended (canceled, expired), or another run holds it
             try:
-                again = await self._run(job_id, run, began)
+                again = await self._run(ref, run, began)
             except asyncio.CancelledError:
-                await self._give_back(job_id, run)
+                await self._give_back(ref, run)
                 raise
             if not again:
                 return
 
-    async def _run(self, job_id: str, run: str, began: Began) -> bool:
+    async def _run(self, ref: str, run: str, began: Began) -> bool:
         """One run, holding the job's lease; whether the job goes on with another run."""
         if began.attempts >= self.config.max_attempts:
-            await self._finish(job_id, run, "failed", error=_given_up(began.attempts, began.retried_after))
+            await self._finish(ref, run, "failed", error=_given_up(began.attempts, began.retried_after))
             return False
-        sending = asyncio.create_task(self._send(job_id, run, began))
-        lease = asyncio.create_task(self._keep_lease(job_id, run))
+        working = asyncio.create_task(self._work(ref, run, began))
+        lease = asyncio.create_task(self._keep_lease(ref, run))
         try:
-            done, _ = await asyncio.wait({sending, lease}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({working, lease}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lease.cancel()
-            sending.cancel()  # nothing when it is done; else its request to TorchServe is closed
-        if sending not in done:
-            await self._stop(job_id, run)
+            working.cancel()  # nothing when it is done; else its request to TorchServe is closed
+        if working not in done:
+            await self._stop(ref, run)
             logger.warning("jobs: %s run %s no longer holds its job (canceled, or its lease lapsed): it records "
-                           "nothing more and TorchServe stops it", job_id, run)
+                           "nothing more and TorchServe stops it", ref, run)
             return False
-        outcome = sending.result()
+        outcome, stored = working.result()
         if isinstance(outcome, Interrupted):
-            logger.warning("jobs: %s run %s broke off: %s", job_id, run, outcome.error["message"])
-            return await until_stored(lambda: self.store.release(job_id, run, outcome.error, counts=True))
-        await self._conclude(job_id, run, outcome)
+            logger.warning("jobs: %s run %s broke off: %s", ref, run, outcome.error["message"])
+            return await until_stored(lambda: self.store.release(ref, run, outcome.error, counts=True))
+        await self._conclude(ref, run, outcome, stored)
         return False
 
-    async def _send(self, job_id: str, run: str, began: Began) -> Outcome:
-        """The run's request to TorchServe, sent again while TorchServe is busy, within the job's deadline."""
-        request = await until_stored(lambda: self.store.request(job_id))  # read once, sent again as it is
-        if request is None:
-            return Refused(GONE)
+    async def _work(self, ref: str, run: str, began: Began) -> tuple[Outcome, StoredResult | None]:
+        """The run's request sent to TorchServe, again while TorchServe is busy, and its result stored, all
+        within the job's deadline and while the run holds its lease."""
+        record = await until_stored(lambda: self.store.get(ref))
+        if record is None or "objects" not in record:  # expired, or queued by a version that kept it in Redis
+            return Refused(GONE), None
         started = {"attempt": began.attempts + 1, **({"retried_after": began.retried_after}
                                                       if began.retried_after else {})}
-        recorder = _Recorder(self, job_id, run, started)
+        recorder = _Recorder(self, ref, run, started)
         waits = Backoff(*BUSY_WAITS)
         try:
             async with asyncio.timeout(began.deadline - time.time()):
                 while True:
-                    outcome = await self.torchserve.run(*request, f"{job_id}.{run}", recorder.accepted,
-                                                        recorder.progress)
+                    outcome = await self._send(ref, run, record, recorder)
+                    if isinstance(outcome, Done) and outcome.fields.get("stop_reason") != "canceled":
+                        stored = await self._store_result(ref, run, record, outcome, waits)
+                        return outcome, stored
                     if not isinstance(outcome, Busy):
-                        return outcome
+                        return outcome, None
                     wait = waits.next(outcome.retry_after)
-                    logger.info("jobs: %s waits %.1f s: %s", job_id, wait, outcome.reason)
+                    logger.info("jobs: %s waits %.1f s: %s", ref, wait, outcome.reason)
                     await asyncio.sleep(wait)
         except TimeoutError:
-            await self._stop(job_id, run)
+            await self._stop(ref, run)
             return Refused({"code": 504, "type": "Timeout", "field": None,
-                            "message": f"the job did not finish within {self.config.job_timeout_seconds} s"})
+                            "message": f"the job did not finish within {self.config.job_timeout_seconds} s"}), None
 
-    async def _keep_lease(self, job_id: str, run: str) -> None:
+    async def _send(self, ref: str, run: str, record: dict, recorder: "_Recorder") -> Outcome:
+        """One try: the request streamed from the object store to TorchServe. The object store not answering
+        is waited for like a busy TorchServe."""
+        body = _StoredBody()
+        try:
+            async with self.objects.read(record["objects"] + REQUEST) as stored:
+                outcome = await self.torchserve.run(body.chunks(stored), stored.size, record["request_type"],
+                                                    f"{ref}.{run}", recorder.accepted, recorder.progress)
+        except ObjectMissing:
+            return Refused(GONE)
+        except OBJECT_STORE_ERRORS as error:
+            return Busy(f"the object store cannot be read: {error!r}")
+        return Busy(f"the object store broke off reading the request: {body.failed!r}") if body.failed else outcome
+
+    async def _store_result(self, ref: str, run: str, record: dict, outcome: Done,
+                            waits: Backoff) -> StoredResult:
+        """The result written to the object store under a name of the run's own (a run that lost its job
+        never overwrites the result of the one that took it), tried again while the store cannot be reached."""
+        response = record.get("response", "image")
+        result_key = f"{record['objects']}result-{run}"
+        while True:
+            try:
+                size = await self.objects.put(result_key, result_chunks(outcome.fields, response))
+                return StoredResult(result_key, size, result_type(outcome.fields, response),
+                                    result_headers(outcome.fields))
+            except OBJECT_STORE_ERRORS as error:
+                logger.warning("jobs: %s run %s cannot store its result (%r): trying again", ref, run, error)
+                await asyncio.sleep(waits.next())
+
+    async def _keep_lease(self, ref: str, run: str) -> None:
         """Renew the run's lease; returns when the run no longer holds its job."""
         while True:
             await asyncio.sleep(self.config.lease_seconds / 3)
             try:
-                if not await self.store.renew(job_id, run, self.config.lease_seconds):
+                if not await self.store.renew(ref, run, self.config.lease_seconds):
                     return
             except STORE_ERRORS as error:  # the run goes on; its lease is renewed once the store is back
-                logger.warning("jobs: %s run %s cannot renew its lease (%r)", job_id, run, error)
+                logger.warning("jobs: %s run %s cannot renew its lease (%r)", ref, run, error)
 
-    async def _conclude(self, job_id: str, run: str, outcome: Outcome) -> None:
-        if isinstance(outcome, Done) and outcome.fields.get("stop_reason") == "canceled":
+    async def _conclude(self, ref: str, run: str, outcome: Outcome, stored: StoredResult | None) -> None:
+        if isinstance(outcome, Done) and stored is None:
             # TorchServe stopped it on its cancel key: whoever took the job from this run (a client's cancel,
             # the recovery of its lease) set it, and has recorded what happens to the job
             return
         if isinstance(outcome, Done):
-            record = await until_stored(lambda: self.store.get(job_id))
-            if record is None:
-                return
-            response = json.loads(record["job"]).get("response", "image")
-            await self._finish(job_id, run, "succeeded", data=done_event(outcome.fields, job_id),
-                               result=result_of(outcome.fields, response))
+            await self._finish(ref, run, "succeeded", data=done_event(outcome.fields, ref.split(":", 1)[1]),
+                               result=stored)
         else:
-            await self._finish(job_id, run, "failed", error=outcome.error)
+            await self._finish(ref, run, "failed", error=outcome.error)
 
-    async def _finish(self, job_id: str, run: str, status: str, data: dict | None = None,
-                      error: dict | None = None, result=None) -> None:
-        data = error if status == "failed" else (data or {"id": job_id})
-        if await until_stored(lambda: self.store.finish(job_id, status, data, error=error, result=result, run=run)):
-            await self._notify(job_id, END_EVENTS[status], data)
+    async def _finish(self, ref: str, run: str, status: str, data: dict | None = None,
+                      error: dict | None = None, result: StoredResult | None = None) -> None:
+        data = error if status == "failed" else (data or {"id": ref.split(":", 1)[1]})
+        if await until_stored(lambda: self.store.finish(ref, status, data, error=error, result=result, run=run)):
+            await delete_request(self.store, self.objects, ref)
         else:
-            logger.info("jobs: %s run %s ended (%s) but no longer holds its job: nothing recorded", job_id, run, status)
+            logger.info("jobs: %s run %s ended (%s) but no longer holds its job: nothing recorded", ref, run, status)
 
-    async def _give_back(self, job_id: str, run: str) -> None:
+    async def _give_back(self, ref: str, run: str) -> None:
         """This replica is stopping: the job is queued again at once, for any replica, without using an
         attempt. A store that cannot be reached now leaves it to the recovery of the lapsed lease."""
         try:
-            if await self.store.release(job_id, run, STOPPED, counts=False):
-                await enqueue(self.pool, job_id)  # in case the queue forgot it (a run that lost its lease ended)
-                logger.info("jobs: %s given back (run %s)", job_id, run)
+            if await self.store.release(ref, run, STOPPED, counts=False):
+                await enqueue(self.pool, ref)  # in case the queue forgot it (a run that lost its lease ended)
+                logger.info("jobs: %s given back (run %s)", ref, run)
         except STORE_ERRORS as error:
             logger.warning("jobs: %s could not be given back (%r): another replica takes it when its lease "
-                           "lapses", job_id, error)
+                           "lapses", ref, error)
 
-    async def _stop(self, job_id: str, run: str) -> None:
+    async def _stop(self, ref: str, run: str) -> None:
         try:
-            await self.store.stop_run(job_id, run)
+            await self.store.stop_run(ref, run)
         except STORE_ERRORS as error:  # whoever took the job set it too
-            logger.warning("jobs: %s run %s: cannot set its cancel key (%r)", job_id, run, error)
+            logger.warning("jobs: %s run %s: cannot set its cancel key (%r)", ref, run, error)
 
-    async def _notify(self, job_id: str, event: str, data: dict) -> None:
-        try:
-            record = await self.store.get(job_id)
-        except STORE_ERRORS:
-            return  # webhooks are best effort; the events stream has it
+
+async def delete_request(store: Store, objects: ObjectStore, ref: str) -> None:
+    """An ended job's request is no longer needed (nor counted in its client's storage); one that cannot be
+    deleted now goes with the job's other objects when it expires."""
+    try:
+        record = await store.get(ref)
         if record is not None:
-            self.webhooks.notify(record, event, {**public_status(record), "event_data": data})
+            await objects.delete(record["objects"] + REQUEST)
+    except (*STORE_ERRORS, *OBJECT_STORE_ERRORS) as error:
+        logger.warning("jobs: %s: its request stays until the job expires (%r)", ref, error)
+
+
+class _StoredBody:
+    """A request's bytes as they are read from the object store, remembering why reading failed, if it did
+    (what the HTTP client then reports is a broken connection, which is not TorchServe's doing)."""
+
+    def __init__(self):
+        self.failed: BaseException | None = None
+
+    async def chunks(self, stored) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stored:
+                yield chunk
+        except OBJECT_STORE_ERRORS as error:
+            self.failed = error
+            raise
 
 
 class _Recorder:
     """What a run tells the store while TorchServe answers: that TorchServe took the request (the job is
     `running`, with its `started` event) and its progress. A store that is away loses progress, never the run."""
 
-    def __init__(self, runner: JobRunner, job_id: str, run: str, started: dict):
-        self.runner, self.job_id, self.run, self.started = runner, job_id, run, started
+    def __init__(self, runner: JobRunner, ref: str, run: str, started: dict):
+        self.runner, self.ref, self.run, self.started = runner, ref, run, started
         self.recorded = False
 
     async def accepted(self) -> None:
         try:
-            self.recorded = await self.runner.store.accept(self.job_id, self.run, self.started)
+            self.recorded = await self.runner.store.accept(self.ref, self.run, self.started)
         except STORE_ERRORS as error:
-            logger.warning("jobs: %s: cannot record its start (%r)", self.job_id, error)
-            return
-        if self.recorded:
-            await self.runner._notify(self.job_id, "started", self.started)
+            logger.warning("jobs: %s: cannot record its start (%r)", self.ref, error)
 
     async def progress(self, progress: dict) -> None:
         if not self.recorded:
             await self.accepted()
         try:
-            recorded = await self.runner.store.record_progress(self.job_id, self.run, progress)
+            await self.runner.store.record_progress(self.ref, self.run, progress)
         except STORE_ERRORS:
-            return
-        if recorded:
-            await self.runner._notify(self.job_id, "progress", progress)
+            pass
 
 
 def _given_up(attempts: int, last_error: dict | None) -> dict:
@@ -267,13 +315,13 @@ def _given_up(attempts: int, last_error: dict | None) -> dict:
             "message": f"the job was interrupted {attempts} time(s) and is not tried again; last: {reason}"}
 
 
-async def run_job(ctx: dict, job_id: str) -> None:
-    await ctx["runner"].run(job_id)
+async def run_job(ctx: dict, ref: str) -> None:
+    await ctx["runner"].run(ref)
 
 
-async def enqueue(pool: ArqRedis, job_id: str) -> None:
-    """Queue the job under its own id: arq does nothing when a job of that id is queued or running."""
-    await pool.enqueue_job(FUNCTION, job_id, _job_id=job_id)
+async def enqueue(pool: ArqRedis, ref: str) -> None:
+    """Queue the job under its ref: arq does nothing when a job of that id is queued or running."""
+    await pool.enqueue_job(FUNCTION, ref, _job_id=ref)
 
 
 async def queue_depth(pool: ArqRedis) -> int:
@@ -349,28 +397,28 @@ class Recovery:
 
     async def look_over(self, judge: bool) -> None:
         """One pass; `judge`: whether lapsed leases and pick-ups may be taken for dead."""
-        for job_id in await self.store.active_ids():
-            record = await self.store.get(job_id)
+        for ref in await self.store.active_refs():
+            record = await self.store.get(ref)
             if record is None:
-                await self.store.forget(job_id)
+                await self.store.forget(ref)
                 continue
             run = record.get("run", "")
             if run:
-                if not judge or await self.store.lease_held(job_id):
+                if not judge or await self.store.lease_held(ref):
                     continue
-                if not await self.store.release(job_id, run, LEASE_LAPSED, counts=False, only_if_lapsed=True):
+                if not await self.store.release(ref, run, LEASE_LAPSED, counts=False, only_if_lapsed=True):
                     continue
-                logger.warning("jobs: %s run %s of replica %s let its lease lapse: queued again", job_id, run,
+                logger.warning("jobs: %s run %s of replica %s let its lease lapse: queued again", ref, run,
                                record.get("owner"))
-            await self._make_sure_queued(job_id, judge)
+            await self._make_sure_queued(ref, judge)
 
-    async def _make_sure_queued(self, job_id: str, judge: bool) -> None:
+    async def _make_sure_queued(self, ref: str, judge: bool) -> None:
         """For a job no run holds: in arq's queue, and not marked in progress by a pick-up that began no run."""
-        if not await self.pool.exists(job_key_prefix + job_id):
-            logger.warning("jobs: %s was in no queue: queued again", job_id)
-            await enqueue(self.pool, job_id)
+        if not await self.pool.exists(job_key_prefix + ref):
+            logger.warning("jobs: %s was in no queue: queued again", ref)
+            await enqueue(self.pool, ref)
             return
-        left_ms = await self.pool.pttl(in_progress_key_prefix + job_id)
+        left_ms = await self.pool.pttl(in_progress_key_prefix + ref)
         if judge and left_ms > 0 and self.in_progress_ms - left_ms > self.config.lease_seconds * 1000:
-            if await self.pool.delete(in_progress_key_prefix + job_id):
-                logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", job_id)
+            if await self.pool.delete(in_progress_key_prefix + ref):
+                logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", ref)

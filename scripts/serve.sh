@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The serving command (README.md, "Two commands"; docs/quickstart.md): sets up .venv/, builds model_store/style_transfer.mar and
 # runs TorchServe in the foreground with config.properties (Ctrl-C stops it), and beside it, on loopback, the jobs
-# service (jobs/, http://127.0.0.1:8070) and the Redis it keeps its state in (Debian's redis-server).
+# service (jobs/, http://127.0.0.1:8070, its metrics on 127.0.0.1:9070) and the Redis it keeps its records in
+# (Debian's redis-server); the jobs' images go to a directory, run/jobs/objects.
 #   WEIGHTS=imagenet (default) | random (tests only) | /path/to/vgg19.pth
 #   JOBS=off                 serve without the jobs service and Redis
 #   JOBS_LISTEN=127.0.0.1:8070, JOBS_REDIS_PORT=6390, STYLE_JOBS_*: the jobs service's settings (jobs/config.py)
 # Redis listens on 127.0.0.1 only, with a password kept in run/jobs/ (mode 0600); its data (append-only file)
 # stays there too, so that queued jobs outlive a restart. The jobs token is written to ./jobs_token at the
-# first start, as TorchServe writes ./key_file.json.
+# first start, as TorchServe writes ./key_file.json (replace it with `name token` lines for several clients),
+# and the webhooks' signing secret to run/jobs/webhook_secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +55,8 @@ protected-mode yes
 requirepass $password
 dir $state/redis
 appendonly yes
+maxmemory 256mb
+maxmemory-policy noeviction
 daemonize no
 logfile $state/redis.log
 CONF
@@ -62,6 +66,8 @@ redis_pid=$!
 # The one setting of the Redis URL: the jobs service and TorchServe's worker (which reads cancellations) share it.
 export STYLE_JOBS_REDIS_URL="redis://:$password@127.0.0.1:$redis_port/0"
 export STYLE_JOBS_LISTEN="${JOBS_LISTEN:-127.0.0.1:8070}"
+export STYLE_JOBS_OBJECT_STORE="${STYLE_JOBS_OBJECT_STORE:-$state/objects}"
+export STYLE_JOBS_WEBHOOK_SECRET_FILE="${STYLE_JOBS_WEBHOOK_SECRET_FILE:-$state/webhook_secret}"
 .venv/bin/python -m jobs >> "$state/jobs.log" 2>&1 &
 jobs_pid=$!
 stop_beside() {

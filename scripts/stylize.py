@@ -36,6 +36,7 @@ import argparse
 import base64
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
@@ -420,14 +421,15 @@ def _follow(args, steps) -> None:
     """The job's events with a progress bar until it ends; a dropped connection is resumed where it stopped."""
     from tqdm import tqdm
 
-    last_id, tries = None, 0
+    last_id, tries, reconnect = None, 0, {"retry": 1000}
     with tqdm(total=steps, unit="step", file=sys.stderr, leave=False) as bar:
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with _jobs_call("GET", args, f"/jobs/{args.job}/events", headers=headers, stream=True,
                                 timeout=(10, 120)) as response:
-                    for event_id, name, data in _server_sent_events(response.iter_lines(decode_unicode=True)):
+                    for event_id, name, data in _server_sent_events(response.iter_lines(decode_unicode=True),
+                                                                    reconnect):
                         last_id, tries = event_id, 0
                         if name == "progress":
                             _advance(bar, data["step"], data["steps"], data["loss"]["total"], data["scale"],
@@ -445,19 +447,24 @@ def _follow(args, steps) -> None:
                 if tries >= 5:
                     raise Refused(f"error: lost the events of job {args.job}") from None
             tries += 1
+            time.sleep(reconnect["retry"] / 1000)  # a stream ends after a while: back when the service says
 
 
-def _server_sent_events(lines):
-    """(id, event, data) of each server-sent event; comments (keep-alives) skipped."""
+def _server_sent_events(lines, reconnect: dict):
+    """(id, event, data) of each server-sent event; comments (keep-alives) skipped; a `retry:` field (ms before
+    reconnecting) put into `reconnect`."""
     fields = {}
     for line in lines:
         if line:
             if not line.startswith(":"):
                 name, _, value = line.partition(": ")
                 fields[name] = value
-        elif "event" in fields:
+            continue
+        if fields.get("retry", "").isdigit():
+            reconnect["retry"] = int(fields["retry"])
+        if "event" in fields:
             yield fields.get("id"), fields["event"], json.loads(fields.get("data", "{}"))
-            fields = {}
+        fields = {}
 
 
 def _cancel_job(args) -> dict:

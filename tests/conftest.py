@@ -105,3 +105,12 @@ def redis_server(tmp_path_factory):
 
     with RedisInstance(tmp_path_factory.mktemp("redis")) as instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto_server) on a free loopback port with a bucket, stopped by its pid."""
+    from s3_instance import S3Instance
+
+    with S3Instance(tmp_path_factory.mktemp("s3")) as instance:
+        yield instance

@@ -50,11 +50,17 @@ def documents(path):
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def manifest_files(folder: Path = K8S, recursive: bool = False) -> list[Path]:
+    """The Kubernetes objects' files (kustomization.yaml lists them, and is none)."""
+    return sorted(path for path in (folder.rglob("*.yaml") if recursive else folder.glob("*.yaml"))
+                  if path.name != "kustomization.yaml")
+
+
 def manifests() -> dict[str, dict]:
     """The objects applied together (deploy/k8s/*.yaml) by kind (each kind appears once), ConfigMaps by
     "ConfigMap/<name>"."""
     found = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in manifest_files():
         for doc in documents(path):
             key = f"ConfigMap/{doc['metadata']['name']}" if doc["kind"] == "ConfigMap" else doc["kind"]
             assert key not in found, f"two {key} objects; the tests expect one"
@@ -199,7 +205,7 @@ def test_drain_waits_for_open_connections_to_close():
 # --- the Kubernetes manifests ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("path", manifest_files(recursive=True), ids=lambda p: str(p.relative_to(K8S)))
 def test_manifest_is_valid_kubernetes(path, version):
     for doc in documents(path):
         kubernetes_validate.validate(doc, version, strict=True)

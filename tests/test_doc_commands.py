@@ -1,12 +1,12 @@
 """Every command the README and the docs show runs, as a reader would run it, against real servers.
 
 Each page's `bash` blocks run in order in one shell, in a folder laid out like the repository (samples/,
-scripts/, .venv/ …, with the servers' key_file.json and jobs_token), so that a block may use what an earlier
-one set ($TOKEN, $JOB). A `python` block is a file named on its first line (`# grpc_predict.py`), written there
-for a later block to run. What the suite changes, and why: the servers' addresses (free ports, never the fixed
-ones), sizes and steps made tiny (2 CPU cores), and `imagenet` weights made `random` (no download here). curl
-fails on an error status. A block the suite cannot run says why in a comment just above it:
-`<!-- not run by the suite: REASON -->`.
+scripts/, .venv/ …, with the servers' key_file.json, jobs_token and run/jobs/webhook_secret), so that a block
+may use what an earlier one set ($TOKEN, $JOB). A `python` block is a file named on its first line
+(`# grpc_predict.py`), written there for a later block to run. What the suite changes, and why: the servers'
+addresses (free ports, never the fixed ones), sizes and steps made tiny (2 CPU cores), and `imagenet` weights
+made `random` (no download here). curl fails on an error status. A block the suite cannot run says why in a
+comment just above it: `<!-- not run by the suite: REASON -->`.
 """
 
 import os
@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from torchserve_instance import free_port
 
 DOCUMENTS = ["README.md", "CHANGELOG.md", *sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL)
@@ -106,10 +107,19 @@ def page_script(document: str, addresses: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+WEBHOOK_RECEIVER = "127.0.0.1:8090"  # where docs/jobs.md's receiver listens, which the jobs service may call
+
+
 @pytest.fixture(scope="module")
-def servers(redis_server, tmp_path_factory):
+def receiver_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def servers(redis_server, receiver_port, tmp_path_factory):
     """TorchServe with a random-weights archive of DOC_SETTINGS and a jobs service in front of it, its worker
-    reading the jobs' cancellations from Redis, as scripts/serve.sh runs them."""
+    reading the jobs' cancellations from Redis, as scripts/serve.sh runs them; webhooks allowed to the page's
+    receiver."""
     from build_mar import build
     from jobs_instance import JobsInstance
     from torchserve_instance import TorchServeInstance
@@ -118,26 +128,31 @@ def servers(redis_server, tmp_path_factory):
     build("random", workdir / "store", settings=DOC_SETTINGS)
     with TorchServeInstance(workdir / "store", workdir / "torchserve",
                             env={"STYLE_JOBS_REDIS_URL": redis_server.url}) as torchserve, \
-            JobsInstance(workdir / "jobs", redis_server.url, torchserve) as jobs:
+            JobsInstance(workdir / "jobs", redis_server.url, torchserve,
+                         webhook_allow=f"127.0.0.1/32:{receiver_port}") as jobs:
         yield torchserve, jobs
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("document", RUN_DOCUMENTS)
-def test_the_commands_of_a_page_run(document, servers, tmp_path):
+def test_the_commands_of_a_page_run(document, servers, receiver_port, tmp_path):
     torchserve, jobs = servers
     for name in LAYOUT:
         (tmp_path / name).symlink_to(ROOT / name)
     shutil.copy(torchserve.workdir / "key_file.json", tmp_path / "key_file.json")
     shutil.copy(jobs.workdir / "jobs_token", tmp_path / "jobs_token")
+    (tmp_path / "run" / "jobs").mkdir(parents=True)  # where serve.sh's jobs service keeps its webhook secret
+    shutil.copy(jobs.workdir / "webhook_secret", tmp_path / "run" / "jobs" / "webhook_secret")
     addresses = {"127.0.0.1:8080": torchserve.url("inference").removeprefix("http://"),
                  "127.0.0.1:8081": torchserve.url("management").removeprefix("http://"),
-                 "127.0.0.1:7070": torchserve.grpc_target, "127.0.0.1:8070": jobs.url().removeprefix("http://")}
+                 "127.0.0.1:7070": torchserve.grpc_target, "127.0.0.1:8070": jobs.url().removeprefix("http://"),
+                 "127.0.0.1:9070": jobs.metrics_url().removeprefix("http://").removesuffix("/metrics"),
+                 WEBHOOK_RECEIVER: f"127.0.0.1:{receiver_port}"}
     for block in blocks(document):
         if block.runs and block.language == "python":
             (tmp_path / block.file_name).write_text(as_run_here(block.code, addresses))
     script = page_script(document, addresses)
-    assert not re.search(r"127\.0\.0\.1:(8080|8081|7070|8070)\b", script), "a fixed address is left"
+    assert not re.search(r"127\.0\.0\.1:(8080|8081|7070|8070|8090|9070)\b", script), "a fixed address is left"
     run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert run.returncode == 0, f"{document}: the block after the last ### failed\n{run.stderr[-3000:]}"

@@ -8,11 +8,9 @@ import json
 import os
 import signal
 import struct
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psutil
 import pytest
@@ -24,17 +22,24 @@ import cancellation
 from jobs import store as job_store
 from jobs import torchserve as jobs_torchserve
 from jobs.webhooks import WebhookPolicy, WebhookRefused
-from jobs_calls import (CONTENT, LONG, STYLE, TINY, conforms, read_events, running_with_progress, status,
-                        submit, wait_for)
+from jobs_calls import (CONTENT, LONG, STYLE, TINY, WebhookReceiver, conforms, read_events, record_key,
+                        running_with_progress, status, submit, until, wait_for)
 from jobs_instance import JobsInstance
 from torchserve_instance import free_port
 
 pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
-def jobs(server, redis_server, tmp_path_factory):
-    with JobsInstance(tmp_path_factory.mktemp("jobs"), redis_server.url, server,
-                      webhook_allow="127.0.0.1/32", retention_seconds=600) as instance:
+def receiver_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def jobs(server, redis_server, s3_server, receiver_port, tmp_path_factory):
+    """The service as in a cluster: its images in an S3 bucket (moto's server), webhooks allowed to one port."""
+    with JobsInstance(tmp_path_factory.mktemp("jobs"), redis_server.url, server, env=s3_server.env,
+                      webhook_allow=f"127.0.0.1/32:{receiver_port}", retention_seconds=600,
+                      **s3_server.settings("test_jobs")) as instance:
         yield instance
 
 
@@ -72,8 +77,9 @@ def test_twenty_jobs_submitted_at_once_are_all_done_and_fetched(jobs):
     assert first.json()["urls"] == {"self": f"/jobs/{ids[0]}", "events": f"/jobs/{ids[0]}/events",
                                     "result": f"/jobs/{ids[0]}/result", "cancel": f"/jobs/{ids[0]}/cancel"}
     conforms(first.json(), "JobSubmitted")
-    metrics = requests.get(jobs.url("/metrics"), timeout=10).text
+    metrics = requests.get(jobs.metrics_url(), timeout=10).text
     assert "\nstyle_jobs_queued " in metrics and "\nstyle_jobs_running " in metrics
+    assert requests.get(jobs.url("/metrics"), timeout=10).status_code == 404, "not on the API's port"
     for job_id, (_, kind) in zip(ids, kinds):
         state = wait_for(jobs, job_id)
         conforms(state, "JobStatus")
@@ -246,43 +252,27 @@ def test_a_job_canceled_mid_run_stops_and_frees_the_worker_at_once(jobs, redis_s
     assert result.status_code == 409 and result.json()["status"] == "canceled"
     conforms(result.json(), "JobErrorBody")
     conforms(canceled.json(), "JobStatus")
-    ttl = redis.Redis.from_url(redis_server.url).ttl(job_store.key("job", long_job))
+    ttl = redis.Redis.from_url(redis_server.url).ttl(record_key(long_job))
     assert 0 < ttl <= 600  # kept for the retention time, then deleted
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        _Receiver.received.append((self.headers["X-Style-Event"],
-                                   json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def test_webhooks_go_only_where_the_allowlist_permits(jobs):
+def test_webhooks_go_only_where_the_allowlist_permits_signed(jobs, receiver_port):
     for forbidden in ("http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://127.0.0.2:9/hook",
                       "http://[::1]:9/hook", "ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook",
-                      "http://localhost:9/hook"):
+                      "http://localhost:9/hook", f"http://127.0.0.1:{receiver_port + 1}/hook"):
         refused = submit(jobs, TINY, webhook=forbidden)
         assert refused.status_code == 400 and refused.json()["field"] == "webhook", forbidden
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{receiver.server_port}/hook"
-        job_id = submit(jobs, TINY, as_json=True, webhook=url, webhook_events=["started", "done"]).json()["id"]
+    with WebhookReceiver(receiver_port, jobs.workdir / "webhook_secret") as receiver:
+        job_id = submit(jobs, TINY, as_json=True, webhook=receiver.url,
+                        webhook_events=["started", "done"]).json()["id"]
         wait_for(jobs, job_id)
-        deadline = time.monotonic() + 10
-        while len(_Receiver.received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        receiver.shutdown()
-    assert [event for event, _ in _Receiver.received] == ["started", "done"]
-    assert _Receiver.received[-1][1]["job"]["id"] == job_id and _Receiver.received[-1][1]["job"]["status"] == \
-        "succeeded"
+        until(lambda: len(receiver.verified) >= 2, jobs, timeout=10)
+    assert receiver.refused == [], "every delivery's signature verifies with the Standard Webhooks library"
+    assert [body["event"] for _, body in receiver.verified] == ["started", "done"]
+    assert [headers["X-Style-Event"] for headers, _ in receiver.verified] == ["started", "done"]
+    done = receiver.verified[-1][1]["job"]
+    assert done["id"] == job_id and done["status"] == "succeeded" and done["event_data"]["steps"] == 3
+    assert done == {**status(jobs, job_id), "event_data": done["event_data"]}, "the job's status as GET gives it"
 
 
 def test_the_webhook_policy_checks_what_a_name_resolves_to():

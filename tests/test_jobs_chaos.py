@@ -15,8 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from jobs import store as job_store
-from jobs_calls import handler_runs, read_events, submit, two_replicas, until, wait_for
+from jobs_calls import handler_runs, read_events, record_key, submit, two_replicas, until, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +34,7 @@ def test_thirty_jobs_through_a_rolling_restart_a_store_restart_and_a_paused_repl
         found = []
 
         def held() -> bool:
-            found.extend(owner.decode() for owner in (store.hget(job_store.key("job", job_id), "owner")
+            found.extend(owner.decode() for owner in (store.hget(record_key(job_id), "owner")
                                                       for job_id in ids) if owner)
             return bool(found)
 

@@ -7,17 +7,21 @@ import dataclasses
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
 
+import kubernetes_validate
 import yaml
 
 from conftest import ROOT
+from jobs.api import METRICS
 from jobs.config import JobsConfig
 from jobs.store import SAFE_EVICTION_POLICY
 
 DEPLOY = ROOT / "deploy"
 JOBS_K8S = DEPLOY / "k8s" / "jobs"
+WITH_JOBS = DEPLOY / "k8s-with-jobs"
 
 
 def objects(path) -> dict[str, dict]:
@@ -83,12 +87,21 @@ def test_the_jobs_objects_refer_to_each_other_and_to_the_style_transfer_ones():
     assert jobs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (container,) = pod["spec"]["containers"]
     env = {item["name"]: item for item in container["env"]}
-    port = container["ports"][0]["containerPort"]
-    assert env["STYLE_JOBS_LISTEN"]["value"] == f"0.0.0.0:{port}" and pod["metadata"]["annotations"][
-        "prometheus.io/port"] == str(port)
-    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
-    for setting in ("STYLE_JOBS_TORCHSERVE_TOKEN_FILE", "STYLE_JOBS_TOKEN_FILE"):
-        assert env[setting]["value"].rsplit("/", 1)[0] in mounts
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert env["STYLE_JOBS_LISTEN"]["value"] == f"0.0.0.0:{ports['http']}"
+    assert env["STYLE_JOBS_METRICS_LISTEN"]["value"] == f"0.0.0.0:{ports['metrics']}"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    # the clients' tokens and the webhooks' secret: files of one Secret, mounted where the settings name them
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["spec"]["volumes"]}
+    for setting in ("STYLE_JOBS_TOKEN_FILE", "STYLE_JOBS_WEBHOOK_SECRET_FILE"):
+        folder, name = env[setting]["value"].rsplit("/", 1)
+        (volume,) = [volume for volume, path in mounts.items() if path == folder]
+        assert secrets[volume] == "style-transfer-jobs" and name in ("tokens", "webhook-secret")
+    assert env["STYLE_JOBS_TORCHSERVE_TOKEN_FILE"]["value"].rsplit("/", 1)[0] in mounts.values()
+    # the bucket, and its credentials from an optional Secret (a pod's role serves as well)
+    assert env["STYLE_JOBS_OBJECT_STORE"]["value"].startswith("s3://")
+    assert container["envFrom"] == [{"secretRef": {"name": "style-transfer-jobs-s3", "optional": True}}]
     assert redis["Service"]["spec"]["selector"].items() <= redis["StatefulSet"]["spec"]["template"]["metadata"][
         "labels"].items()
     style_transfer = objects(DEPLOY / "k8s" / "deployment.yaml")["Deployment"]
@@ -98,19 +111,58 @@ def test_the_jobs_objects_refer_to_each_other_and_to_the_style_transfer_ones():
                                             "optional": True}  # the one Redis URL, from the one Secret
     service = objects(DEPLOY / "k8s" / "service.yaml")["Service"]
     assert env["STYLE_JOBS_TORCHSERVE_URL"]["value"] == f"http://{service['metadata']['name']}"
-    allowed = jobs["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    allowed = redis["NetworkPolicy"]["spec"]["ingress"][0]["from"]
     assert [peer["podSelector"]["matchLabels"] for peer in allowed] == [
         labels, style_transfer["spec"]["template"]["metadata"]["labels"]]
+    # the API open, the metrics (which take no token here) to the monitoring namespace alone
+    api, monitoring = jobs["NetworkPolicy"]["spec"]["ingress"]
+    assert jobs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert [port["port"] for port in api["ports"]] == [ports["http"]] and "from" not in api
+    assert [port["port"] for port in monitoring["ports"]] == [ports["metrics"]]
+    assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
-def test_the_style_transfer_autoscaler_follows_the_jobs_queue_the_service_reports():
+def kustomization(folder) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def test_each_kustomization_holds_every_manifest_of_its_folder():
+    for folder in (DEPLOY / "k8s", JOBS_K8S):
+        listed = set(kustomization(folder)["resources"])
+        assert listed == {path.name for path in folder.glob("*.yaml") if path.name != "kustomization.yaml"}, folder
+    assert kustomization(WITH_JOBS)["resources"] == ["../k8s", "../k8s/jobs"]
+
+
+def autoscaler_with_jobs() -> dict:
+    """The style-transfer autoscaler as deploy/k8s-with-jobs/ makes it: `kubectl kustomize` where kubectl is
+    installed; else its patch (JSON Patch `add` operations) applied to deploy/k8s/hpa.yaml here."""
+    if shutil.which("kubectl"):
+        rendered = subprocess.run(["kubectl", "kustomize", str(WITH_JOBS)], capture_output=True, text=True,
+                                  timeout=60, check=True).stdout
+        (hpa,) = [doc for doc in yaml.safe_load_all(rendered) if doc["kind"] == "HorizontalPodAutoscaler"]
+        return hpa
     hpa = objects(DEPLOY / "k8s" / "hpa.yaml")["HorizontalPodAutoscaler"]
-    (external,) = [metric["external"]["metric"]["name"] for metric in hpa["spec"]["metrics"]
+    (patch,) = kustomization(WITH_JOBS)["patches"]
+    for operation in yaml.safe_load(patch["patch"]):
+        assert operation["op"] == "add" and operation["path"] == "/spec/metrics/-", operation
+        hpa["spec"]["metrics"].append(operation["value"])
+    return hpa
+
+
+def test_the_autoscaler_follows_the_jobs_queue_only_where_the_jobs_service_is_deployed():
+    """Without the jobs service (deploy/k8s/) the autoscaler has no metric that nothing reports (it would never
+    scale down); with it (deploy/k8s-with-jobs/) it follows the jobs waiting too, a series /metrics serves."""
+    alone = objects(DEPLOY / "k8s" / "hpa.yaml")["HorizontalPodAutoscaler"]
+    assert [metric["type"] for metric in alone["spec"]["metrics"]] == ["Pods"]
+    with_jobs = autoscaler_with_jobs()
+    kubernetes_validate.validate(with_jobs, "1.29", strict=True)
+    assert with_jobs["spec"]["metrics"][:1] == alone["spec"]["metrics"]
+    (external,) = [metric["external"]["metric"]["name"] for metric in with_jobs["spec"]["metrics"]
                    if metric["type"] == "External"]
     (adapter,) = objects(DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml").values()
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["externalRules"]
     assert [rule["name"]["matches"] for rule in rules] == [f"^{external}$"]
-    assert f"{external} " in (ROOT / "jobs" / "api.py").read_text()  # a series /metrics serves
+    assert external in {name for name, *_ in METRICS}  # a series /metrics serves
 
 
 def test_a_replica_stops_within_its_grace_period_and_survives_redis_restarts():
@@ -127,6 +179,9 @@ def test_a_replica_stops_within_its_grace_period_and_survives_redis_restarts():
     assert env["STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL"] == env["STYLE_JOBS_TORCHSERVE_URL"]
     (redis,) = objects(JOBS_K8S / "redis.yaml")["StatefulSet"]["spec"]["template"]["spec"]["containers"]
     assert redis["args"][redis["args"].index("--maxmemory-policy") + 1] == SAFE_EVICTION_POLICY
+    # a limit of its own, under its container's: it refuses writes at it rather than being killed past it
+    maxmemory = redis["args"][redis["args"].index("--maxmemory") + 1]
+    assert maxmemory == "1gb" and redis["resources"]["limits"]["memory"] == "2Gi"
 
 
 def test_the_docs_name_the_jobs_settings_that_exist_with_their_defaults():

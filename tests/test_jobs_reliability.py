@@ -15,16 +15,18 @@ import pytest
 import redis.asyncio
 import requests
 
-from jobs import store as job_store
-from jobs.store import NewJob, Store, cancel_key
+from jobs.store import NewJob, Quotas, Store, StoredResult, cancel_key, job_ref
 from jobs.worker import LEASE_LAPSED, STOPPED, Backoff
-from jobs_calls import (CONTENT, LONG, STYLE, TINY, handler_runs, read_events, running_on, started_events, status,
-                        submit, two_replicas, until, wait_for)
+from jobs_calls import (CONTENT, LONG, STYLE, TINY, handler_runs, read_events, record_key, running_on, started_events,
+                        status, submit, two_replicas, until, wait_for)
 from jobs_instance import JobsInstance
 from redis_instance import RedisInstance
 from torchserve_instance import free_port
 
 pytestmark = pytest.mark.integration
+
+
+UNLIMITED = Quotas(10**9, 10**9, 10**18)
 
 
 def nowhere() -> str:
@@ -115,30 +117,36 @@ def test_a_run_that_no_longer_holds_its_job_changes_nothing(redis_server):
         client = redis.asyncio.Redis.from_url(redis_server.url)
         store = Store(client, client, retention_seconds=60)
         job_id = f"fenced-{uuid.uuid4().hex}"
-        await store.create(NewJob(job_id, b"{}", "application/json", "print", "image", None, ()), None)
-        assert (await store.begin(job_id, "a", "replica-a", 0.3, 60)).attempts == 0
-        assert await store.begin(job_id, "x", "replica-x", 0.3, 60) is None, "held by A"
-        assert not await store.release(job_id, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True), "A's lease lives"
+        ref = job_ref("default", job_id)
+        created = await store.create(NewJob("default", job_id, f"default/{job_id}/n/", 2, "application/json", "print",
+                                            "image", None, ()), None, UNLIMITED)
+        assert created.outcome == "created"
+        assert (await store.begin(ref, "a", "replica-a", 0.3, 60)).attempts == 0
+        assert await store.begin(ref, "x", "replica-x", 0.3, 60) is None, "held by A"
+        assert not await store.release(ref, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True), "A's lease lives"
         await asyncio.sleep(0.4)
-        assert await store.release(job_id, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True)
-        assert await client.exists(cancel_key(job_id, "a")), "A's request is stopped in TorchServe"
-        began = await store.begin(job_id, "b", "replica-b", 5, 60)
+        assert await store.release(ref, "a", LEASE_LAPSED, counts=False, only_if_lapsed=True)
+        assert await client.exists(cancel_key(ref, "a")), "A's request is stopped in TorchServe"
+        began = await store.begin(ref, "b", "replica-b", 5, 60)
         assert began.attempts == 0 and began.retried_after == LEASE_LAPSED
-        before, events = await store.get(job_id), await store.events(job_id, "0", None)
-        assert not await store.renew(job_id, "a", 5)
-        assert not await store.accept(job_id, "a", {"attempt": 1})
-        assert not await store.record_progress(job_id, "a", {"event": "progress", "step": 1})
-        assert not await store.release(job_id, "a", STOPPED, counts=True)
-        assert not await store.finish(job_id, "succeeded", {}, result=(b"png", "image/png", {}), run="a")
-        assert not await store.finish(job_id, "failed", {}, error=STOPPED, run="a")
-        assert (await store.get(job_id), await store.events(job_id, "0", None)) == (before, events)
-        assert await store.renew(job_id, "b", 5) and await store.accept(job_id, "b", {"attempt": 1})
-        assert await store.record_progress(job_id, "b", {"event": "progress", "step": 1})
-        assert await store.finish(job_id, "canceled", {"id": job_id}), "a client's cancel"
-        assert await client.exists(cancel_key(job_id, "b")), "stops the run that held the job"
-        assert not await store.finish(job_id, "succeeded", {}, run="b")
-        assert await store.begin(job_id, "c", "replica-c", 5, 60) is None
-        assert (await store.get(job_id))["status"] == "canceled"
+        before, events = await store.get(ref), await store.events(ref, "0")
+        counters = await store.counters()
+        result = StoredResult(f"default/{job_id}/n/result-a", 3, "image/png", {})
+        assert not await store.renew(ref, "a", 5)
+        assert not await store.accept(ref, "a", {"attempt": 1})
+        assert not await store.record_progress(ref, "a", {"event": "progress", "step": 1})
+        assert not await store.release(ref, "a", STOPPED, counts=True)
+        assert not await store.finish(ref, "succeeded", {}, result=result, run="a")
+        assert not await store.finish(ref, "failed", {}, error=STOPPED, run="a")
+        assert (await store.get(ref), await store.events(ref, "0")) == (before, events)
+        assert await store.counters() == counters, "nor any counter"
+        assert await store.renew(ref, "b", 5) and await store.accept(ref, "b", {"attempt": 1})
+        assert await store.record_progress(ref, "b", {"event": "progress", "step": 1})
+        assert await store.finish(ref, "canceled", {"id": job_id}), "a client's cancel"
+        assert await client.exists(cancel_key(ref, "b")), "stops the run that held the job"
+        assert not await store.finish(ref, "succeeded", {}, run="b")
+        assert await store.begin(ref, "c", "replica-c", 5, 60) is None
+        assert (await store.get(ref))["status"] == "canceled"
         await client.aclose()
 
     asyncio.run(scenario())
@@ -175,7 +183,7 @@ def test_the_store_restarting_or_not_answering_ends_no_process_and_no_job(tmp_pa
             JobsInstance(tmp_path / "jobs", store.url, torchserve_url=nowhere(), redis_timeout_seconds=1,
                          lease_seconds=2, job_timeout_seconds=8) as service:
         waiting = submit(service, TINY).json()["id"]
-        until(lambda: redis.Redis.from_url(store.url).hget(job_store.key("job", waiting), "owner"), service)
+        until(lambda: redis.Redis.from_url(store.url).hget(record_key(waiting), "owner"), service)
         store.stop()  # while a run of `waiting` waits for TorchServe
         started = time.monotonic()
         refused = requests.get(service.url(f"/jobs/{waiting}"), headers=service.auth, timeout=10)
@@ -211,11 +219,10 @@ def test_a_store_that_may_evict_keys_is_refused_saying_why(tmp_path):
     assert "maxmemory-policy is allkeys-lru" in service.log_tail()
 
 
-def test_a_job_stays_queued_while_torchserve_is_full_and_its_body_is_read_once(breakable_server, redis_server,
-                                                                               tmp_path):
+def test_a_job_stays_queued_while_torchserve_is_full(breakable_server, redis_server, tmp_path):
     """TorchServe's queue full (job_queue_size 2: one request running, two waiting): the job waits, `queued`
-    and without a `started` event, sending the body it read once again after growing waits; it runs once
-    TorchServe takes it."""
+    and without a `started` event, sending its request again after growing waits, each time streamed from the
+    object store (Redis holds none of it); it runs once TorchServe takes it."""
     predictions = breakable_server.url("inference", "/predictions/style_transfer")
     files = {"content": CONTENT, "style": STYLE}
     store = redis.Redis.from_url(redis_server.url)
@@ -234,21 +241,23 @@ def test_a_job_stays_queued_while_torchserve_is_full_and_its_body_is_read_once(b
         for filler in fillers:
             filler.start()
         time.sleep(0.5)  # both wait in TorchServe's queue, which is full
-        reads = store.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
         job_id = submit(service, TINY).json()["id"]
+        objects = store.hget(record_key(job_id), "objects").decode()
+        (request,) = (service.workdir / "objects" / objects).iterdir()
+        assert request.name == "request" and request.stat().st_size > len(CONTENT) + len(STYLE)
+        assert store.memory_usage(record_key(job_id)) < 4096, "the record holds no image"
         seen = set()
         for _ in progress:  # until the running request ends, TorchServe refuses the job
             state = status(service, job_id)
             seen.add((state["status"], state["started_at"]))
         full_until = time.time()
         assert seen == {("queued", None)}, seen
-        reads_while_full = store.info("commandstats")["cmdstat_hmget"]["calls"] - reads
         state = wait_for(service, job_id, timeout=60)
         events = read_events(service, job_id)
         for filler in fillers:
             filler.join(timeout=30)
     assert filled == [200, 200], "the queue was full with them, not refusing them"
-    assert reads_while_full == 1, "the body is read once, not again at each try"
+    assert "waits" in service.log_tail(400), "TorchServe refused it while full"
     assert state["status"] == "succeeded"
     (started,) = [(int(entry.split("-")[0]) / 1000, data) for entry, name, data in events if name == "started"]
     assert started[1] == {"attempt": 1} and started[0] > full_until - 0.5, "started once TorchServe took it"

@@ -18,8 +18,9 @@ The checks:
 - `job_errors_name_the_field`: a jobs API error is the predictions endpoint's JSON error body with its own
   status as `code`; one the client's input caused (400, 401, 413, 422) names the field at fault (which may be
   the empty name a client gave a key).
-- `job_events_are_server_sent_events`: a job's events are server-sent events, each with an id, a name out of
-  JobEventName and a JSON object as data, ending with the job's end event; none only after a Last-Event-ID.
+- `job_events_are_server_sent_events`: a job's events are server-sent events, after the stream's `retry:`, each
+  with an id, a name out of JobEventName and a JSON object as data, ending with the job's end event; none only
+  after a Last-Event-ID.
 """
 
 import base64
@@ -157,7 +158,10 @@ def job_events_are_server_sent_events(ctx, response, case):
     if case.path != JOB_EVENTS or response.status_code != 200:
         return None
     text = response.content.decode("utf-8")
-    events = [_sse_event(block) for block in text.split("\n\n") if block and not block.startswith(":")]
+    blocks = [_sse_event(block) for block in text.split("\n\n") if block and not block.startswith(":")]
+    assert blocks and blocks[0].keys() == {"retry"} and blocks[0]["retry"].isdigit(), \
+        "a stream first says when to reconnect (retry:)"
+    events = blocks[1:]
     if not events:  # all were before Last-Event-ID, and the job has ended; else its queued event comes first
         assert "last-event-id" in {name.lower() for name in case.headers or {}}, "no events, not even queued"
         return None

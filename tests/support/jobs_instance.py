@@ -16,14 +16,20 @@ from torchserve_instance import ROOT, ServerProcess, free_port
 
 
 class JobsInstance(ServerProcess):
-    def __init__(self, workdir: Path, redis_url: str, torchserve=None, token_file: Path | None = None, **settings):
+    def __init__(self, workdir: Path, redis_url: str, torchserve=None, token_file: Path | None = None,
+                 env: dict[str, str] | None = None, **settings):
         """`torchserve`: a TorchServeInstance; `token_file`: another replica's (default: its own, written at
-        start); `settings`: more STYLE_JOBS_* values, by lower-case name."""
+        start); `env`: more environment variables (an object store's credentials); `settings`: more STYLE_JOBS_*
+        values, by lower-case name (replicas share object_store and webhook_secret_file, by default their own
+        in the workdir)."""
         self.workdir = Path(workdir)
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.token_file = Path(token_file) if token_file else self.workdir / "jobs_token"
         self.env = {"STYLE_JOBS_REDIS_URL": redis_url, "STYLE_JOBS_LISTEN": f"127.0.0.1:{self.port}",
-                    "STYLE_JOBS_TOKEN_FILE": str(self.token_file), "STYLE_JOBS_LEASE_SECONDS": "3"}
+                    "STYLE_JOBS_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+                    "STYLE_JOBS_TOKEN_FILE": str(self.token_file), "STYLE_JOBS_LEASE_SECONDS": "3",
+                    "STYLE_JOBS_OBJECT_STORE": str(self.workdir / "objects"),
+                    "STYLE_JOBS_WEBHOOK_SECRET_FILE": str(self.workdir / "webhook_secret"), **(env or {})}
         if torchserve is not None:
             self.env.update({"STYLE_JOBS_TORCHSERVE_URL": torchserve.url("inference"),
                              "STYLE_JOBS_TORCHSERVE_MANAGEMENT_URL": torchserve.url("management"),
@@ -32,6 +38,9 @@ class JobsInstance(ServerProcess):
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def token(self) -> str:

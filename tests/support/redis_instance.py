@@ -1,7 +1,8 @@
 """A private redis-server (Debian's package) on a free loopback port, for tests and tests/support/fuzz_api.py.
 
 It listens on 127.0.0.1 only, requires a password (given, or a new random one), keeps its files in its own
-directory (append-only file there, so that a restarted Redis keeps the jobs), and is stopped by its pid:
+directory (append-only file there, so that a restarted Redis keeps the jobs), holds at most 512 MB and evicts
+nothing (as the jobs' Redis must: scripts/serve.sh's, deploy/k8s/jobs/redis.yaml), and is stopped by its pid:
 SIGTERM, then SIGKILL. Nothing else on the machine is touched.
 """
 
@@ -41,6 +42,7 @@ class RedisInstance(ServerProcess):
         return "\n".join([
             "bind 127.0.0.1", f"port {self.port}", "protected-mode yes", f"requirepass {self.password}",
             f"dir {self.workdir}", "appendonly yes", "appendfsync everysec", 'save ""', "daemonize no",
+            "maxmemory 512mb", "maxmemory-policy noeviction",
             f"logfile {self.log_path}", "databases 1",
         ]) + "\n"
 
