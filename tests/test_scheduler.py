@@ -1,8 +1,12 @@
 """The call's schedule (handler/scheduler.py) on its own: plain numbers in, plain decisions out, on a clock the
 test moves. No TorchServe, no engine."""
 
+import subprocess
+import sys
+
 import pytest
 
+from conftest import ROOT
 from scheduler import CLIENT_GONE_FIRST, EXPIRED, TOO_LITTLE_TIME, CallSchedule, ClientWait, Group, Turn, batches
 
 STARTED = 1000.0  # the call's start on the schedule's clock (time.perf_counter() in the handler)
@@ -74,3 +78,10 @@ def test_batches_keep_arrival_order_and_split_where_memory_would_not_hold_one_mo
     assert batches(keys, lambda requests: True) == [[0, 2, 3, 5], [1, 4]]
     assert batches(keys, lambda requests: len(requests) <= 2) == [[0, 2], [3, 5], [1, 4]]
     assert batches({}, lambda requests: True) == []
+
+
+def test_the_schedule_needs_neither_torchserve_nor_torch():
+    check = "import sys, scheduler; print(sorted({'torch', 'ts'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT / "handler", capture_output=True, text=True,
+                            timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
