@@ -32,12 +32,13 @@ from style_engine.codec import load_image_file  # noqa: E402
 from style_engine.precision import cpu_flags_have_bf16, cpu_has_native_bf16  # noqa: E402
 
 
+# Each start as optimize.finer_start returns it: the image, and no pass done for its first iteration.
 def upsampled(run, objective, coarse, init_full, coarse_size, size):
-    return optimize.upsampled_start(coarse, size)
+    return optimize.upsampled_start(coarse, size), None
 
 
 def carried(run, objective, coarse, init_full, coarse_size, size):
-    return optimize.carried_start(coarse, init_full, coarse_size, size)
+    return optimize.carried_start(coarse, init_full, coarse_size, size), None
 
 
 STARTS = {"upsampled": upsampled, "carried": carried, "lower": optimize.finer_start}

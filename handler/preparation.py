@@ -92,18 +92,21 @@ class Preparation:
 
     def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
         """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
-        interrupts could not end within the server's maximum even alone (style_engine/cost.py)."""
-        fixed = group_cost([job], self.device, self.speed, checkpoint).fixed
-        if fixed <= self.time_cap:
+        interrupts, and one iteration past its deadline, could not end within the server's maximum even alone
+        (style_engine/cost.py)."""
+        cost = group_cost([job], self.device, self.speed, checkpoint)
+        if cost.reserved <= self.time_cap:
             return
         smallest = PARAM_FIELDS["size"].metadata["check"].lo
         largest = largest_size_within(job, self.device, self.speed, self.time_cap, smallest)
         fits = (f"size at most {largest} fits" if largest is not None else
                 "no size fits: send fewer or smaller style images or a smaller style_scale")
-        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about {fixed:.0f} "
-                                    f"s of work that no time budget interrupts (the style targets at every scale, "
-                                    f"the reported losses, encoding), at this worker's measured speed; a request "
-                                    f"may take at most {self.time_cap:g} s here: {fits}")
+        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about "
+                                    f"{cost.reserved:.1f} s that no time budget interrupts, at this worker's "
+                                    f"measured speed: {cost.fixed:.1f} s of work (the style targets at every scale, "
+                                    f"the reported losses, encoding) and an iteration at the output size "
+                                    f"({cost.iteration:.1f} s) that may start just before the end, with a margin; "
+                                    f"a request may take at most {self.time_cap:g} s here: {fits}")
 
     def fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
         """Whether these jobs fit the memory budget optimised together without checkpointing."""
@@ -117,9 +120,9 @@ class Preparation:
             return [prepared[index].job for index in indices]
 
         keys = {index: (batch_key(p.job), output_size(p.job)) for index, p in prepared.items()}
-        return [Group(tuple(indices), *self._cost(jobs(indices)))
+        return [self._group(tuple(indices), jobs(indices))
                 for indices in batches(keys, lambda indices: self.fit_as_they_are(jobs(indices)))]
 
-    def _cost(self, jobs: list[StyleJob]) -> tuple[float, float]:
+    def _group(self, indices: tuple[int, ...], jobs: list[StyleJob]) -> Group:
         cost = group_cost(jobs, self.device, self.speed, checkpoint=not self.fit_as_they_are(jobs))
-        return cost.fixed, cost.iterations
+        return Group(indices, cost.fixed, cost.reserved, cost.past_deadline, cost.iterations)

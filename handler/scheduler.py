@@ -3,12 +3,14 @@ much of the call's time each, and which are answered 503 instead, and why. Plain
 indices, seconds on one clock): no TorchServe, no tensors.
 
 TorchServe waits responseTimeout for all the answers of a call together, so the call has one deadline. Groups
-run the cheapest first. Before each group, the groups whose fixed work (the work no deadline interrupts:
+run the cheapest first. Before each group, the groups whose reserved time (what a group takes however short its
+time: its fixed work, the work no deadline interrupts, and an iteration that may run past its deadline:
 style_engine/cost.py) no longer fits the time left are refused, the most expensive first; the group then gets
-its fixed work plus its share of the time the others' fixed work leaves, by its iterations' cost, and at most
-the server's time cap. What a group leaves unused goes to the next. A request whose client stops waiting
-(ClientWait) before its group's fixed work can end is refused rather than computed for nobody, and its group
-ends when the first of its remaining clients stops waiting.
+its reserved time plus its share of the time the others' reserved time leaves, by its iterations' cost, and at
+most the server's time cap. Its iterations end early enough for what may still run after their deadline. What a
+group leaves unused goes to the next. A request whose client stops waiting (ClientWait) before its group's
+fixed work can end is refused rather than computed for nobody, and its group ends when the first of its
+remaining clients stops waiting.
 """
 
 import math
@@ -25,7 +27,9 @@ EXPIRED = "expired"  # the reason recorded for a request that outwaited its clie
 class Group:
     """Requests (indices in the call) that are optimised together as one batch, and what that costs."""
     requests: tuple[int, ...]
-    fixed: float  # seconds of work no deadline interrupts
+    fixed: float  # seconds of work no deadline interrupts, before and after the iterations
+    reserved: float  # seconds it takes however short its time: its fixed work and an iteration past the deadline
+    past_deadline: float  # seconds that may still run once its iterations' deadline has passed
     iterations: float  # seconds of all the iterations the requests ask for
 
 
@@ -87,14 +91,14 @@ class CallSchedule:
         if not self.waiting:
             return None
         refused = []
-        while self.waiting and sum(group.fixed for group in self.waiting) > self.deadline - now:
+        while self.waiting and sum(group.reserved for group in self.waiting) > self.deadline - now:
             refused += [(request, TOO_LITTLE_TIME) for request in self.waiting.pop().requests]
         if not self.waiting:
             return self._decided(Turn(tuple(refused), (), now), now, None)
-        fixed, iterations = (sum(getattr(g, cost) for g in self.waiting) for cost in ("fixed", "iterations"))
+        reserved, iterations = (sum(getattr(g, cost) for g in self.waiting) for cost in ("reserved", "iterations"))
         group = self.waiting.pop(0)
-        share = (self.deadline - now - fixed) * group.iterations / max(iterations, 1e-9)
-        end = min(now + group.fixed + share, now + self.time_cap)
+        share = (self.deadline - now - reserved) * group.iterations / max(iterations, 1e-9)
+        end = min(now + group.reserved + share, now + self.time_cap)
         kept = []
         for request in group.requests:
             if self.client_ends.get(request, math.inf) < now + group.fixed:
@@ -102,21 +106,21 @@ class CallSchedule:
             else:
                 kept.append(request)
         end = min([end, *(self.client_ends[request] for request in kept if request in self.client_ends)])
-        return self._decided(Turn(tuple(refused), tuple(kept), end - group.fixed), now, group)
+        return self._decided(Turn(tuple(refused), tuple(kept), end - group.past_deadline), now, group)
 
     def _decided(self, turn: Turn, now: float, group: Group | None) -> Turn:
         self.decisions += [{"refused": request, "reason": reason} for request, reason in turn.refused]
         if turn.requests:
             self.decisions.append({"requests": list(turn.requests), "fixed": group.fixed,
-                                   "iterations": group.iterations, "start": now - self.started,
-                                   "deadline": turn.deadline - self.started})
+                                   "reserved": group.reserved, "iterations": group.iterations,
+                                   "start": now - self.started, "deadline": turn.deadline - self.started})
         return turn
 
     def record(self, request_ids: Mapping[int, str]) -> dict:
         """The call's decisions as JSON-ready data: its time, the groups in the order they ran (their requests,
         costs, start and iterations' deadline, seconds from the call's start) and the requests refused, why."""
         groups = [{"requests": [request_ids[i] for i in d["requests"]],
-                   **{key: round(d[key], 3) for key in ("fixed", "iterations", "start", "deadline")}}
+                   **{key: round(d[key], 3) for key in ("fixed", "reserved", "iterations", "start", "deadline")}}
                   for d in self.decisions if "requests" in d]
         refused = [{"request_id": request_ids[d["refused"]], "reason": d["reason"]}
                    for d in self.decisions if "refused" in d]

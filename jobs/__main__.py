@@ -1,7 +1,7 @@
-"""`python -m jobs`: the HTTP API, its metrics, arq's worker, the recovery loop, the webhooks' sender and the
-sweeper of expired objects of one replica, in one event loop, until
-SIGTERM or SIGINT. It starts whether or not the store can be reached (the API answers 503 until it can), and
-exits with status 2, saying why, when the store is a Redis that may evict keys.
+"""`python -m jobs`: the HTTP API, its metrics, arq's worker, the recovery loop, the webhooks' sender, the
+sweeper of expired objects and the mover of the previous release's jobs (upgrade.py) of one replica, in one
+event loop, until SIGTERM or SIGINT. It starts whether or not the store can be reached (the API answers 503
+until it can), and exits with status 2, saying why, when the store is a Redis that may evict keys.
 
 On SIGTERM, in this order and within shutdown_seconds: it takes no more jobs and ends its event streams at once
 (clients resume on another replica with Last-Event-ID), gives its running jobs back to the queue for another
@@ -29,6 +29,7 @@ from .retention import Sweeper
 from .store import Store, StoreRefused
 from .submission import MemoryBudget
 from .torchserve import TorchServeClient
+from .upgrade import Upgrade
 from .webhooks import Signer, WebhookPolicy, WebhookSender, load_or_create_secrets
 from .worker import JobRunner, QueueWorker, Recovery, new_replica_name
 
@@ -78,12 +79,14 @@ async def serve(config: JobsConfig) -> int:
     queue = QueueWorker(config, pool, JobRunner(config, store, pool, objects, torchserve, replica))
     server = ServerDescription(torchserve.describe)
     hub = EventHub(store, stream_redis)
-    background = [asyncio.create_task(Recovery(config, store, pool, queue.in_progress_seconds).run_forever()),
+    upgrade = Upgrade(store, pool, objects, replica)
+    background = [asyncio.create_task(Recovery(config, store, pool, queue.task_queue).run_forever()),
                   asyncio.create_task(server.refresh_forever()), asyncio.create_task(webhooks.run_forever()),
-                  asyncio.create_task(Sweeper(store, objects).run_forever())]
+                  asyncio.create_task(Sweeper(store, objects).run_forever()),
+                  asyncio.create_task(upgrade.run_forever(config.lease_seconds / 3))]
     working = asyncio.create_task(queue.run())
     services = Services(config, store, pool, objects, clients, policy, server, hub,
-                        MemoryBudget(config.upload_memory_bytes))
+                        MemoryBudget(config.upload_memory_bytes), upgrade)
     runners = [web.AppRunner(create_app(services), shutdown_timeout=HANDLERS_GRACE_SECONDS)]
     sites = [config.host_port]
     if config.metrics_host_port is not None:

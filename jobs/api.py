@@ -21,7 +21,6 @@ from pathlib import Path
 
 from aiohttp import web
 from arq.connections import ArqRedis
-from arq.constants import default_queue_name
 from redis.asyncio import Redis
 
 from .auth import Clients, load_or_create_token, token_matches
@@ -29,10 +28,12 @@ from .checks import ServerDescription
 from .config import JobsConfig
 from .events import EventHub, EventStream, TimedWriter, follow
 from .objects import OBJECT_STORE_ERRORS, JobObjects, ObjectMissing, ObjectStore
-from .store import ACTIVE_STATUSES, COUNTERS, OUTBOX, STORE_ERRORS, NewJob, Quotas, Store, job_ref, public_status
-from .submission import MemoryBudget, SubmitError, store_submission, too_large
+from .store import (ACTIVE_STATUSES, COUNTERS, OUTBOX, PREVIOUS_FINGERPRINT, STORE_ERRORS, Created, NewJob, Quotas,
+                    Store, job_ref, public_status)
+from .submission import MemoryBudget, SubmitError, Submission, previous_release_fingerprint, store_submission, too_large
+from .upgrade import Upgrade
 from .webhooks import WebhookPolicy, WebhookRefused
-from .worker import delete_request, enqueue
+from .worker import QUEUE, delete_request, enqueue
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots or colons: a run's key is "<client>:<id>.<run>"
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -53,6 +54,7 @@ class Services:
     server: ServerDescription
     hub: EventHub
     budget: MemoryBudget
+    upgrade: Upgrade
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM: event streams end
     streams: Counter = field(default_factory=Counter)  # client -> its event streams open on this replica
 
@@ -160,10 +162,14 @@ async def submit(request: web.Request) -> web.Response:
                                             services.objects, objects, services.budget)
         if submission.webhook is not None:
             await services.webhook_policy.check_url(submission.webhook)
+        idempotency_hash = idempotency and hashlib.sha256(idempotency.encode()).hexdigest()
+        await services.upgrade.move_previous(client, given_id, idempotency_hash)
         created = await services.store.create(
             NewJob(client, job_id, objects.prefix, submission.size, submission.content_type, submission.fingerprint,
                    submission.response, submission.webhook, submission.webhook_events),
-            idempotency and hashlib.sha256(idempotency.encode()).hexdigest(), services.quotas)
+            idempotency_hash, services.quotas)
+        same_request = created.outcome not in ("exists", "replayed") or await _same_request(
+            services, created, submission, objects)
     except BaseException as failure:
         await asyncio.shield(_discard(services, objects))
         if isinstance(failure, WebhookRefused):
@@ -173,7 +179,7 @@ async def submit(request: web.Request) -> web.Response:
         await _discard(services, objects)
     if created.outcome == "quota":
         return _quota_refused(created.id, services)
-    if not created.same_request:
+    if not same_request:
         if created.outcome == "replayed":
             return error(422, "IdempotencyKeyReused", "this Idempotency-Key was used for another request",
                          "Idempotency-Key")
@@ -191,6 +197,15 @@ async def submit(request: web.Request) -> web.Response:
                               "urls": _urls(created.id)}, status=code, headers=headers)
 
 
+async def _same_request(services: Services, created: Created, submission: Submission, objects: JobObjects) -> bool:
+    """Whether the job that has the id or Idempotency-Key was submitted with what this submit sent; a job moved
+    from the previous release (upgrade.py) has that release's fingerprint, of its own form."""
+    if created.fingerprint == submission.fingerprint:
+        return True
+    return created.fingerprint.startswith(PREVIOUS_FINGERPRINT) and created.fingerprint == (
+        PREVIOUS_FINGERPRINT + await previous_release_fingerprint(submission, services.objects, objects.key("request")))
+
+
 async def _discard(services: Services, objects: JobObjects) -> None:
     """Delete what a submit that made no job wrote; what cannot be deleted now, retention.py deletes later."""
     with contextlib.suppress(*STORE_ERRORS, *OBJECT_STORE_ERRORS):
@@ -199,10 +214,16 @@ async def _discard(services: Services, objects: JobObjects) -> None:
 
 
 async def _record(request: web.Request) -> dict:
-    """The job of the path's id, if it is the calling client's; 404 for anyone else's, as for no job at all."""
+    """The job of the path's id, if it is the calling client's; 404 for anyone else's, as for no job at all. A job
+    of the previous release's layout is moved first (upgrade.py)."""
     job_id = request.match_info["id"]
-    store = request.app["services"].store
-    record = await store.get(job_ref(request["client"], job_id)) if JOB_ID.fullmatch(job_id) else None
+    services: Services = request.app["services"]
+    client = request["client"]
+    record = None
+    if JOB_ID.fullmatch(job_id):
+        record = await services.store.get(job_ref(client, job_id))
+        if record is None and await services.upgrade.move_previous(client, job_id):
+            record = await services.store.get(job_ref(client, job_id))
     if record is None:
         raise web.HTTPNotFound(text=f"no job {job_id}: never submitted (by this client), or expired")
     return record
@@ -328,7 +349,7 @@ async def metrics(request: web.Request) -> web.Response:
     try:
         async with request.app["redis"].pipeline(transaction=False) as pipe:
             pipe.hgetall(COUNTERS)
-            pipe.zcard(default_queue_name)
+            pipe.zcard(QUEUE)
             pipe.zcard(OUTBOX)
             counters, queue_depth, outbox = await pipe.execute()
     except STORE_ERRORS as failure:

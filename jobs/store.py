@@ -4,17 +4,22 @@ holds records, events and counters only: the jobs' images are in the object stor
 A job belongs to the client that submitted it: its key in the store, its `ref`, is `<client>:<id>`, so that
 two clients may use the same id and neither ever meets the other's job.
 
-Keys (all under style-jobs:, the queue itself is arq's):
+Keys (all under style-jobs:, the queue itself is arq's, named style-jobs:queue; the previous release's keys,
+which name a job by its bare id, are upgrade.py's):
   job:{ref}         hash: status, times, progress, error, what the result should be, webhook; `objects`: the
                     prefix of its objects, `request_bytes`/`result_bytes` their sizes, `result_key` the result's;
                     `run`: the run that holds the job ('' when none), `owner` its replica; `attempts`: runs that
                     broke off and count (TorchServe's worker died, its stream was cut); `deadline`: when its
                     time is up (epoch s); `retried_after`: the error that cut the run before short
-  lease:{ref}       the run holding the job; expires unless that run renews it (worker.py)
+  leases            sorted set: the refs of the jobs a run holds, by when that run's lease lapses (ms, Redis's
+                    clock) unless the run renews it (worker.py): the recovery finds the lapsed ones in one read
   events:{ref}      stream: queued, started, progress, done, error, canceled (what GET .../events replays)
   idempotency:{client}:{sha}  the job an Idempotency-Key of that client made, until the job's retention ends
   cancel:{ref}.{run}  set to stop run `run` in TorchServe: the worker's handler reads it (handler/cancellation.py)
-  active            set of the refs not yet ended, which the recovery loop (worker.py) looks after
+  active-jobs       sorted set: the refs not yet ended, by `sequence` (the order they came in), which the
+                    recovery loop (worker.py) looks over a slice at a time. Not `active`: that is the previous
+                    release's set, whose replicas still look over it during a rolling upgrade (upgrade.py)
+  sequence          the last number given to a job in active-jobs
   client:{client}   hash: `unfinished` jobs and `stored_bytes` in the object store, for the client's quotas
   counters          hash: the metrics (api.py), kept by the transitions: `queued`, `running`, `stored_bytes`
                     now; `submitted`, `succeeded`, `failed`, `canceled`, `given_back`, `webhooks_*` so far
@@ -23,6 +28,7 @@ Keys (all under style-jobs:, the queue itself is arq's):
                     never made a job (its replica died) leaves one that retention.py deletes
   outbox            sorted set: the webhook deliveries, by when each is due (webhooks.py)
   webhook:{id}      hash: one delivery: its URL, body, job, event, failed tries, when it was made
+  upgrade-lock      the replica moving the previous release's jobs to this layout (upgrade.py)
 
 A run is one execution of a job, named by a random token that is never used again: the header X-Style-Job-Id
 and the cancel key are `{ref}.{run}`, so stopping one run never stops another. Every change of a job is one of
@@ -49,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "style-jobs:"
 CANCEL_KEY_PREFIX = PREFIX + "cancel:"  # the same as handler/cancellation.py's (a test checks)
-ACTIVE = PREFIX + "active"
+ACTIVE = PREFIX + "active-jobs"
+SEQUENCE = PREFIX + "sequence"
+LEASES = PREFIX + "leases"
 COUNTERS = PREFIX + "counters"
 EXPIRING = PREFIX + "expiring"
 UPLOADS = PREFIX + "uploads"
@@ -66,10 +74,12 @@ STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 # leases (a live run taken for dead), results' records.
 SAFE_EVICTION_POLICY = "noeviction"
 
-# Shared by every transition: KEYS[1] is the job's hash. `event` appends an event to the job's stream and, when
-# the job's webhook asked for it, writes its delivery to the outbox; the body is the job's status as GET
-# /jobs/{id} answers it (its JSON fields copied as they are stored) with the event's data.
-_LIB = f"""
+# Shared by every transition (and upgrade.py's step): KEYS[1] is the job's hash. `event` appends an event to the
+# job's stream and, when the job's webhook asked for it, writes its delivery to the outbox; the body is the job's
+# status as GET /jobs/{id} answers it (its JSON fields copied as they are stored) with the event's data.
+# `enlist` adds a job to the active jobs, after the last; `server_ms` is Redis's clock (leases run on it, so
+# that replicas' clocks never disagree about them).
+LUA_LIB = f"""
 local P = '{PREFIX}'
 local COUNTERS = '{COUNTERS}'
 local function active()
@@ -81,6 +91,13 @@ local function holds(run)
 end
 local function count(field, by)
   redis.call('HINCRBY', COUNTERS, field, by)
+end
+local function enlist(active, ref)
+  redis.call('ZADD', active, redis.call('INCR', '{SEQUENCE}'), ref)
+end
+local function server_ms()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 end
 local function json_string(value)
   if value and value ~= '' then return cjson.encode(value) end
@@ -121,7 +138,7 @@ end
 # response, webhook settings (JSON or ''), objects prefix, request bytes, request content type, the queued
 # event's data, a delivery id, now (epoch s), the client's most unfinished jobs, the service's, the client's
 # most stored bytes
-_CREATE = _LIB + """
+_CREATE = LUA_LIB + """
 local job, idem = KEYS[1], KEYS[3]
 local id, client = ARGV[1], ARGV[2]
 if idem ~= '' then
@@ -151,18 +168,18 @@ redis.call('HINCRBY', KEYS[5], 'stored_bytes', size)
 count('queued', 1)
 count('submitted', 1)
 count('stored_bytes', size)
-redis.call('SADD', KEYS[4], client .. ':' .. id)
+enlist(KEYS[4], client .. ':' .. id)
 redis.call('ZREM', P .. 'uploads', ARGV[7])
 if idem ~= '' then redis.call('SET', idem, id) end
 event(KEYS[2], 'queued', ARGV[10], ARGV[11], ARGV[12])
 return {'created', id, ARGV[3]}
 """
 
-# KEYS: job, lease; ARGV: run, owner, lease ms, now (epoch s), the job's time limit (s)
-_BEGIN = _LIB + """
+# KEYS: job, leases; ARGV: run, owner, lease ms, now (epoch s), the job's time limit (s), ref
+_BEGIN = LUA_LIB + """
 if not active() then return {'ended'} end
 if (redis.call('HGET', KEYS[1], 'run') or '') ~= '' then return {'held'} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], server_ms() + tonumber(ARGV[3]), ARGV[6])
 redis.call('HSET', KEYS[1], 'run', ARGV[1], 'owner', ARGV[2])
 local deadline = redis.call('HGET', KEYS[1], 'deadline')
 if not deadline then
@@ -173,16 +190,16 @@ return {'began', redis.call('HGET', KEYS[1], 'attempts') or '0', deadline,
         redis.call('HGET', KEYS[1], 'retried_after') or ''}
 """
 
-# KEYS: job, lease; ARGV: run, lease ms
-_RENEW = _LIB + """
+# KEYS: job, leases; ARGV: run, lease ms, ref
+_RENEW = LUA_LIB + """
 if not holds(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], server_ms() + tonumber(ARGV[2]), ARGV[3])
 return 1
 """
 
 # TorchServe took the run's request: the job is running. KEYS: job, events; ARGV: run, now (ISO), started event
 # data, a delivery id, now (epoch s)
-_ACCEPT = _LIB + """
+_ACCEPT = LUA_LIB + """
 if not holds(ARGV[1]) then return 0 end
 if redis.call('HGET', KEYS[1], 'status') == 'queued' then
   count('queued', -1)
@@ -196,7 +213,7 @@ return 1
 """
 
 # KEYS: job, events; ARGV: run, progress (the status's), progress event data, events kept, a delivery id, now
-_PROGRESS = _LIB + """
+_PROGRESS = LUA_LIB + """
 if not holds(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[2])
 event(KEYS[2], 'progress', ARGV[3], ARGV[5], ARGV[6], ARGV[4])
@@ -205,11 +222,11 @@ return 1
 
 # The run gives the job back to the queue: this replica is stopping (not counted), TorchServe's run broke off
 # (counted), or its lease lapsed (recovery, only while no lease is left). Its cancel key stops what TorchServe
-# may still compute for it. KEYS: job, lease, the run's cancel key; ARGV: run, why (an error body), counts
-# ('1' or '0'), retention, only when the lease has lapsed ('1' or '0')
-_RELEASE = _LIB + """
+# may still compute for it. KEYS: job, leases, the run's cancel key; ARGV: run, why (an error body), counts
+# ('1' or '0'), retention, only when the lease has lapsed ('1' or '0'), ref
+_RELEASE = LUA_LIB + """
 if not holds(ARGV[1]) then return 0 end
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[5] == '1' and tonumber(redis.call('ZSCORE', KEYS[2], ARGV[6]) or '0') > server_ms() then return 0 end
 if redis.call('HGET', KEYS[1], 'status') == 'running' then
   count('running', -1)
   count('queued', 1)
@@ -217,17 +234,17 @@ end
 count('given_back', 1)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'run', '', 'owner', '', 'retried_after', ARGV[2])
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[2], ARGV[6])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
 return 1
 """
 
 # End an active job: by the run holding it (ARGV[11] its run), or canceled by a client (ARGV[11] ''), which also
 # stops the run holding it. Its request's bytes are no longer counted (the caller deletes the object), its
-# result's are until it expires. KEYS: job, events, active, lease, client; ARGV: ref, status, now (ISO), error,
+# result's are until it expires. KEYS: job, events, active, leases, client; ARGV: ref, status, now (ISO), error,
 # result key, result bytes, result content type, result headers, retention, event, event data, run, a delivery
 # id, now (epoch s)
-_FINISH = _LIB + """
+_FINISH = LUA_LIB + """
 if not active() then return 0 end
 local run = redis.call('HGET', KEYS[1], 'run') or ''
 local by_client = ARGV[12] == ''
@@ -243,8 +260,8 @@ redis.call('HINCRBY', KEYS[5], 'stored_bytes', stored)
 redis.call('HINCRBY', KEYS[5], 'unfinished', -1)
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4], 'run', '', 'owner', '',
            'result_key', ARGV[5], 'result_bytes', result_bytes, 'result_type', ARGV[7], 'result_headers', ARGV[8])
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 local f = redis.call('HMGET', KEYS[1], 'client', 'objects')
 redis.call('ZADD', P .. 'expiring', tonumber(ARGV[14]) + retention,
            cjson.encode({client = f[1], objects = f[2], bytes = result_bytes}))
@@ -255,8 +272,66 @@ if idem and idem ~= '' then redis.call('EXPIRE', idem, retention) end
 return 1
 """
 
+# The recovery's look over the jobs (worker.py), in one step whatever their number: the runs whose lease has
+# lapsed (when `judge`), and, for the jobs at the head of the task queue (where every pick-up happens) and a
+# slice of the active jobs after `cursor` (so that every one is looked at in turn), a job no run holds that is
+# in no queue (to be queued again) or marked as taken by a pick-up that began no run (the mark deleted, when
+# `judge`), a run without a lease (taken as lapsed), and a record that is gone (taken out of the active jobs).
+# KEYS: leases, active, queue; ARGV: judge ('1' or '0'), cursor (a sequence number), slice, head, the queue's key
+# prefixes of a job and of its pick-up's mark, how long a pick-up's mark lives (ms), the lease (ms). Returns the
+# lapsed runs (ref, run, owner), the refs to queue again, the refs whose mark was deleted, how many records were
+# gone, the next cursor.
+_LOOK_OVER = LUA_LIB + """
+local judge, in_queue, picked = ARGV[1] == '1', ARGV[5], ARGV[6]
+local lapsed, unqueued, cleared, seen, gone = {}, {}, {}, {}, 0
+if judge then
+  for _, ref in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_ms(), 'LIMIT', 0, tonumber(ARGV[3]))) do
+    local f = redis.call('HMGET', P .. 'job:' .. ref, 'status', 'run', 'owner')
+    if (f[1] == 'queued' or f[1] == 'running') and (f[2] or '') ~= '' then
+      table.insert(lapsed, {ref, f[2], f[3] or ''})
+    else
+      redis.call('ZREM', KEYS[1], ref)  -- no run holds the job: nothing to lapse
+    end
+  end
+end
+local function look_at(ref)
+  if seen[ref] then return true end
+  seen[ref] = true
+  local f = redis.call('HMGET', P .. 'job:' .. ref, 'status', 'run', 'owner')
+  if not f[1] then return false end
+  if f[1] ~= 'queued' and f[1] ~= 'running' then return true end
+  if (f[2] or '') ~= '' then
+    if judge and not redis.call('ZSCORE', KEYS[1], ref) then table.insert(lapsed, {ref, f[2], f[3] or ''}) end
+    return true
+  end
+  if redis.call('EXISTS', in_queue .. ref) == 0 then
+    table.insert(unqueued, ref)
+  elseif judge then
+    local left = redis.call('PTTL', picked .. ref)
+    if left > 0 and tonumber(ARGV[7]) - left > tonumber(ARGV[8]) then
+      redis.call('DEL', picked .. ref)
+      table.insert(cleared, ref)
+    end
+  end
+  return true
+end
+for _, ref in ipairs(redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[4]) - 1)) do look_at(ref) end
+local slice = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', 0,
+                         tonumber(ARGV[3]))
+local cursor = '0'
+for i = 1, #slice, 2 do
+  if not look_at(slice[i]) then
+    redis.call('ZREM', KEYS[2], slice[i])
+    gone = gone + 1
+  end
+  cursor = slice[i + 1]
+end
+if #slice < 2 * tonumber(ARGV[3]) then cursor = '0' end
+return {lapsed, unqueued, cleared, gone, cursor}
+"""
+
 # An ended job's objects are gone: no longer counted. KEYS: the expiring set; ARGV: the entry, its client's key
-_EXPIRED = _LIB + """
+_EXPIRED = LUA_LIB + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local entry = cjson.decode(ARGV[1])
 redis.call('HINCRBY', ARGV[2], 'stored_bytes', -entry.bytes)
@@ -320,7 +395,12 @@ class NewJob:
 class Created:
     outcome: str  # "created", "exists" (the id was taken), "replayed" (the Idempotency-Key's job), "quota"
     id: str  # for "quota": which quota (client_jobs, service_jobs, client_bytes)
-    same_request: bool
+    fingerprint: str  # the job's: the new one's, or the one that took the id or Idempotency-Key
+
+
+# The fingerprint of a job moved from the previous release (upgrade.py): this prefix and the previous release's
+# fingerprint of what its client sent (submission.previous_release_fingerprint).
+PREVIOUS_FINGERPRINT = "previous:"
 
 
 @dataclass(frozen=True)
@@ -329,6 +409,25 @@ class Began:
     attempts: int  # runs of the job that broke off and counted, before this one
     deadline: float  # epoch s: the job's time is up (set when its first run began)
     retried_after: dict | None  # what cut the run before short, if one was
+
+
+@dataclass(frozen=True)
+class TaskQueue:
+    """Where the task queue (arq) keeps a job: what the recovery's look-over reads of it."""
+    name: str  # its sorted set of queued jobs
+    job_prefix: str  # + ref: a queued job
+    picked_prefix: str  # + ref: the mark of a pick-up
+    picked_ms: int  # how long a mark lives
+    head: int  # how far from the head of the queue a pick-up takes jobs
+
+
+@dataclass(frozen=True)
+class LookedOver:
+    lapsed: list[tuple[str, str, str]]  # (ref, run, owner) of the runs whose lease has lapsed
+    unqueued: list[str]  # jobs that no run holds and no queue has
+    cleared: list[str]  # jobs whose mark of a pick-up that began no run was deleted
+    gone: int  # refs taken out of the active jobs: their records were gone
+    cursor: int  # where the next look-over's slice begins
 
 
 @dataclass(frozen=True)
@@ -344,8 +443,8 @@ class Store:
         """`stream_redis`: a client whose socket timeout outlasts a blocking read of events (events.py)."""
         self.redis, self.stream_redis, self.retention = redis, stream_redis, retention_seconds
         (self._create, self._begin, self._renew, self._accept, self._progress, self._release, self._finish,
-         self._expired) = (redis.register_script(script) for script in (
-            _CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE, _FINISH, _EXPIRED))
+         self._expired, self._look_over) = (redis.register_script(script) for script in (
+            _CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE, _FINISH, _EXPIRED, _LOOK_OVER))
 
     async def begin_upload(self, objects: str) -> None:
         """A submit starts writing objects under `objects`: listed until a job takes them (create), so that
@@ -365,8 +464,7 @@ class Store:
                   job.request_bytes, job.content_type, json.dumps({"id": job.id, "status": "queued"}),
                   _delivery_id(), time.time(), quotas.client_unfinished, quotas.service_unfinished,
                   quotas.client_stored_bytes])
-        same = (fingerprint[0] if fingerprint else b"") or b""
-        return Created(outcome.decode(), job_id.decode(), same.decode() == job.fingerprint)
+        return Created(outcome.decode(), job_id.decode(), ((fingerprint[0] if fingerprint else b"") or b"").decode())
 
     async def get(self, ref: str) -> dict | None:
         raw = await self.redis.hgetall(key("job", ref))
@@ -385,9 +483,9 @@ class Store:
     async def begin(self, ref: str, run: str, owner: str, lease_seconds: float,
                     timeout_seconds: float) -> Began | None:
         """Run `run` takes the job and its lease; None when the job has ended or another run holds it."""
-        outcome, *fields = await self._begin(keys=[key("job", ref), key("lease", ref)],
+        outcome, *fields = await self._begin(keys=[key("job", ref), LEASES],
                                              args=[run, owner, int(lease_seconds * 1000), time.time(),
-                                                   timeout_seconds])
+                                                   timeout_seconds, ref])
         if outcome != b"began":
             return None
         attempts, deadline, retried_after = (field.decode() for field in fields)
@@ -395,10 +493,7 @@ class Store:
 
     async def renew(self, ref: str, run: str, lease_seconds: float) -> bool:
         """Extend the run's lease; False when the run no longer holds its job."""
-        return bool(await self._renew(keys=[key("job", ref), key("lease", ref)], args=[run, int(lease_seconds * 1000)]))
-
-    async def lease_held(self, ref: str) -> bool:
-        return bool(await self.redis.exists(key("lease", ref)))
+        return bool(await self._renew(keys=[key("job", ref), LEASES], args=[run, int(lease_seconds * 1000), ref]))
 
     async def accept(self, ref: str, run: str, started: dict) -> bool:
         """TorchServe took the run's request: the job is `running`, with the `started` event."""
@@ -416,8 +511,8 @@ class Store:
         what TorchServe may still compute for it. `counts`: it used up an attempt. `only_if_lapsed`: only if
         the run's lease has run out (the recovery of a run whose replica stopped renewing it)."""
         return bool(await self._release(
-            keys=[key("job", ref), key("lease", ref), cancel_key(ref, run)],
-            args=[run, json.dumps(why), int(counts), self.retention, int(only_if_lapsed)]))
+            keys=[key("job", ref), LEASES, cancel_key(ref, run)],
+            args=[run, json.dumps(why), int(counts), self.retention, int(only_if_lapsed), ref]))
 
     async def stop_run(self, ref: str, run: str) -> None:
         """Stop what TorchServe computes for a run that no longer holds its job."""
@@ -429,7 +524,7 @@ class Store:
         by its client. False when it had ended already, or `run` no longer holds it."""
         client = ref.split(":", 1)[0]
         ended = await self._finish(
-            keys=[key("job", ref), key("events", ref), ACTIVE, key("lease", ref), client_key(client)],
+            keys=[key("job", ref), key("events", ref), ACTIVE, LEASES, client_key(client)],
             args=[ref, status, now_iso(), json.dumps(error) if error else "", result.key if result else "",
                   result.size if result else 0, result.content_type if result else "",
                   json.dumps(result.headers if result else {}), self.retention, END_EVENTS[status],
@@ -448,12 +543,17 @@ class Store:
         last = await self.redis.xrevrange(key("events", ref), count=1)
         return last[0][0].decode() if last else "0-0"
 
-    async def active_refs(self) -> list[str]:
-        return [member.decode() async for member in self.redis.sscan_iter(ACTIVE, count=500)]
-
-    async def forget(self, ref: str) -> None:
-        """Take a ref whose record has expired out of the active set."""
-        await self.redis.srem(ACTIVE, ref)
+    async def look_over(self, judge: bool, cursor: int, batch: int, queue: TaskQueue,
+                        lease_seconds: float) -> LookedOver:
+        """The recovery's look over the jobs (_LOOK_OVER): one call to the store, whatever their number: at most
+        `batch` lapsed runs, the head of `queue`, and `batch` active jobs after `cursor`."""
+        lapsed, unqueued, cleared, gone, after = await self._look_over(
+            keys=[LEASES, ACTIVE, queue.name],
+            args=[int(judge), cursor, batch, queue.head, queue.job_prefix, queue.picked_prefix, queue.picked_ms,
+                  int(lease_seconds * 1000)])
+        return LookedOver([tuple(field.decode() for field in run) for run in lapsed],
+                          [ref.decode() for ref in unqueued], [ref.decode() for ref in cleared], gone,
+                          int(float(after)))
 
     # --- what expires (retention.py) ---
     async def due_expiring(self, now: float, count: int) -> list[tuple[str, dict]]:

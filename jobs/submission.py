@@ -12,9 +12,15 @@ on the way (the fingerprint that Idempotency-Key and PUT compare); only the fiel
 each image, what the checks read, are kept. A JSON body (its images are base64 inside one document) is read
 whole. Each submit holds a share of the replica's upload memory (MemoryBudget) while it is read: past that,
 submits wait for their turn, and answer 503 Busy when none comes in time.
+
+The previous release hashed a multipart body in a form that puts each part's length before its bytes, which a
+stream cannot: a submit that meets a job moved from that release (upgrade.py) makes that form afterwards, from
+what it kept and the request it stored (previous_release_fingerprint).
 """
 
 import asyncio
+import codecs
+import collections
 import contextlib
 import hashlib
 import json
@@ -95,6 +101,9 @@ class Submission:
     response: str  # "image" or "json"
     webhook: str | None
     webhook_events: tuple[str, ...]
+    # How the previous release's fingerprint of a multipart submit is made: bytes, and (start, end) of the stored
+    # request, in turn. None for JSON, whose fingerprint that release made as this one does.
+    previous_form: tuple | None = None
 
 
 async def store_submission(request: web.Request, max_bytes: int, limits: ServerLimits, objects: ObjectStore,
@@ -122,6 +131,8 @@ class _Multipart:
     row: dict = field(default_factory=dict)  # part name -> (filename, kept bytes, content type)
     cut: set = field(default_factory=set)  # image parts kept only in part
     kept: int = 0
+    previous_form: list = field(default_factory=list)  # Submission.previous_form
+    written: int = 0  # bytes of the stored request made so far
 
 
 async def _from_multipart(request: web.Request, max_bytes: int, limits: ServerLimits, objects: ObjectStore,
@@ -140,7 +151,8 @@ async def _from_multipart(request: web.Request, max_bytes: int, limits: ServerLi
     events = texts.get("webhook_events")
     return Submission(size, f"multipart/form-data; boundary={boundary}", reading.digest.hexdigest(),
                       _response_kind(response), texts.get("webhook") or None,
-                      _webhook_events(_comma_or_json_list(events) if events is not None else None))
+                      _webhook_events(_comma_or_json_list(events) if events is not None else None),
+                      tuple(reading.previous_form))
 
 
 async def _encoded_parts(request: web.Request, reading: _Multipart, boundary: str) -> AsyncIterator[bytes]:
@@ -165,6 +177,7 @@ async def _encoded_parts(request: web.Request, reading: _Multipart, boundary: st
                                                      "form-data; name=\"...\"", "body")
             parts += 1
             async for chunk in _part(request, part, reading, boundary):
+                reading.written += len(chunk)
                 yield chunk
     except (ValueError, HttpProcessingError) as error:  # no boundary, a broken body, unreadable part headers
         raise SubmitError(400, "ParamError", f"the multipart body cannot be read: {error}", "body") from None
@@ -182,12 +195,16 @@ async def _part(request: web.Request, part: BodyPartReader, reading: _Multipart,
         # a part with a file name of "" is still a file: TorchServe's decoder needs one
         yield _part_head(boundary, name, None if filename is None else filename or name,
                          None if filename is None else content_type)
+    start = reading.written
     kept, size = bytearray(), 0
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape") if filename is None else None
+    characters = 0  # of a text part, as the previous release counted them
     while chunk := await part.read_chunk(READ_CHUNK_BYTES):
         if request.content.total_bytes > reading.max_bytes:
             raise too_large(reading.max_bytes)
         reading.digest.update(chunk)
         size += len(chunk)
+        characters += len(text.decode(chunk)) if text else 0
         if len(kept) < keeps:
             kept += chunk[:keeps - len(kept)]
             if reading.kept + len(kept) > KEPT_BYTES:
@@ -197,6 +214,9 @@ async def _part(request: web.Request, part: BodyPartReader, reading: _Multipart,
         if passed_on:
             yield chunk
     reading.digest.update(f"\0{size}\0".encode())
+    length = size if text is None else characters + len(text.decode(b"", final=True))
+    head = f"{name}\0{'file' if text is None else 'text'}\0{length}\0".encode("utf-8", "surrogateescape")
+    reading.previous_form += [head, (start, reading.written) if passed_on else bytes(kept)]
     reading.kept += len(kept)
     if size > len(kept):
         reading.cut.add(name)
@@ -290,3 +310,28 @@ def _webhook_events(value) -> tuple[str, ...]:
         raise SubmitError(400, "ParamError", f"webhook_events must be a list of event names out of "
                                              f"{', '.join(EVENTS)}", "webhook_events")
     return tuple(value)
+
+
+async def previous_release_fingerprint(submission: Submission, objects: ObjectStore, request_key: str) -> str:
+    """The fingerprint the previous release would have made of this submission (to compare with a job moved
+    from it): of a multipart body, each part's name, kind and length, then its bytes, read again from the stored
+    request (`request_key`) where it was not kept."""
+    if submission.previous_form is None:
+        return submission.fingerprint
+    digest, form, position = hashlib.sha256(), collections.deque(submission.previous_form), 0
+    async with objects.read(request_key) as stored:
+        async for chunk in stored:
+            ends = position + len(chunk)
+            while form and (isinstance(form[0], bytes) or form[0][0] < ends):
+                if isinstance(form[0], bytes):
+                    digest.update(form.popleft())
+                    continue
+                start, end = form[0]
+                digest.update(chunk[max(start - position, 0):min(end, ends) - position])
+                if end > ends:
+                    break
+                form.popleft()
+            position = ends
+    for item in form:  # bytes, or empty parts at the very end
+        digest.update(item if isinstance(item, bytes) else b"")
+    return digest.hexdigest()

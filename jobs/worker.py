@@ -31,10 +31,17 @@ another replica: its run's cancel key set, not counted.
 Store outages: arq's poll loop ends at the first failed Redis call; QueueWorker starts it again with back-off.
 Runs go on in TorchServe meanwhile; their lease is renewed, and their end recorded, once the store is back.
 
-Recovery: every replica, every third of lease_seconds, looks over the active jobs: a run whose lease has
-lapsed gives its job back (its cancel key set), and a job that no run holds is made sure to be in arq's queue
-and not marked as taken by a pick-up that began no run. It judges leases only after it has reached the store
-for a whole lease period: after an outage, the runs that still live renew theirs first.
+Recovery: every replica, every third of lease_seconds, looks over the jobs with one call to the store, whatever
+their number (Store.look_over): a run whose lease has lapsed (the store keeps the leases by when they lapse)
+gives its job back (its cancel key set) and the job is queued again at once; a job that no run holds is made
+sure to be in arq's queue and not marked as taken by a pick-up that began no run, for the jobs at the head of
+the queue (where arq takes jobs, so where such a mark can be) at every pass, and for every active job in turn,
+LOOK_OVER_BATCH a pass (a job that fell out of the queue, which only a crash between two steps or a store that
+lost writes leaves). It judges leases and marks only after it has reached the store for a whole lease period:
+after an outage, the runs that still live renew theirs first.
+
+The queue is arq's, under a name of this release's own (QUEUE): the previous release's replicas, which may run
+beside this one's during a rolling upgrade, never take its jobs (upgrade.py).
 """
 
 import asyncio
@@ -47,17 +54,19 @@ from typing import AsyncIterator
 
 from arq import Worker, func
 from arq.connections import ArqRedis
-from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from .config import JobsConfig
 from .objects import OBJECT_STORE_ERRORS, ObjectMissing, ObjectStore
-from .store import STORE_ERRORS, Began, Store, StoredResult, check_eviction_policy
+from .store import PREFIX, STORE_ERRORS, Began, Store, StoredResult, TaskQueue, check_eviction_policy
 from .torchserve import (Busy, Done, Interrupted, Outcome, Refused, TorchServeClient, done_event, result_chunks,
                          result_headers, result_type)
 
 logger = logging.getLogger(__name__)
 
 FUNCTION = "run_job"
+QUEUE = PREFIX + "queue"  # arq's sorted set of queued jobs (the previous release used arq's default)
+LOOK_OVER_BATCH = 200  # the active jobs (and the lapsed runs) one pass of the recovery looks at, at most
 POLL_SECONDS = 0.2  # how often arq looks for queued jobs
 ARQ_TIMEOUT_MARGIN_SECONDS = 60  # arq's limit of one run_job call: the job's time limit and this much more
 ARQ_MAX_TRIES = 1_000_000  # arq's own count of pick-ups: the attempts that matter are counted here (store.py)
@@ -321,12 +330,7 @@ async def run_job(ctx: dict, ref: str) -> None:
 
 async def enqueue(pool: ArqRedis, ref: str) -> None:
     """Queue the job under its ref: arq does nothing when a job of that id is queued or running."""
-    await pool.enqueue_job(FUNCTION, ref, _job_id=ref)
-
-
-async def queue_depth(pool: ArqRedis) -> int:
-    """Jobs in arq's queue, waiting or running: the demand on TorchServe."""
-    return await pool.zcard(default_queue_name)
+    await pool.enqueue_job(FUNCTION, ref, _job_id=ref, _queue_name=QUEUE)
 
 
 class QueueWorker:
@@ -336,13 +340,15 @@ class QueueWorker:
     def __init__(self, config: JobsConfig, pool: ArqRedis, runner: JobRunner):
         self.worker = Worker(functions=[func(run_job, name=FUNCTION, keep_result=0, max_tries=ARQ_MAX_TRIES,
                                              timeout=config.job_timeout_seconds + ARQ_TIMEOUT_MARGIN_SECONDS)],
-                             redis_pool=pool, max_jobs=config.concurrency, handle_signals=False,
+                             redis_pool=pool, queue_name=QUEUE, max_jobs=config.concurrency, handle_signals=False,
                              ctx={"runner": runner}, poll_delay=POLL_SECONDS, keep_result=0)
 
     @property
-    def in_progress_seconds(self) -> float:
-        """How long arq marks a job it took as in progress."""
-        return self.worker.in_progress_timeout_s
+    def task_queue(self) -> TaskQueue:
+        """Where arq keeps the jobs, and how it takes them: from the first queue_read_limit of its queue, marking
+        each as in progress for in_progress_timeout_s."""
+        return TaskQueue(QUEUE, job_key_prefix, in_progress_key_prefix, int(self.worker.in_progress_timeout_s * 1000),
+                         self.worker.queue_read_limit)
 
     async def run(self) -> None:
         """Poll arq's queue until cancelled; raises StoreRefused for a Redis that may evict keys (checked
@@ -375,11 +381,11 @@ class QueueWorker:
 
 
 class Recovery:
-    """The look-over of the active jobs (see the module's doc)."""
+    """The look-over of the jobs (see the module's doc)."""
 
-    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, in_progress_seconds: float):
-        self.config, self.store, self.pool = config, store, pool
-        self.in_progress_ms = in_progress_seconds * 1000
+    def __init__(self, config: JobsConfig, store: Store, pool: ArqRedis, queue: TaskQueue):
+        self.config, self.store, self.pool, self.queue = config, store, pool, queue
+        self.cursor = 0  # where the next pass's slice of the active jobs begins
 
     async def run_forever(self) -> None:
         reached_since = None  # monotonic time of the first pass that reached the store after it could not
@@ -396,29 +402,19 @@ class Recovery:
             await asyncio.sleep(self.config.lease_seconds / 3)
 
     async def look_over(self, judge: bool) -> None:
-        """One pass; `judge`: whether lapsed leases and pick-ups may be taken for dead."""
-        for ref in await self.store.active_refs():
-            record = await self.store.get(ref)
-            if record is None:
-                await self.store.forget(ref)
-                continue
-            run = record.get("run", "")
-            if run:
-                if not judge or await self.store.lease_held(ref):
-                    continue
-                if not await self.store.release(ref, run, LEASE_LAPSED, counts=False, only_if_lapsed=True):
-                    continue
-                logger.warning("jobs: %s run %s of replica %s let its lease lapse: queued again", ref, run,
-                               record.get("owner"))
-            await self._make_sure_queued(ref, judge)
-
-    async def _make_sure_queued(self, ref: str, judge: bool) -> None:
-        """For a job no run holds: in arq's queue, and not marked in progress by a pick-up that began no run."""
-        if not await self.pool.exists(job_key_prefix + ref):
+        """One pass; `judge`: whether lapsed leases and pick-ups may be taken for dead. One call to the store,
+        and a few for each job it mends."""
+        found = await self.store.look_over(judge, self.cursor, LOOK_OVER_BATCH, self.queue, self.config.lease_seconds)
+        self.cursor = found.cursor
+        for ref, run, owner in found.lapsed:
+            if await self.store.release(ref, run, LEASE_LAPSED, counts=False, only_if_lapsed=True):
+                logger.warning("jobs: %s run %s of replica %s let its lease lapse: queued again", ref, run, owner)
+                await self.pool.delete(self.queue.picked_prefix + ref)  # the mark of the pick-up that ran it
+                await enqueue(self.pool, ref)
+        for ref in found.unqueued:
             logger.warning("jobs: %s was in no queue: queued again", ref)
             await enqueue(self.pool, ref)
-            return
-        left_ms = await self.pool.pttl(in_progress_key_prefix + ref)
-        if judge and left_ms > 0 and self.in_progress_ms - left_ms > self.config.lease_seconds * 1000:
-            if await self.pool.delete(in_progress_key_prefix + ref):
-                logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", ref)
+        for ref in found.cleared:
+            logger.info("jobs: %s: the queue's mark of its last pick-up, whose run is gone, removed", ref)
+        if found.gone:
+            logger.warning("jobs: %d active jobs whose records were gone taken off the active jobs", found.gone)

@@ -1,6 +1,7 @@
 """Shared fixtures: the random-weight extractor (CONTRACT.md `--weights random`) and small sample images."""
 
 import os
+import time
 from pathlib import Path
 
 # torch's OpenMP threads wait for each other at every parallel step. Spinning there, a waiting thread holds a core
@@ -27,6 +28,19 @@ needs_bf16 = pytest.mark.skipif(not precision.cpu_has_native_bf16(),
 needs_fast_bf16 = pytest.mark.skipif(not (precision.cpu_has_native_bf16() and precision.cpu_flags_have_bf16()),
                                      reason="bf16 is not native here: too slow emulated at this size")
 PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_bf16)]
+
+
+@pytest.fixture
+def cpu_time():
+    """A clock for timing work whatever else runs on the host (other tests, other engineers' runs): torch on one
+    thread, timed by that thread's CPU time. Ratios of such times are the work's own; a worker's wall clock,
+    on every core, is what the benchmarks measure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield time.thread_time
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -107,8 +107,8 @@ def handler_runs(torchserve, job_id: str | None = None) -> list[dict]:
     for line in (torchserve.workdir / "logs" / "model_log.log").read_text(errors="replace").splitlines():
         if "style_transfer request {" in line:
             record = json.loads(line.split("style_transfer request ", 1)[1])
-            if "job" in record:  # "<client>:<id>.<run>": the id and the run
-                record["job"] = record["job"].split(":", 1)[1]
+            if "job" in record:  # "<client>:<id>.<run>" (a previous release's: "<id>.<run>"): the id and the run
+                record["job"] = record["job"].split(":", 1)[-1]
             if "job" in record and record["job"].startswith(f"{job_id}." if job_id else ""):
                 logged = datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S,%f")
                 records.append({**record, "ended_at": logged.timestamp()})

@@ -57,3 +57,16 @@ def test_the_coarse_to_fine_start_benchmark_runs(tmp_path):
     report = json.loads(output.read_text())
     assert {row["start"] for row in report["runs"]} == {"upsampled", "carried", "lower"}
     assert all(row["final_loss"] > 0 and row["init"] == "noise" for row in report["runs"])
+
+
+def test_the_fixed_work_benchmark_runs(tmp_path):
+    output = tmp_path / "fixed.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fixed_work.py"), "--sizes", "64", "--repeats", "1",
+                          "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(output.read_text())
+    assert report["machine"]["cpu"] and "native_bf16_flags" in report["machine"]
+    assert [(case["size"], case["schedule"]) for case in report["cases"]] == [(64, "one_scale"), (64, "coarse_to_fine")]
+    for case in report["cases"]:
+        assert case["fixed_seconds"] > 0 and case["iteration_seconds"] > 0 and case["model"]["fixed_seconds"] > 0
+        assert any(stage.startswith("style_engine.style_targets") for stage in case["stages"])

@@ -1,7 +1,9 @@
 """The time model (style_engine/cost.py) against the engine's real work, and the handler's use of it: groups
-whose fixed work no longer fits the call's time get 503 with Retry-After, a request whose fixed work could not
-fit the server's maximum even alone gets 413 naming the largest size that fits. Times are in the device's
-measured speed, so that they hold on a slow CPU as here."""
+whose reserved time (fixed work and an iteration) no longer fits the call's time get 503 with Retry-After, a
+request whose reserved time could not fit the server's maximum even alone gets 413 naming the largest size
+that fits, and that size is served within the maximum. Times are in the device's measured speed, so that they
+hold on a slow CPU as here; the model's accuracy is held against requests measured as benchmarks/fixed_work.py
+measures them."""
 
 import json
 import time
@@ -10,12 +12,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import SAMPLES, STYLES, sample
+import fixed_work
+from conftest import SAMPLES, STYLES, needs_bf16, sample
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_engine import StyleJob, parse_params, stylize_batch
-from style_engine.cost import DeviceSpeed, group_cost, measure_speed
+from style_engine.codec import decode_image
+from style_engine.cost import (CALIBRATION_SIZES, MARGIN, MEASURE_SECONDS, DeviceSpeed, PassTime, forward_macs,
+                               group_cost, measure_speed)
 from style_engine.targets import shrink_to_need
 from style_transfer_handler import StyleTransferHandler
+
 
 CPU = torch.device("cpu")
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
@@ -29,30 +35,85 @@ def speed(extractor):
 
 def slowed(speed: DeviceSpeed, factor: float) -> DeviceSpeed:
     """The same device `factor` times slower."""
-    return DeviceSpeed({k: v * factor for k, v in speed.forward.items()},
-                       {k: v * factor for k, v in speed.iteration.items()}, speed.encode * factor)
+    def times(passes: dict[bool, PassTime]) -> dict[bool, PassTime]:
+        return {bf16: PassTime(t.fixed * factor, t.per_mac * factor) for bf16, t in passes.items()}
+
+    return DeviceSpeed(times(speed.forward), times(speed.iteration), speed.encode * factor)
+
+
+# The precision of a case and the size it is measured at: bf16 smaller, since where it is forced on a CPU
+# without it (STYLE_FORCE_PRECISION=bf16), it is emulated and slow.
+MEASURED = [pytest.param("fp32", 128, id="fp32"), pytest.param("bf16", 64, id="bf16", marks=needs_bf16)]
+
+
+@pytest.mark.parametrize("schedule", fixed_work.SCHEDULES)
+@pytest.mark.parametrize("precision, size", MEASURED)
+def test_the_model_is_within_a_quarter_of_the_measured_fixed_work_and_iteration(extractor, schedule, precision,
+                                                                                 size, cpu_time):
+    """A request measured as the benchmark measures it (from its files to its encoded answer), against the
+    model at the speed measured as a worker measures it, both in CPU time: the fixed work (after decoding, which
+    the model does not see: it is done before the request is admitted) and the iteration at the output size,
+    each within 25 %. The fastest of two runs, as the speed is the fastest of its timings."""
+    files = CONTENT, STYLE
+    speed = measure_speed(extractor, CPU, clock=cpu_time)
+    fixed_work.request(extractor, files, size, schedule, precision, cpu_time)  # warm-up: first use of these sizes
+    runs = [fixed_work.request(extractor, files, size, schedule, precision, cpu_time) for _ in range(2)]
+    model = fixed_work.model_estimate(extractor, files, size, schedule, precision, speed)
+    measured_fixed = min(run["engine_fixed_seconds"] for run in runs)
+    measured_iteration = min(run["iteration_seconds"] for run in runs)
+    assert runs[0]["precision"] == precision
+    assert 0.75 <= model["fixed_seconds"] / measured_fixed <= 1.25, (model, measured_fixed)
+    assert 0.75 <= model["iteration_seconds"] / measured_iteration <= 1.25, (model, measured_iteration)
+
+
+def test_a_busy_start_does_not_slow_the_measured_speed(extractor, cpu_time):
+    """Work beside the worker while it measures its speed (TorchServe's frontend starting) slows the timings it
+    takes, not those after it: a burst that makes everything three times slower for longer than the
+    measurement's least time leaves the speed as it is without it, the measurement going on until its timings
+    are no longer getting faster. The burst is the clock's: on a host shared with other runs, as this suite's
+    is, bursts of real work come and go by themselves, and two wall-clock measurements without one can differ
+    by more than 25 %; in CPU time they do not."""
+    class BusyClock:
+        """CPU time, counted three times over until `seconds` of the wall clock have passed."""
+
+        def __init__(self, seconds: float):
+            self.busy_until, self.extra, self.last = time.perf_counter() + seconds, 0.0, cpu_time()
+
+        def __call__(self) -> float:
+            now = cpu_time()
+            if time.perf_counter() < self.busy_until:
+                self.extra += 2 * (now - self.last)
+            self.last = now
+            return now + self.extra
+
+    def seconds(speed: DeviceSpeed) -> list[float]:
+        """A forward pass and an iteration at each calibration size, as the speed has them."""
+        macs = [forward_macs(size, "relu5_1") for size in CALIBRATION_SIZES]
+        return [times[False](m) for times in (speed.forward, speed.iteration) for m in macs]
+
+    quiet = seconds(measure_speed(extractor, CPU, clock=cpu_time))
+    busy = seconds(measure_speed(extractor, CPU, clock=BusyClock(2.5 * MEASURE_SECONDS)))
+    assert all(during <= 1.25 * without for during, without in zip(busy, quiet)), (busy, quiet)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
-def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_the_estimate(extractor, precision):
+def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_what_is_reserved(extractor, precision,
+                                                                                           cpu_time):
     """Past its deadline a batch still computes its targets at every scale, evaluates each scale's start image
-    and reports float32 losses: the work the model calls fixed. It must not take longer than estimated (the
-    handler reserves that much), nor be so overestimated that the estimate refuses what would fit."""
+    and reports float32 losses: work that no deadline interrupts. What the handler reserves for it (the fixed
+    work, and an iteration with its margin) is within the model's 25 % of it; in CPU time, the speed too."""
     # style images three times the output's size: their targets at each scale are most of the fixed work
-    params = parse_params({"size": 128, "min_scale": 32, "steps": 50, "style_scale": 3, "precision": precision})[0]
+    params = parse_params({"size": 64, "min_scale": 32, "steps": 50, "style_scale": 3, "precision": precision})[0]
     styles = (sample("styles/starry_night.jpg"), sample("styles/shipwreck.jpg"))
     job = shrink_to_need(StyleJob(sample("tubingen.jpg"), styles, params))
     jobs = [job, replace(job, params=replace(params, seed=1))]
     stylize_batch(extractor, jobs, deadline=time.perf_counter())  # warm-up: first calls allocate
-    # timed just before the work, as a worker times its device just before serving: on a shared machine the
-    # speed of a minute ago may not be the speed now
-    fixed = group_cost(jobs, CPU, measure_speed(extractor, CPU)).fixed
-    started = time.perf_counter()
-    results = stylize_batch(extractor, jobs, deadline=started)
-    elapsed = time.perf_counter() - started
+    reserved = group_cost(jobs, CPU, measure_speed(extractor, CPU, clock=cpu_time)).reserved
+    started = cpu_time()
+    results = stylize_batch(extractor, jobs, deadline=time.perf_counter())
+    elapsed = cpu_time() - started
     assert all(result.steps == 0 and result.stop_reason == "max_seconds" for result in results)
-    assert elapsed <= fixed, f"fixed work took {elapsed:.3f} s, estimated {fixed:.3f} s"
-    assert fixed <= 6 * elapsed, f"fixed work took {elapsed:.3f} s, estimated {fixed:.3f} s: far too much"
+    assert 0.75 * reserved <= elapsed <= MARGIN * reserved, f"it took {elapsed:.3f} s, {reserved:.3f} s reserved"
 
 
 def test_the_estimate_grows_with_what_the_fixed_work_depends_on(speed):
@@ -80,20 +141,20 @@ def request(size: int) -> dict:
     return {"content": CONTENT, "style": STYLE, "params": {"size": size, "steps": 2, "precision": "fp32"}}
 
 
-def fixed_of(handler, size: int) -> float:
+def reserved_of(handler, size: int) -> float:
     job, _ = handler.preparation.prepare(request(size), grpc=False)
-    return group_cost([job], CPU, handler.preparation.speed).fixed
+    return group_cost([job], CPU, handler.preparation.speed).reserved
 
 
 def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_after(handler_and_context, monkeypatch):
     handler, context = handler_and_context
     call = handler.config.seconds_per_call
-    # a device so slow that the largest request's fixed work takes 60 % of the call; the two others then fit
+    # a device so slow that the largest request's reserved time is 60 % of the call; the two others then fit
     # beside each other, not all three
     preparation = handler.preparation
-    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 0.6 * call / fixed_of(handler, 96)))
-    fixed = {size: fixed_of(handler, size) for size in (64, 80, 96)}
-    assert fixed[64] + fixed[80] <= call < sum(fixed.values()) and fixed[96] <= handler.preparation.time_cap
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 0.6 * call / reserved_of(handler, 96)))
+    reserved = {size: reserved_of(handler, size) for size in (64, 80, 96)}
+    assert reserved[64] + reserved[80] <= call < sum(reserved.values()) and reserved[96] <= preparation.time_cap
     start_batch(context, 3)
     answers = handler.handle([request(96), request(64), request(80)], context)
     assert [context.get_response_status(i)[0] or 200 for i in range(3)] == [503, 200, 200]
@@ -109,7 +170,7 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
     cap = handler.preparation.time_cap
     job, _ = handler.preparation.prepare(request(96), grpc=False)
     preparation = handler.preparation
-    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 2 * cap / fixed_of(handler, 96)))
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 2 * cap / reserved_of(handler, 96)))
     start_batch(context, 1)
     (answer,) = handler.handle([request(96)], context)
     assert context.get_response_status(0)[0] == 413
@@ -117,7 +178,50 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
     assert (error["type"], error["field"]) == ("TooLarge", "size")
     largest = int(error["message"].rsplit("size at most ", 1)[1].split()[0])
 
-    def fixed_at(size):
-        return group_cost([replace(job, params=replace(job.params, size=size))], CPU, handler.preparation.speed).fixed
+    def reserved_at(size):
+        return group_cost([replace(job, params=replace(job.params, size=size))], CPU,
+                          handler.preparation.speed).reserved
 
-    assert fixed_at(largest) <= cap < fixed_at(largest + 1)
+    assert reserved_at(largest) <= cap < reserved_at(largest + 1)
+
+
+def test_under_a_lowered_maximum_what_fits_is_admitted_and_the_size_named_for_what_does_not_is_served_within_it(
+        handler_and_context, monkeypatch, cpu_time):
+    """The server's maximum max_seconds lowered (as to 15 s for 512 px on 2 cores), here between what a 256 px
+    and a 512 px request reserve on this device: the 256 px request is admitted and served within it, and so is
+    the size named in the 512 px one's refusal, sent with max_seconds null (the maximum). Each optimises until
+    its time is up, ending near the maximum rather than early: a time model that overestimated would end it
+    early (and refuse what fits), one that underestimated, late. Decoding comes before the time counts. The
+    handler's clock here is the CPU time of its one thread (the speed measured so too), so that what runs
+    beside this test on the host takes none of the requests' time."""
+    handler, context = handler_and_context
+    monkeypatch.setattr(time, "perf_counter", cpu_time)
+    monkeypatch.setattr(handler, "speed", measure_speed(handler.extractor, CPU, clock=cpu_time))
+    cap = (reserved_of(handler, 256) + reserved_of(handler, 512)) / 2
+    monkeypatch.setattr(handler, "time_cap", cap)
+    monkeypatch.setitem(handler.config.maxima, "max_seconds", cap)
+    decoding = time.perf_counter()
+    decode_image(CONTENT, "content", max_pixels=10**8), decode_image(STYLE, "style", max_pixels=10**8)
+    decoding = time.perf_counter() - decoding
+
+    def serve(size: int) -> tuple[str, dict, float]:
+        start_batch(context, 1)
+        started = time.perf_counter()
+        (answer,) = handler.handle([{"content": CONTENT, "style": STYLE, "params": {
+            "size": size, "steps": 2000, "early_stop_tol": 0, "max_seconds": None}}], context)
+        return answer, context.get_response_headers(0), time.perf_counter() - started - decoding
+
+    def served_within_the_cap(size: int) -> None:
+        _, headers, seconds = serve(size)
+        assert (context.get_response_status(0)[0] or 200) == 200
+        assert headers["X-Style-Stop-Reason"] == "max_seconds"
+        assert 0.75 * cap <= seconds <= cap, (size, seconds, cap)
+
+    served_within_the_cap(256)
+    answer, _, _ = serve(512)
+    assert context.get_response_status(0)[0] == 413
+    error = json.loads(answer)
+    assert (error["type"], error["field"]) == ("TooLarge", "size")
+    named = int(error["message"].rsplit("size at most ", 1)[1].split()[0])
+    assert 256 <= named < 512
+    served_within_the_cap(named)

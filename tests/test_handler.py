@@ -225,7 +225,8 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
     limits = described["limits"]
     assert limits["memory_budget_bytes"] == handler_of(served).preparation.memory_budget > 0
-    assert set(limits["device_speed"]) == {"forward_ns_per_mac", "iteration_ns_per_mac", "encode_ns_per_pixel"}
+    assert set(limits["device_speed"]) == {"forward", "iteration", "encode_ns_per_pixel"}
+    assert set(limits["device_speed"]["iteration"]["fp32"]) == {"ms_per_pass", "ns_per_mac"}
     assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
         "max_decoded_pixels_per_call": 200_000_000, "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -23,13 +24,15 @@ import redis
 import redis.asyncio
 import requests
 import yaml
+from arq.connections import ArqRedis
 
 from conftest import ROOT
 from jobs.__main__ import STORE_CONNECTIONS
 from jobs.api import METRICS
 from jobs.config import JobsConfig
-from jobs.store import NewJob, Quotas, Store
+from jobs.store import ACTIVE, NewJob, Quotas, Store, job_ref
 from jobs.webhooks import MAX_RETRY_WAIT_SECONDS, Signer, WebhookPolicy, WebhookRefused, WebhookSender, retry_wait
+from jobs.worker import QueueWorker, Recovery, enqueue
 from jobs_calls import (CONTENT, LONG, STYLE, TINY, WebhookReceiver, conforms, read_events, record_key,
                         running_with_progress, status, submit, until, wait_for)
 from jobs_instance import JobsInstance
@@ -496,3 +499,88 @@ def test_metrics_are_only_on_their_port_and_with_a_token_file_need_it(redis_serv
         assert requests.get(service.metrics_url(), timeout=5).status_code == 401
         assert requests.get(service.metrics_url(), headers=bearer("scraper-token"), timeout=5).status_code == 200
         assert os.stat(tmp_path / "metrics_token").st_size > 0
+
+
+# --- the recovery's look-over --------------------------------------------------------------------------------------
+
+RECOVERY_CLIENT = "style-jobs-recovery-under-test"
+
+
+def pass_commands(private: RedisInstance, one_pass) -> tuple[list[str], list[str]]:
+    """What one recovery pass (`one_pass()`) makes Redis run (MONITOR): the commands its connection sent, and
+    those the scripts it called ran."""
+    (connection,) = [client for client in redis.Redis.from_url(private.url).client_list()
+                     if client["name"] == RECOVERY_CLIENT]
+    with redis.Redis.from_url(private.url).monitor() as monitor:
+        one_pass()
+        redis.Redis.from_url(private.url).echo("passed")
+        sent, scripted = [], []
+        for seen in monitor.listen():
+            if seen["command"] == "ECHO passed":
+                break
+            if f"{seen['client_address']}:{seen['client_port']}" == connection["addr"]:
+                sent.append(seen["command"].split()[0])
+            elif seen["client_type"] == "lua":
+                scripted.append(seen["command"].split()[0])
+    return sent, scripted
+
+
+def test_a_recovery_pass_costs_the_same_with_five_thousand_queued_jobs_and_still_mends_each(tmp_path):
+    """One pass of the look-over is one call to Redis with one queued job or 5,000, and the work Redis does for
+    it stops growing with the queue; yet with 5,000 a lapsed lease and a dead pick-up at the queue's head are
+    mended at the next pass, and a job fallen out of the queue or whose record is gone, anywhere among them,
+    within one round of the passes' slices."""
+    config = JobsConfig(lease_seconds=15)
+    loop = asyncio.new_event_loop()
+    with RedisInstance(tmp_path / "redis") as private:
+        pool = ArqRedis.from_url(private.url, client_name=RECOVERY_CLIENT)
+        filler = ArqRedis.from_url(private.url)
+        store, filling = Store(pool, pool, 60), Store(filler, filler, 60)
+        queue = QueueWorker(config, pool, runner=None).task_queue
+        recovery = Recovery(config, store, pool, queue)
+
+        async def queue_jobs(numbers) -> None:
+            for number in numbers:
+                await filling.create(NewJob("default", f"many-{number}", f"default/many-{number}/n/", 1,
+                                            "application/json", "print", "image", None, ()), None,
+                                     Quotas(10 ** 6, 10 ** 6, 10 ** 12))
+                await enqueue(filler, job_ref("default", f"many-{number}"))
+
+        def one_pass(cursor: int | None = None):
+            recovery.cursor = recovery.cursor if cursor is None else cursor
+            return lambda: loop.run_until_complete(recovery.look_over(judge=True))
+
+        loop.run_until_complete(queue_jobs(range(1)))
+        one_pass()()  # its connection made, its script loaded
+        with_one, _ = pass_commands(private, one_pass())
+        loop.run_until_complete(queue_jobs(range(1, 2500)))
+        with_half, half_work = pass_commands(private, one_pass(cursor=1000))  # a slice past the queue's head
+        loop.run_until_complete(queue_jobs(range(2500, 5000)))
+        with_many, many_work = pass_commands(private, one_pass(cursor=1000))
+        assert with_one == with_half == with_many == ["EVALSHA"], (with_one, with_many)
+        assert Counter(half_work) == Counter(many_work), (Counter(half_work), Counter(many_work))
+
+        ref = lambda number: job_ref("default", f"many-{number}")  # noqa: E731
+        store_now = redis.Redis.from_url(private.url)
+        # a run that stopped renewing its lease; a pick-up at the head that died before its run began
+        assert loop.run_until_complete(store.begin(ref(2500), "lapsed", "gone-replica", 0.05, 60))
+        time.sleep(0.1)
+        store_now.set(queue.picked_prefix + ref(0), 1, px=queue.picked_ms - 20_000)
+        loop.run_until_complete(recovery.look_over(judge=True))
+        record = store_now.hgetall(record_key("many-2500"))
+        assert record[b"run"] == b"" and json.loads(record[b"retried_after"])["type"] == "LeaseLapsed"
+        assert store_now.exists(f"style-jobs:cancel:{ref(2500)}.lapsed"), "its run is stopped in TorchServe"
+        assert not store_now.exists(queue.picked_prefix + ref(0)), "arq may take the job again"
+        # a job fallen out of the queue, a record gone: found within one round of slices
+        store_now.delete(queue.job_prefix + ref(4000))
+        store_now.zrem(queue.name, ref(4000))
+        store_now.delete(record_key("many-3000"))
+        rounds = 0
+        while rounds < 2:
+            loop.run_until_complete(recovery.look_over(judge=True))
+            rounds += recovery.cursor == 0
+        assert store_now.exists(queue.job_prefix + ref(4000)) and store_now.zscore(queue.name, ref(4000))
+        assert store_now.zscore(ACTIVE, ref(3000)) is None and store_now.zcard(ACTIVE) == 4999
+        for client in (pool, filler):
+            loop.run_until_complete(client.aclose())
+    loop.close()

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,10 @@ def test_the_model_follows_the_work():
     assert peak_bytes(workload([avg], CPU)) < plain  # no positions of maxima to keep
     shallow = StyleJob(job.content, job.styles, fp32(content_layer="relu2_1", style_layers={"relu1_1": 1,
                                                                                             "relu2_1": 1}))
-    assert peak_bytes(workload([shallow], CPU)) < 0.8 * plain  # the extractor stops at relu2_1
+    assert peak_bytes(workload([shallow], CPU)) < 0.85 * plain  # the extractor stops at relu2_1
+    # where a finer scale starts, the other candidate's pass beside the held one outweighs so few loss gradients
+    one_scale = StyleJob(job.content, job.styles, replace(shallow.params, min_scale=512))
+    assert peak_bytes(workload([one_scale], CPU)) < 0.8 * plain < peak_bytes(workload([shallow], CPU))
     huge_style = StyleJob(job.content, (torch.rand(3, 300, 400),), fp32(style_scale=4))
     assert peak_bytes(workload([huge_style], CPU)) > plain  # its targets outweigh the optimisation
     masked = [StyleJob(job.content, job.styles * count, job.params, (torch.ones(1, 30, 40),)) for count in (1, 4)]

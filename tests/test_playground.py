@@ -418,7 +418,7 @@ def test_a_job_runs_on_when_its_tab_is_closed_and_a_new_tab_shows_its_result(bro
     first = browser.new_page()
     first.goto(playground.url + "/")
     first.locator("#preset-list li").nth(2).wait_for(timeout=WAIT_MS)
-    start_a_timed_job(first, "starry_night", seconds=6)  # the next tab opens while it runs
+    start_a_timed_job(first, "starry_night", seconds=15)  # the next tab opens while it runs
     job_id = first.wait_for_function(f"() => localStorage.getItem('{REMEMBERED_JOB}')", timeout=WAIT_MS).json_value()
     first.close()
 

@@ -18,31 +18,35 @@ def schedule_of(*groups: Group, seconds: float = 100, time_cap: float = 1e9, mar
     return schedule
 
 
-def test_groups_run_cheapest_first_each_with_its_fixed_work_and_its_share_of_what_is_left():
-    cheap, dear = Group((1,), fixed=10, iterations=20), Group((0,), fixed=10, iterations=60)
+def test_groups_run_cheapest_first_each_with_its_reserved_time_and_its_share_of_what_is_left():
+    cheap = Group((1,), fixed=10, reserved=12, past_deadline=4, iterations=20)
+    dear = Group((0,), fixed=10, reserved=12, past_deadline=4, iterations=60)
     schedule = schedule_of(dear, cheap)  # in arrival order: the dearer first
     first = schedule.next_turn(STARTED)
-    # 100 s less both groups' fixed work leaves 80 s, shared 20 : 60
-    assert first == Turn((), (1,), deadline=STARTED + 10 + 20 - 10)
-    # the first group ended 5 s early: the second gets all that is left less its fixed work
+    # 100 s less both groups' reserved time leaves 76 s, shared 20 : 60; its iterations end what may run after
+    # their deadline before the group's end
+    assert first == Turn((), (1,), deadline=STARTED + 12 + 19 - 4)
+    # the first group ended 5 s early: the second gets all that is left
     second = schedule.next_turn(STARTED + 25)
-    assert second == Turn((), (0,), deadline=STARTED + 100 - 10)
+    assert second == Turn((), (0,), deadline=STARTED + 100 - 4)
     assert schedule.next_turn(STARTED + 90) is None
 
 
-def test_groups_whose_fixed_work_does_not_fit_are_refused_the_most_expensive_first():
-    small, middle, large = (Group((i,), fixed=fixed, iterations=1) for i, fixed in enumerate((20, 30, 60)))
+def test_groups_whose_reserved_time_does_not_fit_are_refused_the_most_expensive_first():
+    small, middle, large = (Group((i,), fixed=reserved - 5, reserved=reserved, past_deadline=5, iterations=1)
+                            for i, reserved in enumerate((20, 30, 60)))
     schedule = schedule_of(large, small, middle)
     turn = schedule.next_turn(STARTED)
     assert turn.refused == ((2, TOO_LITTLE_TIME),) and turn.requests == (0,)  # 20 + 30 fit in 100 s, not + 60
-    # the first group overran: what is left no longer holds the second's fixed work
+    # the first group overran: what is left no longer holds the second's reserved time
     assert schedule.next_turn(STARTED + 75) == Turn(((1, TOO_LITTLE_TIME),), (), STARTED + 75)
     assert schedule.next_turn(STARTED + 75) is None
 
 
 def test_no_group_runs_past_the_time_cap():
-    (turn,) = [schedule_of(Group((0, 1), fixed=5, iterations=50), seconds=100, time_cap=30).next_turn(STARTED)]
-    assert turn.deadline == STARTED + 30 - 5
+    group = Group((0, 1), fixed=5, reserved=7, past_deadline=3, iterations=50)
+    (turn,) = [schedule_of(group, seconds=100, time_cap=30).next_turn(STARTED)]
+    assert turn.deadline == STARTED + 30 - 3
 
 
 def test_a_request_whose_client_leaves_before_its_fixed_work_ends_is_refused_and_the_rest_end_in_time():
@@ -50,10 +54,10 @@ def test_a_request_whose_client_leaves_before_its_fixed_work_ends_is_refused_and
     now_epoch = 1_700_000_000.0
     waits = {0: ClientWait(now_epoch - 1, 60), 1: ClientWait(now_epoch - 50, 55), 2: None}  # 59 s, 5 s, unknown
     assert all(schedule.expect_client(i, wait, now_epoch) for i, wait in waits.items())
-    schedule.plan([Group((0, 1, 2), fixed=10, iterations=100)])
+    schedule.plan([Group((0, 1, 2), fixed=10, reserved=14, past_deadline=6, iterations=100)])
     turn = schedule.next_turn(STARTED)
     assert turn.refused == ((1, CLIENT_GONE_FIRST),)  # 5 s less the 2 s margin: less than 10 s of fixed work
-    assert turn.requests == (0, 2) and turn.deadline == pytest.approx(STARTED + 59 - 2 - 10)
+    assert turn.requests == (0, 2) and turn.deadline == pytest.approx(STARTED + 59 - 2 - 6)
 
 
 def test_a_request_that_outwaited_its_client_is_refused_before_any_planning():
@@ -64,12 +68,14 @@ def test_a_request_that_outwaited_its_client_is_refused_before_any_planning():
 
 
 def test_the_record_is_the_call_s_decisions_in_order_with_times_from_the_start_of_the_call():
-    schedule = schedule_of(Group((0,), fixed=1.23456, iterations=2), Group((1,), fixed=200, iterations=1))
+    schedule = schedule_of(Group((0,), fixed=1.23456, reserved=2.5, past_deadline=1, iterations=2),
+                           Group((1,), fixed=200, reserved=201, past_deadline=1, iterations=1))
     schedule.next_turn(STARTED + 0.5)
     schedule.next_turn(STARTED + 2)
     assert schedule.record({0: "a", 1: "b"}) == {
         "seconds": 100,
-        "groups": [{"requests": ["a"], "fixed": 1.235, "iterations": 2, "start": 0.5, "deadline": 98.765}],
+        "groups": [{"requests": ["a"], "fixed": 1.235, "reserved": 2.5, "iterations": 2, "start": 0.5,
+                    "deadline": 99}],
         "refused": [{"request_id": "b", "reason": TOO_LITTLE_TIME}]}
 
 

@@ -24,6 +24,9 @@ from torch import nn
 
 # Rows (positions) per tile of the Gram computation: 4 MiB of float32 per tile at 64 channels.
 GRAM_TILE_BYTES = 4 * 2**20
+# Relative margin by which a sum of some of the loss terms must exceed a bound to tell that the total does: more
+# than the rounding of summing a few terms in another order (about 1e-7), far less than a loss ever differs by.
+ROUNDING = 1e-4
 
 
 def gram_matrix(features: torch.Tensor, position_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,6 +118,9 @@ class Losses:
     def total(self) -> torch.Tensor:
         return self.content + self.style + self.tv
 
+    def detached(self) -> "Losses":
+        return Losses(*(term.detach() for term in self.terms()))
+
     def as_floats(self, item: int = 0) -> dict[str, float]:
         terms = torch.stack([self.content[item], self.style[item], self.tv[item], self.total[item]]).tolist()
         return dict(zip(("content", "style", "tv", "total"), terms))
@@ -123,7 +129,8 @@ class Losses:
 class StyleObjective(nn.Module):
     """The loss of a batch of target images against fixed targets, held as buffers.
 
-    content_target: (B, C, h, w) activations of the content images on `content_layer`.
+    content_target: (B, C, h, w) activations of the content images on `content_layer`; None until
+                    take_content_target is given the first pass over the content images (targets.py).
     style_targets:  {layer: (B, C, C)} Gram matrices the targets' Grams should match (already blended,
                     and scaled to the target's number of positions; see targets.py); with `guidance`,
                     {layer: (B, K, C, C)}, one per style.
@@ -131,15 +138,18 @@ class StyleObjective(nn.Module):
                     the layer's resolution, term_weights (B, K))}: each style's guided Gram is compared with its
                     own target (module docstring).
     style_factor:   multiplies the style term; 1 at the output size (see targets.py for coarse scales).
+    content_images: with no content_target, the content images (B, 3, H, W) whose pass gives it.
     """
 
     def __init__(self, content_target, style_targets, *, content_layer, style_layers, content_weight,
-                 style_weight, tv_weight, style_factor: float = 1.0, guidance: dict | None = None):
+                 style_weight, tv_weight, style_factor: float = 1.0, guidance: dict | None = None,
+                 content_images: torch.Tensor | None = None):
         super().__init__()
         self.content_layer = content_layer
         self.style_layer_weights = dict(style_layers)
         self.guided = guidance is not None
         self.register_buffer("content_target", content_target)
+        self.content_images = None if content_target is not None else content_images
         for layer, gram in style_targets.items():
             self.register_buffer(f"gram_{layer}", gram)
         for layer, (position_weights, term_weights) in (guidance or {}).items():
@@ -149,19 +159,59 @@ class StyleObjective(nn.Module):
         self.style_weight = style_weight * style_factor
         self.tv_weight = tv_weight
 
+    def take_content_target(self, images: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+        """Where the content target is still to come, take it from `features`, a pass over `images`, which
+        must be the content images (`content_images`): their activations are the target."""
+        if self.content_target is None:
+            if not torch.equal(images, self.content_images):
+                raise ValueError("the content target is taken from the first pass over the content images, "
+                                 "but the images evaluated first are others")
+            self.content_target = features[self.content_layer].detach().float()
+            self.content_images = None
+
     @property
     def layers(self) -> set[str]:
         """The layers the extractor must return for this objective."""
         return {self.content_layer, *self.style_layer_weights}
 
     def forward(self, features: dict[str, torch.Tensor], images: torch.Tensor) -> Losses:
-        content = (features[self.content_layer].float() - self.content_target).pow(2).mean(dim=(1, 2, 3))
+        return self._losses(self._content_term(features[self.content_layer]),
+                            {layer: self._style_term(layer, features[layer]) for layer in self._weighted()}, images)
+
+    def total_unless_above(self, stream, images: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        """The total loss (B,) of `images`, whose pass `stream` yields (layer, activation) in the network's
+        order (VGGFeatures.stream), or, once for every image the terms so far exceed `bound` (B,) by more than
+        rounding (every term is at least 0), their sum so far, without the rest of the pass: either compares
+        with `bound` as the total would."""
+        weighted, content, terms = set(self._weighted()), None, {}
+        tv = self.tv_weight * total_variation(images) if self.tv_weight else torch.zeros_like(bound)
+        for layer, activation in stream:
+            if layer == self.content_layer:
+                content = self._content_term(activation)
+            if layer in weighted:
+                terms[layer] = self._style_term(layer, activation)
+            so_far = self.style_weight * sum(terms.values(), torch.zeros_like(bound)) + tv
+            so_far = so_far if content is None else so_far + self.content_weight * content
+            if len(terms) < len(weighted) or content is None:
+                if bool((so_far > bound * (1 + ROUNDING)).all()):
+                    return so_far
+        return self._losses(content, terms, images).total
+
+    def _weighted(self) -> list[str]:
+        return [layer for layer, weight in self.style_layer_weights.items() if weight != 0]
+
+    def _content_term(self, activation: torch.Tensor) -> torch.Tensor:
+        return (activation.float() - self.content_target).pow(2).mean(dim=(1, 2, 3))
+
+    def _style_term(self, layer: str, activation: torch.Tensor) -> torch.Tensor:
+        _, d, h, w = activation.shape
+        return self.style_layer_weights[layer] * self._squared_error(layer, activation) / (d * h * w)
+
+    def _losses(self, content: torch.Tensor, style_terms: dict[str, torch.Tensor], images: torch.Tensor) -> Losses:
+        """The weighted terms, each layer's style term added in the order of style_layers."""
         style = torch.zeros_like(content)
-        for layer, weight in self.style_layer_weights.items():
-            if weight == 0:
-                continue
-            _, d, h, w = features[layer].shape
-            style = style + weight * self._squared_error(layer, features[layer]) / (d * h * w)
+        for layer in self._weighted():
+            style = style + style_terms[layer]
         tv = total_variation(images) if self.tv_weight else torch.zeros_like(content)
         return Losses(self.content_weight * content, self.style_weight * style, self.tv_weight * tv)
 

@@ -10,7 +10,9 @@ per scale, each with its content and Gram targets, and in bf16 the float32 one f
 - optimising at the output size (the largest scale; coarser scales need a quarter as much and less):
   the state that lives through the scale (the images, the optimiser's history), plus one iteration's forward
   and backward pass, whose peak is where the backward pass begins: every activation the backward pass needs is
-  still kept, and the loss has just produced a gradient for each loss layer;
+  still kept, and the loss has just produced a gradient for each loss layer; or, coarse to fine, where the
+  scale starts: the first iteration's forward pass is held while the other start candidate's pass runs beside
+  it without gradients (optimize.finer_start);
 - computing the style targets: each style image through VGG19 at its size, without gradients, in the
   activations' precision and, in bf16, in float32 too: the float32 objective at the output size (whose
   losses are the ones reported) takes its style targets in float32, at the same sizes.
@@ -178,13 +180,30 @@ def _backward_weights_bytes(work: Workload) -> int:
 
 def _plain_step(work: Workload) -> int:
     """Per image: where the backward pass begins, every activation kept for it, plus each loss layer's
-    gradient, plus the content term's float32 difference (kept by its square)."""
-    return _kept_activations(work, _modules(work)) + _loss_gradients(work) + _content_difference(work)
+    gradient (or, at a finer scale's start, the other candidate's pass beside the held one: _streamed_pass),
+    plus the content term's float32 difference (kept by its square)."""
+    return _kept_activations(work, _modules(work)) + _beside_the_kept(work) + _content_difference(work)
+
+
+def _beside_the_kept(work: Workload) -> int:
+    """What a held forward pass has beside it at its peak: the loss layers' gradients where its backward pass
+    begins, or, where a finer scale starts (coarse to fine), the other candidate's pass without gradients
+    (optimize.finer_start), whichever is larger."""
+    return max(_loss_gradients(work), _streamed_pass(work) if work.coarser else 0)
+
+
+def _streamed_pass(work: Workload) -> int:
+    """Per image, a pass without gradients that keeps no activation (VGGFeatures.stream): its normalised input
+    (float32) and, at each layer, that layer's input and output, the widest two."""
+    activation = 2 if work.bf16 else FLOAT32
+    widest = max(_elements(name, work.output) for name in _modules(work))
+    return 3 * _pixels(work.output) * FLOAT32 + 2 * widest * activation
 
 
 def _checkpointed_step(work: Workload) -> int:
     """Per image, the larger of: where the backward pass begins (the block inputs, the loss layers'
-    activations and their gradients), and the backward pass through the first block's last ReLU, which holds
+    activations and their gradients, or what a finer scale's start has beside them: _beside_the_kept), and the
+    backward pass through the first block's last ReLU, which holds
     the block's input, its ReLUs' outputs again, the gradient the loss gave its loss layers, and the gradient
     going into and out of that ReLU (the positions of the pooling's maxima are gone by then)."""
     activation = 2 if work.bf16 else FLOAT32
@@ -193,7 +212,7 @@ def _checkpointed_step(work: Workload) -> int:
         _elements(name, work.output) * activation for name in _modules(work)
         if name.startswith("pool") and LAYER_INDEX[name] < LAYER_INDEX[_deepest(work)])
     kept_for_loss = sum(_elements(name, work.output) * activation for name in loss_layers)
-    start = block_inputs + kept_for_loss + _loss_gradients(work) + _content_difference(work)
+    start = block_inputs + kept_for_loss + _beside_the_kept(work) + _content_difference(work)
     first_block = [name for name in _modules(work) if poolings_before(name) == 0]
     relus = sum(_elements(name, work.output) * activation for name in first_block if name.startswith("relu"))
     widest = max(_elements(name, work.output) for name in first_block) * activation

@@ -5,6 +5,7 @@ stylize_batch() several requests of the same output size and settings, optimised
 Progress goes to an optional callback; the engine never prints, saves or exits.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, fields, replace
@@ -18,6 +19,7 @@ from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import extractor_precision, pass_precision, use_bf16
 from .resize import fit_longer_side, resample, resize
+from .stages import FINAL_LOSS, FINER_START, INITIAL_LOSS, ITERATION, PREPARE, START_LOSS, mark
 from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
                       style_keys, style_size)
 from .vgg import VGGFeatures
@@ -93,17 +95,18 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     to the output size, is its result); it must be cheap.
     """
     start = time.perf_counter()
-    jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
+    with mark(PREPARE):
+        jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
     output = _check_batch(jobs, extractor)
     run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint,
                should_stop)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
     evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
-    initial = None if evaluated_first else run.float32_losses(init_full)
+    initial = None if evaluated_first else run.float32_losses(init_full, INITIAL_LOSS)
     x, best = _coarse_to_fine(run, init_full, output)
-    initial = initial or run.first_losses or run.float32_losses(init_full)  # the last: no iteration ran
-    final = best if best is not None and not run.bf16 else run.confirmed or run.float32_losses(x)
+    initial = initial or run.first_losses  # a float32 run from the output size: its first evaluation's losses
+    final = best if best is not None and not run.bf16 else run.confirmed or run.float32_losses(x, FINAL_LOSS)
     seconds = time.perf_counter() - start
     return [
         StyleResult(image=_finish(job, x[i]), steps=run.steps_done[i], seconds=seconds,
@@ -128,27 +131,48 @@ def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int
     for index, scale_size in enumerate(sizes := scale_sizes(run.jobs, output)):
         if x is not None and run.all_canceled:  # nothing left to optimise: carry the images up to the output size
             x, best = upsampled_start(x, scale_size), None
+        elif x is None:  # the first scale's start may be the content, whose pass then gives the content target
+            x0 = resize(init_full, scale_size)
+            x, best = run.optimise(run.objective(scale_size, first_images=x0), x0, index, sizes)
         else:
             objective = run.objective(scale_size)
-            x0 = resize(init_full, scale_size) if x is None else finer_start(run, objective, x, init_full, size,
-                                                                             scale_size)
-            x, best = run.optimise(objective, x0, index, sizes)
+            x0, evaluated = finer_start(run, objective, x, init_full, size, scale_size)
+            x, best = run.optimise(objective, x0, index, sizes, evaluated)
         size = scale_size
     return x, best
 
 
 def finer_start(run: "_Run", objective: StyleObjective, coarse: torch.Tensor, init_full: torch.Tensor,
-                coarse_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+                coarse_size: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, Losses | None]:
     """Where a finer scale starts, per image the lower in loss of two candidates, so that it never starts above
     the coarse result: the coarse result upsampled, and what the coarser scale changed carried onto this
     scale's own start (sharper where the start is the content, but noise again where it is noise). Measured
-    against either alone in benchmarks/coarse_to_fine_start.py; costs two forward passes without gradients,
-    which a request whose time is up does not spend: it goes on from the upsampled result, unevaluated."""
+    against either alone in benchmarks/coarse_to_fine_start.py. A request whose time is up spends nothing on
+    it: it goes on from the upsampled result, unevaluated.
+
+    Returns the start and, where it comes with its first iteration's pass done, that pass's losses (the start
+    is then a leaf whose gradient is filled). The candidate likelier to win (the carried change, unless an
+    image starts from noise, which it would bring back) goes first, with its gradient: its forward pass is held
+    while the other's runs without, layer by layer, only as far as it takes to tell that the other's loss is
+    higher (StyleObjective.total_unless_above; with the style terms of the first layers, usually). Then the
+    held pass is the scale's first iteration's, and the choice costs the other's first layers. When the other
+    wins for an image, its whole pass runs, the held one is dropped, and the choice costs two forward passes."""
     if time.perf_counter() >= run.end:
-        return upsampled_start(coarse, size)
-    candidates = [upsampled_start(coarse, size), carried_start(coarse, init_full, coarse_size, size)]
-    upsampled_loss, carried_loss = (run.evaluate(objective, x0, grad=False).total for x0 in candidates)
-    return torch.where((carried_loss < upsampled_loss)[:, None, None, None], candidates[1], candidates[0])
+        return upsampled_start(coarse, size), None
+    upsampled, carried = upsampled_start(coarse, size), carried_start(coarse, init_full, coarse_size, size)
+    noise = any(job.params.init == "noise" for job in run.jobs)
+    likelier, other = (upsampled, carried) if noise else (carried, upsampled)
+    start = likelier.clone().requires_grad_(True)
+    with run.loss_pass(objective, start, grad=True) as losses:
+        likelier_loss = losses.total.detach()
+        with mark(FINER_START, other):
+            other_loss = run.total_unless_above(objective, other, likelier_loss)
+        carried_loss, upsampled_loss = (other_loss, likelier_loss) if noise else (likelier_loss, other_loss)
+        carried_wins = carried_loss < upsampled_loss
+        if bool((carried_wins != noise).all()):
+            losses.total.sum().backward()
+            return start, losses.detached()
+    return torch.where(carried_wins[:, None, None, None], carried, upsampled), None
 
 
 def upsampled_start(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -205,47 +229,71 @@ class _Run:
     def all_canceled(self) -> bool:
         return all(reason == "canceled" for reason in self.stop_reasons)
 
-    def objective(self, size: tuple[int, int], bf16: bool | None = None) -> StyleObjective:
-        """The objective at `size`, built once (its targets are computed once per request and scale)."""
+    def objective(self, size: tuple[int, int], bf16: bool | None = None,
+                  first_images: torch.Tensor | None = None) -> StyleObjective:
+        """The objective at `size`, built once (its targets are computed once per request and scale); the
+        caller that builds it names the images it evaluates first (targets.build_objective)."""
         bf16 = self.bf16 if bf16 is None else bf16
         if (size, bf16) not in self._objectives:
             self._objectives[size, bf16] = build_objective(self.extractor, self.jobs, size, self.output, bf16,
-                                                           self.gram_cache, self.style_keys)
+                                                           self.gram_cache, self.style_keys, first_images)
         return self._objectives[size, bf16]
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
         """Losses of images x; with grad=True also fills x.grad."""
-        bf16 = self.bf16 if bf16 is None else bf16
-        with torch.set_grad_enabled(grad), pass_precision(bf16):  # float32: the backward pass too
-            with extractor_precision(x.device, bf16):
-                features = self.extractor(x, objective.layers, self.params.pooling, checkpoint=self.checkpoint)
-            losses = objective(features, x)
-            del features  # the loss keeps what its backward pass needs; the rest may go before that pass
+        with self.loss_pass(objective, x, grad, bf16) as losses:
             if grad:
                 losses.total.sum().backward()  # a sum keeps each image's gradient its own
-        return Losses(*(term.detach() for term in losses.terms()))
+        return losses.detached()
 
-    def float32_losses(self, x: torch.Tensor) -> Losses:
-        """The seed's loss of output-size images x in float32: what is reported, whatever optimised."""
-        return self.evaluate(self.objective(self.output, bf16=False), x, grad=False, bf16=False)
+    @contextlib.contextmanager
+    def loss_pass(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None):
+        """The losses of images x, with their graph where grad is True, for a backward pass within the context
+        (in the pass's precision: float32's covers the backward pass too)."""
+        bf16 = self.bf16 if bf16 is None else bf16
+        with torch.set_grad_enabled(grad), pass_precision(bf16):
+            with extractor_precision(x.device, bf16):
+                features = self.extractor(x, objective.layers, self.params.pooling, checkpoint=self.checkpoint)
+            objective.take_content_target(x, features)
+            losses = objective(features, x)
+            del features  # the loss keeps what its backward pass needs; the rest may go before that pass
+            yield losses
 
-    def optimise(self, objective, x0, scale_index: int, sizes: list) -> tuple[torch.Tensor, Losses]:
-        """Run this scale's share of each image's iterations; returns the best images seen and their losses."""
+    def total_unless_above(self, objective: StyleObjective, x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        """objective.total_unless_above for images x, in the run's precision, without gradients."""
+        with torch.no_grad(), pass_precision(self.bf16), extractor_precision(x.device, self.bf16):
+            stream = self.extractor.stream(x, objective.layers, self.params.pooling)
+            return objective.total_unless_above(stream, x, bound)
+
+    def float32_losses(self, x: torch.Tensor, stage: str) -> Losses:
+        """The seed's loss of output-size images x in float32: what is reported, whatever optimised. `stage`
+        names the work in a profile (stages.py). The first caller builds the objective: x is what it evaluates
+        first."""
+        objective = self.objective(self.output, bf16=False, first_images=x)
+        with mark(stage, x):
+            return self.evaluate(objective, x, grad=False, bf16=False)
+
+    def optimise(self, objective, x0, scale_index: int, sizes: list,
+                 evaluated: Losses | None = None) -> tuple[torch.Tensor, Losses]:
+        """Run this scale's share of each image's iterations; returns the best images seen and their losses.
+        `evaluated`: the losses of x0 where its first iteration's pass is done (finer_start)."""
         scales, final_scale = len(sizes), scale_index == len(sizes) - 1
         # each image's share of what it has left: what a coarse scale leaves unused goes on to the next
         budgets = [0 if reason == "canceled" else (self.params.steps - done) // (scales - scale_index)
                    for done, reason in zip(self.steps_done, self.stop_reasons)]
-        scale = _Scale(x0, self.params, budgets)
+        scale = _Scale(x0, self.params, budgets, with_gradient=evaluated is not None)
         deadline = self._deadline(sizes[scale_index:])
+        pending = evaluated  # the first iteration's pass, done already
         for _ in range(max(budgets)):
             if time.perf_counter() >= deadline:
                 self._stop(scale.stop_all(), "max_seconds", final_scale)
                 break
             if self._cancel(scale) and not scale.any_active:
                 break
-            losses = self.evaluate(objective, scale.x, grad=True)
-            self.first_losses = self.first_losses or losses
-            scale.step(losses)
+            with mark(ITERATION, scale.x):
+                losses, pending = pending or self.evaluate(objective, scale.x, grad=True), None
+                self.first_losses = self.first_losses or losses
+                scale.step(losses)
             for item in scale.stepped:
                 self.steps_done[item] += 1
             if not scale.sync_due(self.sync_every):
@@ -258,7 +306,11 @@ class _Run:
             self._stop(scale.stop_converged(), "converged", final_scale)
             if not scale.any_active:
                 break
-        return scale.best_x, scale.best or self.evaluate(objective, x0, grad=False)  # the last: no iteration ran
+        if scale.best is None:  # no iteration ran: the start's losses
+            with mark(START_LOSS, x0):
+                scale.best = evaluated or self.evaluate(objective, x0, grad=False)
+            self.first_losses = self.first_losses or scale.best
+        return scale.best_x, scale.best
 
     def _cancel(self, scale: "_Scale") -> bool:
         """Stop, at any scale and for good, the running images that should_stop asks to; whether any."""
@@ -281,7 +333,7 @@ class _Run:
             return False
         if not self.bf16:
             return True
-        losses = self.float32_losses(scale.best_x)
+        losses = self.float32_losses(scale.best_x, FINAL_LOSS)
         if max(losses.total.tolist()) > self.stop_below:
             return False
         self.confirmed = losses
@@ -312,11 +364,12 @@ class _Scale:
     so far, and which images still run. A stopped image is held where it is and its best kept, so that it ends
     as it would have alone; its gradient is still computed with the others' (the batch keeps its shape)."""
 
-    def __init__(self, x0: torch.Tensor, params: StyleParams, budgets: list[int]):
+    def __init__(self, x0: torch.Tensor, params: StyleParams, budgets: list[int], with_gradient: bool = False):
+        """`with_gradient`: x0 is a leaf whose gradient its first iteration's pass has filled (finer_start)."""
         self.params, self.budgets = params, budgets
-        self.x = x0.clone().requires_grad_(True)
+        self.x = x0 if with_gradient else x0.clone().requires_grad_(True)
         self.optimizer = _optimizer(params, self.x)
-        self.best_x, self.best = x0, None
+        self.best_x, self.best = x0.detach(), None
         self.active = [budget > 0 for budget in budgets]
         self.iterations = 0
         self.stepped: list[int] = []  # the images the latest step moved

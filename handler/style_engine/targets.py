@@ -15,6 +15,7 @@ from .losses import StyleObjective, gram_matrix
 from .params import StyleParams
 from .precision import extractor_precision
 from .resize import fit_longer_side, resize, resize_mask
+from .stages import CONTENT_TARGET, STYLE_TARGETS, mark
 from .vgg import VGGFeatures
 
 
@@ -197,22 +198,27 @@ def style_keys(job: StyleJob) -> tuple[tuple[str, str | None], ...]:
 def style_grams(extractor: VGGFeatures, image: torch.Tensor, params: StyleParams,
                 bf16: bool) -> dict[str, tuple[torch.Tensor, int]]:
     """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of one style image (3, h, w) as it is."""
-    with torch.no_grad(), extractor_precision(image.device, bf16):
-        features = extractor(image.unsqueeze(0), dict(params.style_layers), params.pooling)
-    return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
+    with mark(STYLE_TARGETS, image):
+        with torch.no_grad(), extractor_precision(image.device, bf16):
+            features = extractor(image.unsqueeze(0), dict(params.style_layers), params.pooling)
+        return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
 
 
 def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
                     output: tuple[int, int], bf16: bool, cache: GramCache | None = None,
-                    keys: list[tuple] | None = None) -> StyleObjective:
+                    keys: list[tuple] | None = None, first_images: torch.Tensor | None = None) -> StyleObjective:
     """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W).
 
     With a `cache`, `keys` holds style_keys(job) for each job, taken once per request (hashing an image
-    on the device would copy it to the host)."""
+    on the device would copy it to the host). `first_images`, the images the objective will evaluate first:
+    where they are the content images at `size` (a start from the content), the content target comes from
+    that evaluation's pass (StyleObjective.take_content_target) rather than from a pass of its own."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
-    with torch.no_grad(), extractor_precision(contents.device, bf16):
-        content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer]
+    content_target = None
+    if first_images is None or not torch.equal(first_images, contents):
+        with torch.no_grad(), extractor_precision(contents.device, bf16), mark(CONTENT_TARGET, contents):
+            content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer].float()
     keys = keys or [None] * len(jobs)
     guidance = None
     if jobs[0].masks:  # batch_key: either every job of a batch has masks, and as many styles, or none has
@@ -228,7 +234,7 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
                    for job, content, job_keys in zip(jobs, contents, keys)]
         style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
     return StyleObjective(
-        content_target.float(), style_targets, content_layer=params.content_layer,
+        content_target, style_targets, content_layer=params.content_layer, content_images=contents,
         style_layers=params.style_layers, content_weight=params.content_weight,
         style_weight=params.style_weight, tv_weight=params.tv_weight, guidance=guidance,
         # The seed's style term grows with the number of pixels (unnormalised Grams over d*h*w) while the

@@ -135,7 +135,7 @@ class VGGFeatures(nn.Module):
         """
         wanted = set(layers)
         last = max(LAYER_INDEX[name] for name in wanted)
-        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = self._normalised(images)
         out = {}
         checkpointed = checkpoint and torch.is_grad_enabled()
         for start, end in _blocks(last) if checkpointed else [(0, last)]:
@@ -145,18 +145,34 @@ class VGGFeatures(nn.Module):
             out.update(zip(names, kept))
         return out
 
+    def stream(self, images: torch.Tensor, layers: Iterable[str], pooling: str = "max"):
+        """As forward, but yields (layer, activation) for each requested layer as soon as it is computed, in the
+        network's order, keeping nothing itself: a caller that is done with an activation lets it go, and may
+        stop before the deepest layer (optimize.finer_start). The same values as forward's."""
+        wanted = set(layers)
+        x = self._normalised(images)
+        for index in range(max(LAYER_INDEX[name] for name in wanted) + 1):
+            x = self._layer(index, x, pooling)
+            if LAYER_NAMES[index] in wanted:
+                yield LAYER_NAMES[index], x
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
     def _run(self, x: torch.Tensor, start: int, end: int, names: list[str], pooling: str) -> tuple:
         """Layers start..end on x: (their output, then the outputs of the layers `names`, in order)."""
         kept = {}
         for index in range(start, end + 1):
-            module = self.layers[index]
-            if isinstance(module, nn.MaxPool2d) and pooling == "avg":
-                x = F.avg_pool2d(x, kernel_size=2, stride=2)
-            else:
-                x = module(x)
+            x = self._layer(index, x, pooling)
             if LAYER_NAMES[index] in names:
                 kept[LAYER_NAMES[index]] = x
         return (x, *(kept[name] for name in names))
+
+    def _layer(self, index: int, x: torch.Tensor, pooling: str) -> torch.Tensor:
+        module = self.layers[index]
+        if isinstance(module, nn.MaxPool2d) and pooling == "avg":
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return module(x)
 
     def check_layers(self, layers: Iterable[str]) -> str | None:
         """The first layer this extractor cannot produce (deeper than the one it was cut at), or None."""
