@@ -42,8 +42,9 @@ from .targets import StyleJob, output_size, style_size
 from .vgg import VGGFeatures
 
 CHECKPOINT_FACTOR = 1.5  # an iteration with VGG19's blocks run again in the backward pass (about a third more)
-# The model is within 25 % of the measured work, and below it rather than above (docs/benchmarks.md, "Fixed
-# work"): what may run once a deadline has passed is reserved that much over its estimate.
+# The model is within 25 % of the measured work, and below it rather than above
+# (docs/benchmarks.md, "Fixed work"): what may run once a deadline has passed is reserved that much over its
+# estimate.
 MARGIN = 1.25
 # (height, width) of the calibration images: the smallest VGG19 takes to relu5_1, and one from which up a CPU's
 # seconds per multiply-accumulate are about those of every larger size (at 96 px they were 15 % more)
