@@ -196,9 +196,10 @@ def test_under_a_lowered_maximum_what_fits_is_admitted_and_the_size_named_for_wh
     beside this test on the host takes none of the requests' time."""
     handler, context = handler_and_context
     monkeypatch.setattr(time, "perf_counter", cpu_time)
-    monkeypatch.setattr(handler, "speed", measure_speed(handler.extractor, CPU, clock=cpu_time))
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", measure_speed(preparation.extractor, CPU, clock=cpu_time))
     cap = (reserved_of(handler, 256) + reserved_of(handler, 512)) / 2
-    monkeypatch.setattr(handler, "time_cap", cap)
+    monkeypatch.setattr(preparation, "time_cap", cap)
     monkeypatch.setitem(handler.config.maxima, "max_seconds", cap)
     decoding = time.perf_counter()
     decode_image(CONTENT, "content", max_pixels=10**8), decode_image(STYLE, "style", max_pixels=10**8)
