@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU; see that script
     python benchmarks/gpu_check.py --device cpu --size 64 --steps 3 --batch-size 64 --max-batch 2 \
-        --memory-sizes 64   # smoke test
+        --memory-sizes 64 --default-steps 3   # smoke test
 
 Measures, each the median of --repeats runs: the engine at --size px for --steps iterations in float32 (strict:
 no TF32) and in the fast mode (bf16 autocast, what `auto` picks on a GPU), as seconds per run, iterations per
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     for mode, precision in (("fp32", "fp32"), ("fast", "bf16")):
         report[mode] = measure(extractor, [(content, style)], {**fixed, "precision": precision}, args.repeats)
     report["fast_loss_vs_fp32"] = report["fast"]["final_loss"] / report["fp32"]["final_loss"] - 1
-    report["default_request"] = measure(extractor, [(content, style)], {"size": args.size}, args.repeats)
+    default = {"size": args.size, **({"steps": args.default_steps} if args.default_steps else {})}
+    report["default_request"] = measure(extractor, [(content, style)], default, args.repeats)
     report["batching"] = {batch: measure(extractor, [(content, style)] * batch,
                                          {"size": args.batch_size, "steps": args.steps, "early_stop_tol": 0},
                                          args.repeats)
@@ -66,6 +67,8 @@ def _arguments():
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[512, 1024, 2048, 4096],
                         help="sizes at which memory.py's estimate is checked against the measured peak")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--default-steps", type=int, help="cut the default request to this many iterations (smoke "
+                                                          "tests); its own default otherwise")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", help="write the figures as JSON here")
     return parser

@@ -46,8 +46,8 @@ MODES = {
     "full": {"seed_size": 128, "seed_steps": 2000, "server_steps": None, "budgets": (10, 20, 40, 80),
              "large_size": 1024},
     # smoke: only checks that everything runs, with default requests cut to `request_steps` iterations
-    "smoke": {"seed_size": 48, "seed_steps": 20, "server_steps": 5, "budgets": (5,), "request_steps": 10,
-              "large_size": 96},
+    "smoke": {"seed_size": 48, "seed_steps": 10, "server_steps": 5, "budgets": (3,), "request_steps": 4,
+              "large_size": 64},
 }
 CONTENT, STYLE = ROOT / "samples" / "tubingen.jpg", ROOT / "samples" / "styles" / "starry_night.jpg"
 

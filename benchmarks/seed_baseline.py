@@ -19,10 +19,12 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def seed_vgg(features_state_dict: dict[str, torch.Tensor]) -> nn.Sequential:
-    """torchvision's full vgg19().features with the given weights, frozen, as the notebook holds it."""
-    from torchvision.models import vgg19
+    """torchvision's full vgg19().features with the given weights, frozen, as the notebook holds it. Built as
+    torchvision builds it (configuration "E"), without the classifier that vgg19() would also make and fill with
+    random numbers, seconds of work for weights the features never use."""
+    from torchvision.models.vgg import cfgs, make_layers
 
-    features = vgg19(weights=None).features
+    features = make_layers(cfgs["E"])
     features.load_state_dict(features_state_dict, strict=False)  # our state dicts stop at relu5_1
     for parameter in features.parameters():
         parameter.requires_grad_(False)

@@ -1,27 +1,21 @@
-"""One TorchServe request -> image bytes and raw parameters (CONTRACT.md, "Request"), then a StyleJob.
+"""One TorchServe request -> image bytes and raw parameters (docs/api.md), and the pixels its images declare;
+decoding.py decodes them.
 
 TorchServe hands the handler one dict per request. Multipart and form fields and gRPC input-map entries
 arrive under their own names (JSON parts already parsed, text parts as str, the rest bytes); a raw body
 arrives under "body" (a dict when its content type is application/json and it parses, bytes otherwise).
-Everything up to decode_job runs without torch: the jobs service refuses at submit what this refuses.
+It runs without torch: the jobs service refuses at submit what this refuses (jobs/checks.py).
 """
-
-from __future__ import annotations
 
 import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from style_engine.codec import decode_image, decode_mask
 from style_engine.codec import declared_pixels as image_pixels
 from style_engine.errors import ImageError, ParamError, TooLargeError
-from style_engine.params import StyleParams, parse_json
-from style_engine.presets import PresetLibrary
-
-if TYPE_CHECKING:
-    from style_engine.targets import StyleJob
+from style_engine.params import parse_json
 
 STYLE_PART = re.compile(r"style(?:_([1-9][0-9]*))?")
 MASK_PART = re.compile(r"mask_([1-9][0-9]*)")
@@ -48,25 +42,10 @@ def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     return _parse_fields(row, max_styles)
 
 
-def decode_job(request: RawRequest, params: StyleParams, presets: PresetLibrary, max_pixels: int) -> StyleJob:
-    """The request's images decoded, its presets' images after its uploaded styles. Raises ParamError for an
-    unknown preset (before any image is decoded), ImageError or TooLargeError naming the part at fault."""
-    from style_engine.targets import StyleJob  # here: targets needs torch, the checks above this do not
-
-    named = presets.images(params.presets)
-    content = decode_image(request.content, "content", max_pixels=max_pixels)
-    uploads = tuple(decode_image(data, _style_part_name(i + 1), max_pixels=max_pixels)
-                    for i, data in enumerate(request.styles))
-    masks = tuple(decode_mask(data, f"mask_{i + 1}", max_pixels=max_pixels) for i, data in enumerate(request.masks))
-    init_image = None if request.init_image is None else decode_image(request.init_image, "init_image",
-                                                                      max_pixels=max_pixels)
-    return StyleJob(content, uploads + named, params, masks, init_image)
-
-
 def declared_pixels(request: RawRequest, max_pixels: int) -> int:
-    """The pixels decode_job will decode for this request's uploaded images, read from their headers only.
-    Raises ImageError / TooLargeError naming the part at fault, as decoding it would."""
-    parts = [("content", request.content), *((_style_part_name(i + 1), data) for i, data in enumerate(request.styles)),
+    """The pixels decoding.decode_job will decode for this request's uploaded images, read from their headers
+    only. Raises ImageError / TooLargeError naming the part at fault, as decoding it would."""
+    parts = [("content", request.content), *((style_part_name(i + 1), data) for i, data in enumerate(request.styles)),
              *((f"mask_{i + 1}", data) for i, data in enumerate(request.masks)),
              *([("init_image", request.init_image)] if request.init_image is not None else [])]
     return sum(image_pixels(data, part, max_pixels=max_pixels) for part, data in parts)
@@ -93,7 +72,7 @@ def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
     _check_style_count(len(styles), max_styles)
     _check_mask_count(len(masks), max_styles)
     init_image = _image_bytes("init_image", row["init_image"]) if "init_image" in row else None
-    return RawRequest(_image_bytes("content", row["content"]), _numbered(styles, _style_part_name), params,
+    return RawRequest(_image_bytes("content", row["content"]), _numbered(styles, style_part_name), params,
                       _numbered(masks, lambda number: f"mask_{number}"), init_image)
 
 
@@ -123,7 +102,7 @@ def _parse_json_body(body: Any, max_styles: int) -> RawRequest:
     _check_mask_count(len(masks), max_styles)
     return RawRequest(
         _base64_image("content", body["content"]),
-        tuple(_base64_image(_style_part_name(i + 1), style) for i, style in enumerate(styles)),
+        tuple(_base64_image(style_part_name(i + 1), style) for i, style in enumerate(styles)),
         _params_object(body.get("params")),
         tuple(_base64_image(f"mask_{i + 1}", mask) for i, mask in enumerate(masks)),
         _base64_image("init_image", body["init_image"]) if "init_image" in body else None,
@@ -176,5 +155,5 @@ def _check_mask_count(count: int, max_styles: int) -> None:
                                                    f"style at most, and at most {max_styles} styles)")
 
 
-def _style_part_name(number: int) -> str:
+def style_part_name(number: int) -> str:
     return "style" if number == 1 else f"style_{number}"

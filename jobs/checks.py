@@ -81,7 +81,7 @@ def _check(row: dict[str, Any], limits: ServerLimits) -> None:
     request = parse_request(row, limits.max_styles)
     style_params, _ = parse_params(request.params, maxima=limits.maxima)
     pixels = declared_pixels(request, limits.max_image_pixels)
-    if pixels > limits.max_decoded_pixels_per_call:  # call_limits.DecodingBudget's refusal of a request alone
+    if pixels > limits.max_decoded_pixels_per_call:  # decoding.DecodingBudget's refusal of a request alone
         raise TooLargeError("content", f"the images of this request declare {pixels} pixels together; at most "
                                        f"{limits.max_decoded_pixels_per_call} are decoded for one request: send "
                                        f"smaller images")

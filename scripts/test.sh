@@ -5,28 +5,33 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-# tests/test_cluster.py runs a real nginx (Debian's package): install it when it is missing.
+# What the tests run that pip does not bring comes from Debian's packages. Only the programs are wanted: the
+# tests start and stop their own instances. Where a package's service started with it (systemd, or its init
+# script where no policy-rc.d forbids it), it is stopped and kept from starting at boot: nothing is left running.
+install_without_its_service() {  # PACKAGE SERVICE [apt-get install options]
+    local package=$1 service=$2
+    shift 2
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" "$package"
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+        $sudo systemctl disable --now "$service"
+    elif [ -x "/etc/init.d/$service" ] && "/etc/init.d/$service" status >/dev/null 2>&1; then
+        $sudo "/etc/init.d/$service" stop
+        $sudo update-rc.d "$service" disable >/dev/null
+    fi
+}
+# tests/test_cluster.py and others run a real nginx.
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+    install_without_its_service nginx nginx
 fi
-# tests/test_monitoring.py runs promtool, which Debian ships in its prometheus package (2.42 on Debian 12):
-# install it when it is missing, without the node exporter it recommends. Only promtool is wanted: where the
-# package's service started (systemd, and a policy-rc.d that lets it), stop it and keep it from starting at boot.
+# tests/test_monitoring.py runs promtool, which Debian ships in its prometheus package (2.42 on Debian 12), without
+# the node exporter it recommends.
 if ! command -v promtool >/dev/null; then
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
-    if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-        $sudo systemctl disable --now prometheus
-    fi
+    install_without_its_service prometheus prometheus --no-install-recommends
 fi
-# The jobs tests (tests/test_jobs*.py, tests/test_cancellation.py) run a real Redis: Debian's redis-server. Only the
-# binary is wanted: where the package's service started (systemd), stop it and keep it from starting at boot.
+# The jobs tests (tests/test_jobs*.py, tests/test_cancellation.py) run a real Redis: Debian's redis-server.
 if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
-    if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
-        $sudo systemctl disable --now redis-server
-    fi
+    install_without_its_service redis-server redis-server --no-install-recommends
 fi
 # tests/test_playground.py drives a real headless browser: Debian's chromium, which brings the libraries it
 # needs (a font too, through fontconfig; its recommends are desktop services); Playwright (requirements.txt)

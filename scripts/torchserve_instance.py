@@ -1,11 +1,11 @@
-"""A private TorchServe instance on free loopback ports, for tests, benchmarks and the local cluster script.
+"""A private TorchServe instance on free loopback ports, for the local cluster script, benchmarks and tests.
 
 Each instance gets its own working directory (where TorchServe writes key_file.json and logs/) and its own
 TMPDIR/TEMP (its pid file and the worker sockets live there), so several run on one machine. Its
 config.properties is the repository's with only the addresses, ports and paths changed. TorchServe's
 launcher does not pass SIGTERM on to Java, so `stop()` signals the whole process group, waits, then
 SIGKILLs what is left. That life cycle (ServerProcess) serves the test instances of the jobs service and Redis
-too (scripts/jobs_instance.py, scripts/redis_instance.py), as free_port does.
+too (tests/support/jobs_instance.py, tests/support/redis_instance.py), as free_port does.
 """
 
 import json

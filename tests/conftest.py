@@ -1,10 +1,16 @@
 """Shared fixtures: the random-weight extractor (CONTRACT.md `--weights random`) and small sample images."""
 
+import os
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# torch's OpenMP threads wait for each other at every parallel step. Spinning there, a waiting thread holds a core
+# that the thread with the work, or a server the test started, needs: on 2 cores shared with other processes the
+# tests ran 3 to 5 times slower. Waiting threads sleep instead, here and in every process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402 - after the setting, which OpenMP reads once, when torch loads it
+import torch  # noqa: E402
 
 from style_engine import VGGFeatures, load_features_state_dict, precision
 from style_engine.codec import load_image_file

@@ -1,4 +1,4 @@
-"""The most bytes an answer can take (call_limits.answer_bytes_bound), known before any work: never less than
+"""The most bytes an answer can take (answers.answer_bytes_bound), known before any work: never less than
 what encoding gives for the hardest image to compress, uniform noise at quality 100, and not far above it for
 PNG, whose bound is exact but for deflate's framing."""
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from call_limits import answer_bytes_bound
+from answers import answer_bytes_bound
 from style_engine.codec import encode_image, encoded_bytes_bound
 from style_engine.params import parse_params
 

@@ -1,7 +1,7 @@
-"""Fuzzing from openapi.yaml (scripts/fuzz_api.py): bounded Schemathesis runs against a real TorchServe, and against
-a real jobs service and Redis in front of it, find nothing, reach the work as well as the refusals, lose no job,
-and leave the worker that served them running. The long runs are the script's; what they found became plain
-tests (tests/test_params.py, test_hostile_input.py, test_jobs.py)."""
+"""Fuzzing from openapi.yaml (tests/support/fuzz_api.py): bounded Schemathesis runs against a real TorchServe,
+and against a real jobs service and Redis in front of it, find nothing, reach the work as well as the refusals,
+lose no job, and leave the worker that served them running. The long runs are the script's; what they found
+became plain tests (tests/test_params.py, test_hostile_input.py, test_jobs.py)."""
 
 import pytest
 

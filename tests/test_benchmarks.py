@@ -26,10 +26,12 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     output = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "32",
                           "--steps", "2", "--batch-size", "32", "--max-batch", "2", "--repeats", "1",
-                          "--memory-sizes", "32", "--output", str(output)], capture_output=True, text=True, timeout=300)
+                          "--memory-sizes", "32", "--default-steps", "4", "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(output.read_text())
     assert report["fp32"]["iterations"] == 2 and set(report["batching"]) == {"1", "2"}
+    assert report["default_request"]["iterations"] == 4
     assert report["memory_model"]["32"]["fp32"]["estimated_mib"] > 0
     assert report["fp32_tf32_flags"] == {"forward": [[False, False]], "backward": [[False, False]]}
     assert abs(report["fast_loss_vs_fp32"]) < 0.5

@@ -142,8 +142,8 @@ def request(size: int) -> dict:
 
 
 def reserved_of(handler, size: int) -> float:
-    job, _ = handler._prepare(request(size), grpc=False)
-    return group_cost([job], CPU, handler.speed).reserved
+    job, _ = handler.preparation.prepare(request(size), grpc=False)
+    return group_cost([job], CPU, handler.preparation.speed).reserved
 
 
 def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_after(handler_and_context, monkeypatch):
@@ -151,9 +151,10 @@ def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_afte
     call = handler.config.seconds_per_call
     # a device so slow that the largest request's reserved time is 60 % of the call; the two others then fit
     # beside each other, not all three
-    monkeypatch.setattr(handler, "speed", slowed(handler.speed, 0.6 * call / reserved_of(handler, 96)))
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 0.6 * call / reserved_of(handler, 96)))
     reserved = {size: reserved_of(handler, size) for size in (64, 80, 96)}
-    assert reserved[64] + reserved[80] <= call < sum(reserved.values()) and reserved[96] <= handler.time_cap
+    assert reserved[64] + reserved[80] <= call < sum(reserved.values()) and reserved[96] <= preparation.time_cap
     start_batch(context, 3)
     answers = handler.handle([request(96), request(64), request(80)], context)
     assert [context.get_response_status(i)[0] or 200 for i in range(3)] == [503, 200, 200]
@@ -166,9 +167,10 @@ def test_groups_whose_fixed_work_no_longer_fits_the_call_get_503_with_retry_afte
 def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_the_size_that_fits(
         handler_and_context, monkeypatch):
     handler, context = handler_and_context
-    cap = handler.time_cap
-    job, _ = handler._prepare(request(96), grpc=False)
-    monkeypatch.setattr(handler, "speed", slowed(handler.speed, 2 * cap / reserved_of(handler, 96)))
+    cap = handler.preparation.time_cap
+    job, _ = handler.preparation.prepare(request(96), grpc=False)
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 2 * cap / reserved_of(handler, 96)))
     start_batch(context, 1)
     (answer,) = handler.handle([request(96)], context)
     assert context.get_response_status(0)[0] == 413
@@ -177,7 +179,8 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
     largest = int(error["message"].rsplit("size at most ", 1)[1].split()[0])
 
     def reserved_at(size):
-        return group_cost([replace(job, params=replace(job.params, size=size))], CPU, handler.speed).reserved
+        return group_cost([replace(job, params=replace(job.params, size=size))], CPU,
+                          handler.preparation.speed).reserved
 
     assert reserved_at(largest) <= cap < reserved_at(largest + 1)
 
@@ -193,9 +196,10 @@ def test_under_a_lowered_maximum_what_fits_is_admitted_and_the_size_named_for_wh
     beside this test on the host takes none of the requests' time."""
     handler, context = handler_and_context
     monkeypatch.setattr(time, "perf_counter", cpu_time)
-    monkeypatch.setattr(handler, "speed", measure_speed(handler.extractor, CPU, clock=cpu_time))
+    preparation = handler.preparation
+    monkeypatch.setattr(preparation, "speed", measure_speed(preparation.extractor, CPU, clock=cpu_time))
     cap = (reserved_of(handler, 256) + reserved_of(handler, 512)) / 2
-    monkeypatch.setattr(handler, "time_cap", cap)
+    monkeypatch.setattr(preparation, "time_cap", cap)
     monkeypatch.setitem(handler.config.maxima, "max_seconds", cap)
     decoding = time.perf_counter()
     decode_image(CONTENT, "content", max_pixels=10**8), decode_image(STYLE, "style", max_pixels=10**8)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, SAMPLES, STYLES, sample
-from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params
+from style_engine import StyleJob, parse_params
 from style_engine.codec import decode_image, decode_mask
 from style_engine.targets import build_objective
 
@@ -65,9 +65,10 @@ def test_a_preset_alone_over_rest_and_grpc(server):
     assert over_grpc.prediction == over_rest.content
 
 
-def test_two_styles_with_complementary_masks_over_rest(server):
+def test_two_styles_with_complementary_masks_over_rest(server, extractor):
     """Each half of the answer takes its own style: its guided style loss against that style, computed here
-    with the server's weights (random), is far lower than that of the answer with the masks swapped."""
+    with the server's weights (random, as the `extractor` has them), is far lower than that of the answer with
+    the masks swapped."""
     params = {"size": 64, "steps": 20, "early_stop_tol": 0, "precision": "fp32"}
     results = []
     for masks in ((LEFT, RIGHT), (RIGHT, LEFT)):
@@ -75,7 +76,6 @@ def test_two_styles_with_complementary_masks_over_rest(server):
                                     "mask_2": masks[1]}, params)
         assert response.status_code == 200, response.text
         results.append(decode_image(response.content, "result", max_pixels=10**6))
-    extractor = VGGFeatures(load_features_state_dict("random"))
     for style, mask in ((STYLE, LEFT), (STYLE_2, RIGHT)):
         job = StyleJob(sample("tubingen.jpg"), (decode_image(style, "style", max_pixels=10**7),),
                        parse_params(params)[0], (decode_mask(mask, "mask", max_pixels=10**6),))

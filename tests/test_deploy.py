@@ -316,7 +316,7 @@ def test_each_proxy_tells_the_handler_how_long_its_clients_wait():
     assert inference_service()["spec"]["predictor"]["timeout"] == auth_proxy_wait
 
 
-# --- the pod, run as the kubelet would run it (tests/pod_harness.py) ---------------------------------------------
+# --- the pod, run as the kubelet would run it (tests/support/pod_harness.py) -------------------------------------
 
 def pod_properties() -> dict[str, str]:
     text = manifests()["ConfigMap/style-transfer-torchserve"]["data"]["config.properties"]

@@ -31,7 +31,7 @@ RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait
 
 # An archive whose limits make hours minutes: TorchServe gives up on a worker after 16 s, one call of the
 # handler may optimise for 10 s, and requests wait up to 1.5 s to be batched together. Its entry point is the
-# real handler on a device that can be made to fail (tests/faulty_device_handler.py).
+# real handler on a device that can be made to fail (tests/support/faulty_device_handler.py).
 LIMITED = {"responseTimeout": 16, "maxBatchDelay": 1500,
            "handler": {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
                        "reply_margin_seconds": 6, "defaults": {"size": 256, "steps": 200, "max_seconds": 8},
@@ -45,7 +45,7 @@ def limited_server(tmp_path_factory):
     from torchserve_instance import TorchServeInstance
 
     store = tmp_path_factory.mktemp("limited_store")
-    build("random", store, handler=ROOT / "tests" / "faulty_device_handler.py", settings=LIMITED)
+    build("random", store, handler=ROOT / "tests" / "support" / "faulty_device_handler.py", settings=LIMITED)
     with TorchServeInstance(store, tmp_path_factory.mktemp("limited_torchserve")) as instance:
         yield instance
 
@@ -246,7 +246,7 @@ def test_a_device_that_fails_for_good_ends_its_worker_after_answering(limited_se
     assert limited_server.worker_pids() == [new_pid]
 
 
-# A response size limit that a 1024 px answer exceeds and the 512 px ones of the memory tests fit.
+# A response size limit that a 1024 px answer exceeds and the 256 px ones of the memory tests fit.
 SMALL_RESPONSES = 1_000_000
 
 
@@ -264,8 +264,8 @@ def memory_server(tmp_path_factory, name: str, save_memory: bool, budget: int):
                               overrides={"max_response_size": str(SMALL_RESPONSES)})
 
 
-# Single scale, two iterations: 512 px needs more than the budget as it is, less with checkpointing.
-LARGE = {"size": 512, "min_scale": 512, "steps": 2, "precision": "fp32"}
+# Single scale, two iterations: 256 px needs more than the budget as it is, less with checkpointing.
+LARGE = {"size": 256, "min_scale": 256, "steps": 2, "precision": "fp32"}
 
 
 def large_request_budget() -> int:
@@ -289,7 +289,7 @@ def test_a_request_over_the_memory_budget_is_refused_at_once_and_a_smaller_one_s
         error = refused.json()
         assert (error["type"], error["field"]) == ("TooLarge", "size")
         largest = int(re.search(r"size at most (\d+) fits", error["message"]).group(1))
-        assert 256 <= largest < 512
+        assert LARGE["size"] // 2 <= largest < LARGE["size"]
         served, _ = predict(server, {**LARGE, "size": largest})
         assert served.status_code == 200, served.text
         assert server.worker_pids() == [pid]
@@ -308,6 +308,6 @@ def test_with_the_memory_saving_path_the_same_request_is_served(tmp_path_factory
     with memory_server(tmp_path_factory, "saving_memory", save_memory=True, budget=large_request_budget()) as server:
         response, _ = predict(server, LARGE)
         assert response.status_code == 200, response.text
-        assert Image.open(io.BytesIO(response.content)).size == (512, 384)
+        assert Image.open(io.BytesIO(response.content)).size == (256, 192)
         log = (server.workdir / "logs" / "model_log.log").read_text()
-    assert '"size": "512x384"' in log and '"checkpoint": true' in log
+    assert '"size": "256x192"' in log and '"checkpoint": true' in log

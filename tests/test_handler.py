@@ -120,23 +120,23 @@ def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
     assert context.get_response_headers(0)["ts_stream_next"] == "false"  # see the handler: gRPC streams need it
 
 
-def test_requests_of_the_same_size_and_settings_share_a_batch_as_far_as_memory_allows(served):
+def grouped(preparation, prepared: dict, memory_budget: int, monkeypatch) -> list[tuple[int, ...]]:
+    """The requests the handler would optimise together, with `memory_budget` bytes for requests."""
+    monkeypatch.setattr(preparation, "memory_budget", memory_budget)
+    return sorted(group.requests for group in preparation.groups(prepared))
+
+
+def test_requests_of_the_same_size_and_settings_share_a_batch_as_far_as_memory_allows(served, monkeypatch):
     from style_engine.memory import peak_bytes, workload
-    from style_transfer_handler import _batches
 
-    handler, _ = served
+    preparation = handler_of(served).preparation
     row = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2}}
-    prepared = {i: handler._prepare(dict(row), grpc=False) for i in range(5)}
-    prepared[5] = handler._prepare({**row, "params": {"size": 96, "steps": 2}}, grpc=False)
-    prepared[6] = handler._prepare({**row, "params": {"size": 64, "steps": 3}}, grpc=False)
-    cpu = torch.device("cpu")
-    two_fit = peak_bytes(workload([prepared[0][0]] * 2, cpu))
-
-    def within(budget):
-        return lambda jobs: peak_bytes(workload(jobs, cpu)) <= budget
-
-    assert sorted(_batches(prepared, within(10 * two_fit))) == [[0, 1, 2, 3, 4], [5], [6]]
-    assert sorted(_batches(prepared, within(two_fit))) == [[0, 1], [2, 3], [4], [5], [6]]
+    prepared = {i: preparation.prepare(dict(row), grpc=False) for i in range(5)}
+    prepared[5] = preparation.prepare({**row, "params": {"size": 96, "steps": 2}}, grpc=False)
+    prepared[6] = preparation.prepare({**row, "params": {"size": 64, "steps": 3}}, grpc=False)
+    two_fit = peak_bytes(workload([prepared[0].job] * 2, torch.device("cpu")))
+    assert grouped(preparation, prepared, 10 * two_fit, monkeypatch) == [(0, 1, 2, 3, 4), (5,), (6,)]
+    assert grouped(preparation, prepared, two_fit, monkeypatch) == [(0, 1), (2, 3), (4,), (5,), (6,)]
 
 
 def test_a_batch_answers_each_request_as_if_alone(served):
@@ -160,7 +160,7 @@ def test_a_batch_answers_each_request_as_if_alone(served):
 def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     good = {"content": CONTENT, "style": STYLE, "params": {"size": 64, "steps": 2, "precision": "fp32"}}
     bad = {"content": CONTENT, "style": STYLE, "params": {"steps": 0}}
-    with caplog.at_level("INFO", logger="style_transfer_handler"):
+    with caplog.at_level("INFO", logger="telemetry"):
         _, context = handle(served, good, bad)
     lines = [record.getMessage() for record in caplog.records if "style_transfer request" in record.getMessage()]
     records = [json.loads(line.split("style_transfer request ", 1)[1]) for line in lines]
@@ -175,6 +175,11 @@ def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     assert served_record["seconds"] <= served_record["total_seconds"]
     assert refused_record == {"request_id": context.request_ids[1], "status": 400, "error": "InvalidParameter",
                               "field": "steps", "total_seconds": refused_record["total_seconds"]}
+    # and one line for the call: its schedule (handler/scheduler.py), here one group of the request it served
+    (call,) = [json.loads(record.getMessage().split("style_transfer call ", 1)[1]) for record in caplog.records
+               if "style_transfer call " in record.getMessage()]
+    assert [group["requests"] for group in call["groups"]] == [[context.request_ids[0]]] and call["refused"] == []
+    assert 0 <= call["groups"][0]["start"] < call["groups"][0]["deadline"] <= call["seconds"] <= 270
 
 
 def test_a_style_scale_past_the_style_pixel_limit_is_refused(served):
@@ -219,7 +224,7 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
                                   "doc": "longer side of the output, px"}
     assert parameters["max_seconds"]["default"] == 240 and "at most 270" in parameters["max_seconds"]["allowed"]
     limits = described["limits"]
-    assert limits["memory_budget_bytes"] == handler_of(served).memory_budget > 0
+    assert limits["memory_budget_bytes"] == handler_of(served).preparation.memory_budget > 0
     assert set(limits["device_speed"]) == {"forward", "iteration", "encode_ns_per_pixel"}
     assert set(limits["device_speed"]["iteration"]["fp32"]) == {"ms_per_pass", "ns_per_mac"}
     assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
@@ -238,17 +243,14 @@ def test_a_describe_header_on_the_inference_api_is_a_prediction(served):
     assert Image.open(io.BytesIO(body)).size == (64, 48)
 
 
-def test_masked_and_unmasked_requests_never_share_a_batch(served):
-    from style_transfer_handler import _batches
-
-    handler, _ = served
+def test_masked_and_unmasked_requests_never_share_a_batch(served, monkeypatch):
+    preparation = handler_of(served).preparation
     white = mask_png()
     row = {"content": CONTENT, "style": STYLE, "style_2": STYLE, "params": {"size": 64, "steps": 2}}
-    prepared = {0: handler._prepare(dict(row), grpc=False), 1: handler._prepare({**row, "mask_1": white}, grpc=False),
-                2: handler._prepare({**row, "mask_2": white, "mask_1": white}, grpc=False),
-                3: handler._prepare({"content": CONTENT, "style": STYLE, "mask_1": white, "params": row["params"]},
-                                    grpc=False)}
-    assert sorted(_batches(prepared, lambda jobs: True)) == [[0], [1, 2], [3]]  # memory no bound here
+    prepared = {0: dict(row), 1: {**row, "mask_1": white}, 2: {**row, "mask_2": white, "mask_1": white},
+                3: {"content": CONTENT, "style": STYLE, "mask_1": white, "params": row["params"]}}
+    prepared = {index: preparation.prepare(request, grpc=False) for index, request in prepared.items()}
+    assert grouped(preparation, prepared, 2**60, monkeypatch) == [(0,), (1, 2), (3,)]  # memory no bound here
 
 
 def test_the_handler_stops_a_canceled_job_and_answers_the_others_in_full(served, redis_server, monkeypatch):
@@ -275,7 +277,7 @@ def test_the_handler_stops_a_canceled_job_and_answers_the_others_in_full(served,
     (" t=1733234567.5 ", " 2500 ", (1733234567.5, 2.5)),
 ])
 def test_the_client_wait_is_read_from_the_proxy_headers(start, timeout, expected):
-    from call_limits import ClientWait
+    from scheduler import ClientWait
 
     wait = ClientWait.from_headers({"X-Request-Start": start, "x-request-timeout-ms": timeout})
     assert (wait.arrived, wait.timeout) == pytest.approx(expected)
@@ -295,7 +297,7 @@ def test_the_client_wait_is_read_from_the_proxy_headers(start, timeout, expected
     {"X-Request-Start": {"content-type": ""}, "X-Request-Timeout-Ms": "310000"},  # a gRPC parameter's type
 ])
 def test_a_missing_or_malformed_client_wait_means_no_check(headers):
-    from call_limits import ClientWait
+    from scheduler import ClientWait
 
     assert ClientWait.from_headers(headers) is None
 
@@ -344,7 +346,7 @@ def test_a_request_that_outwaited_its_client_is_dropped_before_any_decoding(serv
     assert [context.get_response_status(i)[0] for i in (1, 2, 3)] == [200, 200, 200]
     # a claim to have waited since 1970: no Retry-After beyond a request's time here
     handler, _ = served
-    assert context.get_response_headers(4)["Retry-After"] == str(math.ceil(handler.time_cap))
+    assert context.get_response_headers(4)["Retry-After"] == str(math.ceil(handler.preparation.time_cap))
     (record,) = [r for r in logged_requests(caplog) if r["request_id"] == context.request_ids[0]]
     assert record == {"request_id": context.request_ids[0], "status": 503, "error": "Expired", "field": None,
                       "total_seconds": record["total_seconds"]}  # nothing decoded, nothing run

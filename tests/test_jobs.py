@@ -50,7 +50,8 @@ def test_the_cancel_keys_are_the_handlers():
 def test_the_handlers_refusals_before_work_wait_and_its_request_errors_fail_the_job():
     """A 503 of the handler (Busy, Expired) or of TorchServe (full queue), and a proxy's 504 before the stream
     began, are sent again later, not counted as an attempt; the request's own errors fail the job with them."""
-    from style_transfer_handler import BUSY, EXPIRED, OUT_OF_MEMORY
+    from failures import OUT_OF_MEMORY
+    from style_transfer_handler import BUSY, EXPIRED
 
     def sorted_as(body: dict) -> type:
         return type(jobs_torchserve._sorted_error(body["code"], json.dumps(body).encode()))

@@ -12,7 +12,9 @@ from request_parsing import JSON_BODY_KEYS
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from style_engine.errors import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, ParamError
 from style_engine.params import PARAM_FIELDS, describe_params
-from style_transfer_handler import BUSY, CONTENT_TYPES, DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY
+from answers import CONTENT_TYPES
+from failures import DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY
+from style_transfer_handler import BUSY
 
 SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 SCHEMAS = SPEC["components"]["schemas"]

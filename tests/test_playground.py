@@ -306,8 +306,8 @@ def test_painted_masks_are_sent_as_mask_1_and_on_and_the_server_paints_by_them(p
     for _ in range(4):
         tab.keyboard.press("Shift+ArrowRight")  # 4 x 32 px to the right
     tab.keyboard.press("Space")
-    tab.fill("#param-size", "128")
-    tab.fill("#param-steps", "10")
+    tab.fill("#param-size", "64")
+    tab.fill("#param-steps", "4")
     tab.click("#start")
     tab.locator("#final").wait_for(state="visible", timeout=WAIT_MS)
     tab.screenshot(path=str(screenshots / "playground.png"), full_page=True)
@@ -321,7 +321,7 @@ def test_painted_masks_are_sent_as_mask_1_and_on_and_the_server_paints_by_them(p
     assert band[100:300, 51].min() == 255 and band[:, 150:].max() == 0  # the band, and nothing else
     assert line[192, 256:384].min() == 255 and line[:150].max() == 0 and line[:, :200].max() == 0
     assert np.abs(rest.astype(int) + np.maximum(band, line) - 255).max() <= 2  # what the other two leave
-    params = {"presets": "shipwreck,woman-with-hat-matisse", "size": "128", "steps": "10"}
+    params = {"presets": "shipwreck,woman-with-hat-matisse", "size": "64", "steps": "4"}
     images = {"content": CONTENT.read_bytes(), "style": STYLE.read_bytes()}
     masks = {f"mask_{n}": parts[f"mask_{n}"] for n in (1, 2, 3)}
     assert downloaded(tab) == predicted_directly(torchserve, {**images, **masks}, params)

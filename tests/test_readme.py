@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from docs_hooks import script_parser
+from hooks import script_parser  # docs/hooks.py
 from style_engine.errors import ParamError
 from style_engine.params import describe_params, parse_params
 
@@ -122,10 +122,13 @@ def test_every_reference_to_a_page_or_section_names_one():
             assert (ROOT / page).is_file(), f"{name}: no file {page}"
 
 
+COMMAND = r"((?:scripts|benchmarks|tests/support)/[\w-]+\.(?:py|sh))((?:\\\n|[^\n`])*)"  # a script, its arguments
+
+
 def test_every_command_in_the_docs_names_a_script_and_options_it_has():
     commands = 0
     for name, text in [("README.md", README), *PAGES.items()]:
-        for script, arguments in re.findall(r"((?:scripts|benchmarks)/[\w-]+\.(?:py|sh))((?:\\\n|[^\n`])*)", text):
+        for script, arguments in re.findall(COMMAND, text):
             assert (ROOT / script).is_file(), f"{name}: no script {script}"
             unknown = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", arguments)) - _options(script)
             assert not unknown, f"{name}: {script} has no option {sorted(unknown)}"

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import SAMPLES, STYLES
 from handler_context import make_context, model_dir_with_weights, start_batch
 from streaming import ProgressStream
+from style_engine.targets import GramCache
 from style_transfer_handler import StyleTransferHandler
 
 REQUEST = {"content": (SAMPLES / "tubingen.jpg").read_bytes(), "style": (STYLES / "starry_night.jpg").read_bytes(),
@@ -47,11 +48,23 @@ class FailsOnce:
         return self.extractor(images, *args, **kwargs)
 
 
-@pytest.fixture
-def handler_and_context(tmp_path, random_state_dict):
-    context = make_context(model_dir_with_weights(tmp_path, random_state_dict), {"weights": "random"})
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory, random_state_dict):
+    context = make_context(model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict),
+                           {"weights": "random"})
     handler = StyleTransferHandler()
     handler.initialize(context)
+    return handler, context
+
+
+@pytest.fixture
+def handler_and_context(initialized, monkeypatch):
+    """The module's handler (a worker starts in seconds) as a new one serves: the extractor a test replaces is
+    put back after it, and its Gram cache starts empty, so that each test counts the extractor's calls alike."""
+    handler, context = initialized
+    monkeypatch.setattr(handler, "extractor", handler.extractor)
+    monkeypatch.setattr(handler, "gram_cache", GramCache(handler.config.gram_cache_entries,
+                                                         handler.config.preset_gram_cache_entries))
     return handler, context
 
 
@@ -151,15 +164,15 @@ def assert_served(body) -> None:
 
 def test_a_failure_decoding_one_request_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
                                                                                     monkeypatch):
-    import style_transfer_handler
+    import decoding
 
     def decode_or_run_out(request, params, *args):
         if params.seed == 13:
             raise MemoryError()  # what Pillow or numpy raise when an allocation fails
         return decode_job(request, params, *args)
 
-    decode_job = style_transfer_handler.decode_job
-    monkeypatch.setattr(style_transfer_handler, "decode_job", decode_or_run_out)
+    decode_job = decoding.decode_job
+    monkeypatch.setattr(decoding, "decode_job", decode_or_run_out)
     caplog.set_level(logging.INFO)
     handler, context = handler_and_context
     first, failed, third = batch_of_three(handler, context, {"seed": 13})
@@ -172,15 +185,15 @@ def test_a_failure_decoding_one_request_of_a_batch_answers_it_and_serves_the_oth
 
 def test_a_failure_encoding_one_answer_of_a_batch_answers_it_and_serves_the_others(handler_and_context, caplog,
                                                                                    monkeypatch):
-    import style_transfer_handler
+    import answers
 
     def encode_or_fail(image, fmt, quality):
         if quality == 77:
             raise ValueError("encoder failure")
         return encode_image(image, fmt, quality)
 
-    encode_image = style_transfer_handler.encode_image
-    monkeypatch.setattr(style_transfer_handler, "encode_image", encode_or_fail)
+    encode_image = answers.encode_image
+    monkeypatch.setattr(answers, "encode_image", encode_or_fail)
     caplog.set_level(logging.INFO)
     handler, context = handler_and_context
     first, failed, third = batch_of_three(handler, context, {"format": "jpeg", "quality": 77})

@@ -28,7 +28,7 @@ def load_features_state_dict(weights: str, deepest_layer: str = "relu5_1") -> di
     if weights == "imagenet":
         state = _imagenet_state_dict()
     elif weights == "random":
-        state = _random_state_dict()
+        state = _random_features()
     elif os.path.isfile(weights):
         state = _file_state_dict(weights)
     else:
@@ -50,12 +50,16 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _random_state_dict() -> dict[str, torch.Tensor]:
+@functools.cache
+def _random_features() -> dict[str, torch.Tensor]:
+    """The `features` of vgg19(weights=None) built right after torch.manual_seed(0). Built once per process: they
+    are the same every time, and building VGG19 (its classifier too, which the random numbers run through) takes
+    seconds. Callers share the tensors and, as everywhere here, write into none of them."""
     from torchvision.models import vgg19
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(0)
-        return vgg19(weights=None).state_dict()
+        return vgg19(weights=None).features.state_dict()
 
 
 def _file_state_dict(path: str) -> dict[str, torch.Tensor]:

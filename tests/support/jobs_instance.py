@@ -1,5 +1,5 @@
 """A jobs service (`python -m jobs`) as a child process on a free loopback port, for tests and
-scripts/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL), stopped
+tests/support/fuzz_api.py: started against a given Redis and TorchServe, stopped (SIGTERM, then SIGKILL), stopped
 with SIGTERM alone as a rolling restart does, or killed by its pid. Replicas share a token file."""
 
 import os

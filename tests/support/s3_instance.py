@@ -1,6 +1,6 @@
 """A private S3-compatible server (moto's, `moto_server` from requirements.txt) on a free loopback port with one
-bucket, for the tests and scripts/fuzz_api.py: the jobs service keeps its images there as in a cluster it keeps
-them in S3. Objects live in the server's memory; it is stopped by its pid: SIGTERM, then SIGKILL."""
+bucket, for the tests and tests/support/fuzz_api.py: the jobs service keeps its images there as in a cluster it
+keeps them in S3. Objects live in the server's memory; it is stopped by its pid: SIGTERM, then SIGKILL."""
 
 import subprocess
 import time

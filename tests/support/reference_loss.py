@@ -4,6 +4,8 @@ Uses torchvision's own vgg19().features built right after torch.manual_seed(0) (
 with its in-place ReLUs, exactly as the seed's notebook runs it.
 """
 
+import functools
+
 import torch
 import torchvision
 
@@ -15,6 +17,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+@functools.cache  # read only: built once per test session (building VGG19 takes seconds)
 def random_vgg19_features():
     torch.manual_seed(0)
     return torchvision.models.vgg19(weights=None).features.eval()

@@ -1,4 +1,4 @@
-"""A private redis-server (Debian's package) on a free loopback port, for tests and scripts/serve.sh's jobs.
+"""A private redis-server (Debian's package) on a free loopback port, for tests and tests/support/fuzz_api.py.
 
 It listens on 127.0.0.1 only, requires a password (given, or a new random one), keeps its files in its own
 directory (append-only file there, so that a restarted Redis keeps the jobs), holds at most 512 MB and evicts

@@ -5,8 +5,9 @@ No cluster and no container engine run here, so this does their part with the ke
   machine, so that the pod has an address of its own (`Pod.ip`); what listens on the pod's 127.0.0.1 is
   reachable only from inside it, as in a cluster;
 - each container: its own mount namespace and a root file system of its own (chroot), built from the image's
-  files (`Image`) and this machine's /usr and /etc mounted read-only (the software an image would carry); the
-  manifest's volumeMounts bound at their mountPath (subPath, readOnly); with readOnlyRootFilesystem the root is
+  files (`Image`) and this machine's /usr and /etc mounted read-only (the software an image would carry, with
+  more of this machine's folders where the image needs them, at the image's own paths); the manifest's
+  volumeMounts bound at their mountPath (subPath, readOnly); with readOnlyRootFilesystem the root is
   remounted read-only, so only the mounted paths can be written;
 - volumes as the kubelet makes them: an emptyDir is a directory of mode 0777, a configMap or secret volume
   holds its keys as files of defaultMode (0644 unless set); with fsGroup, every volume is given that group and
@@ -48,8 +49,9 @@ class Image:
     """What a container image gives a container: entrypoint, cmd, working directory, environment, default
     user, and its files. `files`: path in the image -> a host file or folder to copy, text to write, or None
     for an empty folder; `owners`: path -> uid of the image's own files that are not root's; `host_binds`:
-    host paths bound read-only at the same path (beside /usr and /etc); `overlays`: host-bound folders that the
-    image replaces with its own copy (its files under them come from `files`); `links`: symbolic links."""
+    host paths bound read-only at the same path (beside /usr and /etc); `binds`: path in the image -> host
+    folder bound read-only there; `overlays`: path in the image -> host folder whose copy, with the image's
+    `files` under that path, the image has there instead of what is bound; `links`: symbolic links."""
     entrypoint: list[str]
     cmd: list[str] = field(default_factory=list)
     workdir: str = "/"
@@ -58,7 +60,8 @@ class Image:
     files: dict[str, object] = field(default_factory=dict)
     owners: dict[str, int] = field(default_factory=dict)
     host_binds: tuple[str, ...] = ()
-    overlays: tuple[str, ...] = ()
+    binds: dict[str, str] = field(default_factory=dict)
+    overlays: dict[str, str] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,11 +126,12 @@ class Container:
         self.rootfs.mkdir(parents=True)
         for name, target in MERGED_USR_LINKS.items():
             os.symlink(target, self.rootfs / name)
-        for path in ("proc", "dev", "sys", "tmp", *[p.lstrip("/") for p in HOST_SOFTWARE + self.image.host_binds]):
+        for path in ("proc", "dev", "sys", "tmp", *[p.lstrip("/") for p in HOST_SOFTWARE + self.image.host_binds],
+                     *[p.lstrip("/") for p in self.image.binds]):
             (self.rootfs / path).mkdir(parents=True, exist_ok=True)
         (self.rootfs / "tmp").chmod(0o1777)
-        for overlay in self.image.overlays:
-            shutil.copytree(overlay, self.layer_path(overlay), symlinks=True)
+        for overlay, source in self.image.overlays.items():
+            shutil.copytree(source, self.layer_path(overlay), symlinks=True)
         for path, source in self.image.files.items():
             self.place(path, source)
         for path, target in self.image.links.items():
@@ -175,8 +179,9 @@ class Container:
         """The shell commands, run as root in the container's new mount namespace, that build its root."""
         root = shlex.quote(str(self.rootfs))
         lines = ["set -e", f"mount --bind {root} {root}"]
-        for path in HOST_SOFTWARE + self.image.host_binds:
-            lines += [f"mount --bind {path} {root}{path}", f"mount -o remount,bind,ro {root}{path}"]
+        binds = {path: path for path in HOST_SOFTWARE + self.image.host_binds} | self.image.binds
+        for path, source in binds.items():
+            lines += [f"mount --bind {shlex.quote(source)} {root}{path}", f"mount -o remount,bind,ro {root}{path}"]
         for overlay in self.image.overlays:
             lines += [f"mount --bind {shlex.quote(str(self.layer_path(overlay)))} {root}{overlay}"]
         lines += [f"mount --rbind /{path} {root}/{path}" for path in ("proc", "dev", "sys")]

@@ -9,9 +9,10 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from build_mar import stage_presets
-from conftest import ROOT, STYLES
 
+ROOT = Path(__file__).resolve().parents[2]
 HANDLER_DIR = ROOT / "handler"
+STYLES = ROOT / "samples" / "styles"
 
 
 def model_dir_with_weights(directory: Path, state_dict: dict) -> Path:

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY_PAGES = {"README.md": "index.md", "CHANGELOG.md": "changelog.md"}
 # Other files outside docs/ that pages link to, served at their repository paths.
 REPOSITORY_FILES = ("openapi.yaml", "LICENSE", "benchmarks/results/*.png")
-PARAMETERS_MARKER = "<!-- the parameters table, made by scripts/docs_hooks.py -->"
-OPENAPI_MARKER = "<!-- openapi.yaml, rendered by scripts/docs_hooks.py -->"
-JOBS_SETTINGS_MARKER = "<!-- the jobs service's settings, made by scripts/docs_hooks.py from jobs/config.py -->"
-OPTIONS_MARKER = re.compile(r"<!-- the options of ([\w/.-]+), made by scripts/docs_hooks.py from its parser -->")
+PARAMETERS_MARKER = "<!-- the parameters table, made by docs/hooks.py -->"
+OPENAPI_MARKER = "<!-- openapi.yaml, rendered by docs/hooks.py -->"
+JOBS_SETTINGS_MARKER = "<!-- the jobs service's settings, made by docs/hooks.py from jobs/config.py -->"
+OPTIONS_MARKER = re.compile(r"<!-- the options of ([\w/.-]+), made by docs/hooks.py from its parser -->")
 LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.MULTILINE | re.DOTALL)
 

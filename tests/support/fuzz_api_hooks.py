@@ -1,4 +1,4 @@
-"""Schemathesis hooks for scripts/fuzz_api.py: real images among the generated ones, real jobs among the job ids,
+"""Schemathesis hooks for tests/support/fuzz_api.py: real images among the generated ones, real jobs among the job ids,
 and the checks that no schema states.
 
 Loaded by Schemathesis (SCHEMATHESIS_HOOKS), not imported by the project. On the predictions endpoint only POST
@@ -35,7 +35,7 @@ import yaml
 from hypothesis import strategies as st
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 STREAM_EVENT = jsonschema.Draft202012Validator({**SPEC, "$ref": "#/components/schemas/StreamEvent"})
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}

@@ -2,7 +2,7 @@
 """Fuzz the REST API of openapi.yaml with Schemathesis: TorchServe's predictions endpoint and the jobs service's
 paths, each against its real server.
 
-    scripts/fuzz_api.py [--api torchserve,jobs] [--max-examples 2000] [--seed N] [--phases coverage,fuzzing]
+    tests/support/fuzz_api.py [--api torchserve,jobs] [--max-examples 2000] [--seed N] [--phases coverage,fuzzing]
                         [--max-time SECONDS] [--keep DIR]
 
 Builds an archive with random weights and small maxima (FUZZ_HANDLER: every valid request takes a fraction of
@@ -17,7 +17,7 @@ job the fuzzer submitted is canceled and must have ended (none lost, none left r
 worker that answered every request is the one that started. Prints Schemathesis's reports and a tally of the
 answers by status and content type; exits 1 when Schemathesis found anything, a job was lost or the worker changed.
 
-What Schemathesis checks (besides our checks in scripts/fuzz_api_hooks.py): no 5xx but those an API documents
+What Schemathesis checks (besides our checks in tests/support/fuzz_api_hooks.py): no 5xx but those an API documents
 (TorchServe's 503 and 507, and its 500 for a multipart body it cannot decode; none from the jobs service); every
 status, content type, header and JSON body as the spec documents it. Each API's excluded_checks say which of its
 checks are left out, and why.
@@ -39,13 +39,15 @@ from pathlib import Path
 import requests
 import yaml
 
-from build_mar import build
-from jobs_instance import JobsInstance
-from redis_instance import RedisInstance
-from torchserve_instance import MODEL_NAME, ROOT, VENV_BIN, TorchServeInstance
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # run on its own: build_mar, instances
+
+from build_mar import build  # noqa: E402
+from jobs_instance import JobsInstance  # noqa: E402
+from redis_instance import RedisInstance  # noqa: E402
+from torchserve_instance import MODEL_NAME, ROOT, VENV_BIN, TorchServeInstance  # noqa: E402
 
 SPEC = ROOT / "openapi.yaml"
-HOOKS = ROOT / "scripts" / "fuzz_api_hooks.py"
+HOOKS = Path(__file__).resolve().parent / "fuzz_api_hooks.py"
 _HANDLER = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]
 # Small maxima, so that whatever the fuzzer sends is answered within a second or two on 2 CPU cores. The
 # engine's defaults (256 px, 200 steps) are over them: the server sets its own, as a server may.

@@ -1,0 +1,128 @@
+"""One request made ready for the optimisation, top to bottom: parse → check → decode → size → admit.
+
+Each step is one file, and no step goes back to an earlier one's:
+- parse: request_parsing.py, the TorchServe request's image parts and raw parameters;
+- check: style_engine/params.py, the parameters against the server's defaults and maxima;
+- decode: decoding.py, the images, within the pixels this call of the handler may decode;
+- size: style_engine/targets.py, the request against the extractor and the server's limits, then its images
+  reduced to the sizes the optimisation uses;
+- admit: answers.py (the answer within TorchServe's max_response_size), style_engine/memory.py (the memory
+  budget), style_engine/cost.py (the time a request may take here).
+A step that refuses the request raises a RequestError naming the field at fault (4xx), or NoTimeLeft (503).
+The worker's capacity (device, memory budget, measured speed) also groups prepared requests for the
+scheduler (scheduler.py): `groups`.
+"""
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from answers import check_answer_size
+from decoding import DecodingBudget, decode_request
+from request_parsing import parse_request
+from scheduler import Group, batches
+from server_config import ServerConfig
+from style_engine import ParamError, StyleJob, VGGFeatures, batch_key, parse_params
+from style_engine.cost import DeviceSpeed, group_cost, largest_size_within, measure_speed
+from style_engine.errors import NotEnoughTime
+from style_engine.memory import admit, fitting_mode, free_bytes
+from style_engine.params import PARAM_FIELDS, OutputParams, describe_params
+from style_engine.presets import ARCHIVE_DIR, PresetLibrary
+from style_engine.targets import check_job, output_size, shrink_to_need
+
+# TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
+# progress chunk sent to a unary call makes it close the call and restart the worker.
+GRPC_STREAM_REFUSED = ("stream=true is not available over gRPC: TorchServe 0.12 cannot tell Predictions from "
+                       "StreamPredictions and a progress message would end a Predictions call; call without "
+                       "stream (both RPCs return the result), or use REST for live progress")
+
+
+class Prepared(NamedTuple):
+    job: StyleJob  # its images at the sizes the optimisation uses
+    output: OutputParams
+
+
+class Preparation:
+    """The worker's checks and capacity: its settings, extractor and presets, its device, the bytes requests
+    may use there (`memory_budget`), its measured speed and the longest a request may take (`time_cap`)."""
+
+    def __init__(self, config: ServerConfig, extractor: VGGFeatures, presets: PresetLibrary, device: torch.device,
+                 memory_budget: int, speed: DeviceSpeed, time_cap: float):
+        self.config, self.extractor, self.presets, self.device = config, extractor, presets, device
+        self.memory_budget, self.speed, self.time_cap = memory_budget, speed, time_cap
+
+    @classmethod
+    def on_worker(cls, config: ServerConfig, model_dir: str, extractor: VGGFeatures,
+                  device: torch.device) -> "Preparation":
+        """The worker's, once its extractor is on `device`: the archive's presets, the memory and the time."""
+        presets = PresetLibrary.load(os.path.join(model_dir, ARCHIVE_DIR), config.max_image_pixels)
+        # after the weights are on the device: what is free then is what requests may use
+        memory_budget = config.memory_budget_bytes or int(free_bytes(device) * (1 - config.memory_margin))
+        # the device's speed, timed here on the worker's own device: the time model's unit (style_engine/cost.py)
+        speed = measure_speed(extractor, device)
+        # the longest a request may take, all its work included: the server's max_seconds maximum
+        time_cap = min(config.seconds_per_call, config.maxima.get("max_seconds", math.inf))
+        return cls(config, extractor, presets, device, memory_budget, speed, time_cap)
+
+    def describe(self) -> dict:
+        """What requests may use here, as the model's description reports it."""
+        return {"presets": self.presets.describe(),
+                "parameters": describe_params(self.config.defaults, self.config.maxima),
+                "limits": {**self.config.limits(), "memory_budget_bytes": self.memory_budget,
+                           "device_speed": self.speed.describe()}}
+
+    def prepare(self, row: dict, grpc: bool, decoding: DecodingBudget | None = None) -> Prepared:
+        """Request `row` of a call, parsed and checked up to the point where only the optimisation is left.
+        `decoding`: what this call may still decode (a budget of its own when not given)."""
+        config = self.config
+        request = parse_request(row, config.max_styles)
+        style_params, output = parse_params(request.params, defaults=config.defaults, maxima=config.maxima)
+        if grpc and output.stream:
+            raise ParamError("stream", GRPC_STREAM_REFUSED)
+        job = decode_request(request, style_params, self.presets, config.max_image_pixels,
+                             decoding or DecodingBudget(config.max_decoded_pixels_per_call))
+        check_job(job, self.extractor, config.max_style_pixels, config.max_styles)
+        shrunk = shrink_to_need(job)  # what waits for its batch holds megabytes, not gigabytes
+        check_answer_size(job, output, config.max_response_size)
+        checkpoint = admit(shrunk, self.device, self.memory_budget, config.save_memory)
+        self._admit_time(shrunk, checkpoint)
+        return Prepared(shrunk, output)
+
+    def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
+        """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
+        interrupts, and one iteration past its deadline, could not end within the server's maximum even alone
+        (style_engine/cost.py)."""
+        cost = group_cost([job], self.device, self.speed, checkpoint)
+        if cost.reserved <= self.time_cap:
+            return
+        smallest = PARAM_FIELDS["size"].metadata["check"].lo
+        largest = largest_size_within(job, self.device, self.speed, self.time_cap, smallest)
+        fits = (f"size at most {largest} fits" if largest is not None else
+                "no size fits: send fewer or smaller style images or a smaller style_scale")
+        raise NotEnoughTime("size", f"size {job.params.size} with these images and settings needs about "
+                                    f"{cost.reserved:.1f} s that no time budget interrupts, at this worker's "
+                                    f"measured speed: {cost.fixed:.1f} s of work (the style targets at every scale, "
+                                    f"the reported losses, encoding) and an iteration at the output size "
+                                    f"({cost.iteration:.1f} s) that may start just before the end, with a margin; "
+                                    f"a request may take at most {self.time_cap:g} s here: {fits}")
+
+    def fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
+        """Whether these jobs fit the memory budget optimised together without checkpointing."""
+        return fitting_mode(jobs, self.device, self.memory_budget, save_memory=False) is not None
+
+    def groups(self, prepared: dict[int, Prepared]) -> list[Group]:
+        """The prepared requests (by index) in groups that can each be optimised as one batch (the same
+        settings and output size, within the memory budget as they are; a request that needs checkpointing
+        runs alone), with what each costs here."""
+        def jobs(indices) -> list[StyleJob]:
+            return [prepared[index].job for index in indices]
+
+        keys = {index: (batch_key(p.job), output_size(p.job)) for index, p in prepared.items()}
+        return [self._group(tuple(indices), jobs(indices))
+                for indices in batches(keys, lambda indices: self.fit_as_they_are(jobs(indices)))]
+
+    def _group(self, indices: tuple[int, ...], jobs: list[StyleJob]) -> Group:
+        cost = group_cost(jobs, self.device, self.speed, checkpoint=not self.fit_as_they_are(jobs))
+        return Group(indices, cost.fixed, cost.reserved, cost.past_deadline, cost.iterations)
