@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the benchmarks (docs/benchmarks.md, "GPU") in one run, for a lent GPU machine:
+# Every GPU check of the benchmarks (docs/benchmarks.md, "GPU") in one run, on a machine with a GPU:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # It needs only python3 with torch, torchvision and Pillow (no TorchServe, no Java, no .venv). Figures go to
 # stdout and to OUT_DIR/gpu-<date>.json (default benchmarks/results/); copy them into docs/benchmarks.md with the GPU.

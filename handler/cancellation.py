@@ -1,4 +1,4 @@
-"""Cancellation of the jobs service's requests (jobs/, CONTRACT.md "jobs"), checked at every iteration.
+"""Cancellation of the jobs service's requests (jobs/, docs/jobs.md), checked at every iteration.
 
 The jobs service sends each run of a job with the header X-Style-Job-Id (the job's id and the run's, never used
 again) and, to stop it, sets the Redis key CANCEL_KEY_PREFIX + that value. The worker reads those keys through

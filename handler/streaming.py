@@ -1,4 +1,4 @@
-"""Progress of a `stream=true` request, sent as JSON lines while the optimisation runs (CONTRACT.md, "Response").
+"""Progress of a `stream=true` request, sent as JSON lines while the optimisation runs (docs/api.md).
 
 Each line is one chunk of TorchServe's streaming response (HTTP chunked transfer; one message each on gRPC
 StreamPredictions): `{"event": "progress", ...}` lines at most every PROGRESS_INTERVAL seconds, then one

@@ -4,7 +4,7 @@ encodes the answers (answers.py) and reports (telemetry.py). The method lives in
 
 Its own `initialize` (not BaseHandler's): the archive holds a weights file rather than a serialized model,
 and BaseHandler runs inference under torch.inference_mode(), where no gradient can flow to the image.
-Every request in a batch gets its own answer: bad input is that request's 4xx JSON error (CONTRACT.md),
+Every request in a batch gets its own answer: bad input is that request's 4xx JSON error (docs/api.md),
 never an exception that would fail the others or the worker. The management API's describe call
 (`GET /models/style_transfer?customized=true`) reaches `handle` too, as a request of its own (see
 _asks_for_description), and is answered with the model's description.
@@ -243,7 +243,7 @@ def _dispatch(streams: dict[int, ProgressStream]):
 
 
 def _error(context, index: int, body: dict) -> str:
-    """An error answer: its status, and CONTRACT.md's JSON error as the body."""
+    """An error answer: its status, and the API's JSON error (docs/api.md) as the body."""
     context.set_response_status(body["code"], body["type"], index)
     context.set_response_content_type(index, "application/json")
     return json.dumps(body)

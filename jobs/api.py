@@ -1,4 +1,4 @@
-"""The HTTP API (CONTRACT.md "jobs"; openapi.yaml): submit, status, events, result, cancel, with a client's token
+"""The HTTP API (docs/jobs.md; openapi.yaml): submit, status, events, result, cancel, with a client's token
 on every /jobs call. A job is its client's: to any other client it does not exist (404), and an
 Idempotency-Key or an id chosen with PUT is the client's own. Errors have the predictions endpoint's JSON body.
 /ping needs no token (liveness: the process answers, whether or not the store can be reached). The metrics

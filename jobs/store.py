@@ -592,7 +592,7 @@ async def check_eviction_policy(redis: Redis) -> None:
 
 
 def public_status(record: dict) -> dict:
-    """GET /jobs/{id}'s body (CONTRACT.md)."""
+    """GET /jobs/{id}'s body (docs/jobs.md)."""
     return {"id": record["id"], "status": record["status"],
             "progress": json.loads(record["progress"]) if record.get("progress") else None,
             "error": json.loads(record["error"]) if record.get("error") else None,

@@ -1,6 +1,6 @@
 """A submitted job's body -> the request stored for TorchServe, and what the job's own fields ask for.
 
-The body is the predictions endpoint's (CONTRACT.md "Request"), multipart or JSON, passed on with its images and
+The body is the predictions endpoint's (docs/api.md), multipart or JSON, passed on with its images and
 parameters untouched except: `stream` is set to true (the progress is what the events are made of, and every
 chunk keeps the connection alive), and the jobs' own fields `webhook` and `webhook_events` are taken out (only
 as fields of their own: inside `params` they are unknown parameters, as for the predictions endpoint). What is

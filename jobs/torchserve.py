@@ -46,7 +46,7 @@ class Done:
 
 @dataclass(frozen=True)
 class Refused:
-    error: dict  # CONTRACT.md's error body
+    error: dict  # the API's error body (docs/api.md)
 
 
 @dataclass(frozen=True)

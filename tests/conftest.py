@@ -1,4 +1,4 @@
-"""Shared fixtures: the random-weight extractor (CONTRACT.md `--weights random`) and small sample images."""
+"""Shared fixtures: the random-weight extractor (`--weights random`) and small sample images."""
 
 import os
 import time

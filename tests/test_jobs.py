@@ -1,5 +1,5 @@
 """The jobs service (jobs/) against a real Redis and a real TorchServe: submit, watch, fetch, cancel, and no job
-lost when the service or a TorchServe worker is killed mid-run (CONTRACT.md "jobs")."""
+lost when the service or a TorchServe worker is killed mid-run (docs/jobs.md)."""
 
 import asyncio
 import base64

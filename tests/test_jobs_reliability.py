@@ -1,5 +1,5 @@
-"""The jobs service through what operators do every day, one cause at a time (CONTRACT.md "Statuses through
-restarts"): a replica stopped with SIGTERM, a replica paused past its lease, a job past its time limit, a store
+"""The jobs service through what operators do every day, one cause at a time (docs/jobs.md, statuses through
+restarts): a replica stopped with SIGTERM, a replica paused past its lease, a job past its time limit, a store
 that restarts or stops answering, a store that may evict keys, a TorchServe whose queue is full. Real Redis,
 real TorchServe; tests/test_jobs_chaos.py runs them together."""
 

@@ -1,4 +1,4 @@
-"""The jobs service at cluster scale (CONTRACT.md "Added 2026-12-07"), against a real Redis, a real S3-compatible
+"""The jobs service at cluster scale (docs/jobs.md), against a real Redis, a real S3-compatible
 server (moto's) and a real TorchServe: images out of Redis and memory bounded however many large submits come,
 clients apart, quotas, webhooks that are signed and arrive through a replica's death, event streams that cost
 one store reader and end on time, metrics whose cost does not grow with the jobs, objects that expire with

@@ -1,4 +1,4 @@
-"""The loss terms against hand computations and against CONTRACT.md's definition."""
+"""The loss terms against hand computations and against the method's definition (docs/method.md)."""
 
 import pytest
 import torch

@@ -30,7 +30,7 @@ LINEARITY = 0.03  # how far the middle size's peak may lie off the line through 
 
 @pytest.fixture(scope="module")
 def weights_file(random_state_dict, tmp_path_factory) -> Path:
-    """The random weights (CONTRACT.md `--weights random`) as a file: each fresh process loads them rather than
+    """The random weights (`--weights random`) as a file: each fresh process loads them rather than
     building VGG19 again; the memory they use is the same."""
     path = tmp_path_factory.mktemp("weights") / "vgg19_features.pth"
     torch.save(random_state_dict, path)

@@ -1,4 +1,5 @@
-"""The seed's loss written straight from CONTRACT.md, independently of the engine, to check it against.
+"""The seed's loss written straight from its definition (docs/method.md), independently of the engine, to
+check it against.
 
 Uses torchvision's own vgg19().features built right after torch.manual_seed(0) (`--weights random`),
 with its in-place ReLUs, exactly as the seed's notebook runs it.

@@ -11,7 +11,7 @@ const END_EVENTS = ["done", "error", "canceled"];
 // in between is refused as InvalidKeyException. Sent again once, after this long, it gets the new key.
 const KEY_RENEWAL_WAIT_MS = 1000;
 
-/** A refused request, as CONTRACT.md's error object: {code, type, message, field}. */
+/** A refused request, as the API's error object: {code, type, message, field}. */
 export class RequestFailed extends Error {
   constructor({ code, type, message, field }) {
     super(message);

@@ -1,5 +1,5 @@
 // Painting where each style goes: one mask per style, painted over the photo, sent as mask_1, mask_2, ... in the
-// order of the styles (CONTRACT.md). The server reads a mask as grey: white, the style applies; black, it does
+// order of the styles (docs/api.md). The server reads a mask as grey: white, the style applies; black, it does
 // not; transparency counts as white, so every mask is sent opaque, black where nothing is painted.
 
 import { element } from "./dom.js";

@@ -1,4 +1,4 @@
-// The styles of a request, in its order (CONTRACT.md): uploaded paintings as style, style_2, ..., then the
+// The styles of a request, in its order (docs/api.md): uploaded paintings as style, style_2, ..., then the
 // server's presets chosen, in the order the description lists them. Masks pair with the styles in this order.
 
 import { element } from "./dom.js";
