@@ -11,7 +11,7 @@ from conftest import ROOT, SAMPLES, STYLES
 from decoding import DecodingBudget
 from preparation import Preparation
 from server_config import ServerConfig
-from style_engine.cost import DeviceSpeed
+from style_engine.cost import DeviceSpeed, PassTime
 from style_engine.presets import PresetLibrary
 
 HANDLER = ROOT / "handler"
@@ -22,7 +22,8 @@ STEPS = ["request_parsing.py", "style_engine/params.py", "decoding.py", "style_e
 @pytest.fixture(scope="module")
 def preparation(extractor):
     config = ServerConfig.from_model_yaml(yaml.safe_load((HANDLER / "model-config.yaml").read_text()))
-    speed = DeviceSpeed(forward={False: 1e-10}, iteration={False: 2e-10}, encode=1e-7)  # a fast device, made up
+    speed = DeviceSpeed(forward={False: PassTime(1e-3, 1e-10)}, iteration={False: PassTime(3e-3, 2e-10)},
+                        encode=1e-7)  # a fast device, made up
     return Preparation(config, extractor, PresetLibrary({}), torch.device("cpu"), 2**34, speed, time_cap=60)
 
 
