@@ -55,6 +55,7 @@ from typing import AsyncIterator
 from arq import Worker, func
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from redis.exceptions import WatchError
 
 from .config import JobsConfig
 from .objects import OBJECT_STORE_ERRORS, ObjectMissing, ObjectStore
@@ -359,7 +360,7 @@ class QueueWorker:
                 await check_eviction_policy(self.worker.pool)
                 waits.reset()
                 await self.worker.async_run()
-            except STORE_ERRORS as error:
+            except (*STORE_ERRORS, WatchError) as error:  # redis-py reports a connection lost under WATCH so
                 logger.warning("jobs: the queue's store cannot be reached (%r): polling again shortly", error)
                 await self._count_slots_again()
                 await asyncio.sleep(waits.next())
