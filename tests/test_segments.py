@@ -1,0 +1,124 @@
+"""Segments: a run suspended with iterations left and resumed from its checkpoint reads as one run and reaches
+what the unsegmented run reaches; a checkpoint is plain data, checked before use (style_engine/segments.py)."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from style_engine import ParamError, StyleJob, parse_params, stylize_batch
+from style_engine.optimize import scale_sizes
+from style_engine.segments import MAGIC, Checkpoint, check_resume, decode_checkpoint
+
+
+def params(**overrides):
+    return parse_params({"size": 96, "steps": 40, "min_scale": 48, "early_stop_tol": 0, **overrides})[0]
+
+
+def every(iterations: int):
+    """A suspend predicate that ends a segment after this many iterations of it."""
+    count = {"n": 0}
+
+    def suspend() -> bool:
+        count["n"] += 1
+        return count["n"] >= iterations  # asked first once the segment has run one
+
+    return suspend
+
+
+def segmented(extractor, job: StyleJob, iterations: int, progress: list):
+    """The run as segments of `iterations` each, every checkpoint sent through its bytes; the results in order."""
+    results, resume = [], None
+    while True:
+        result = stylize_batch(extractor, [job], resume=resume, suspend=every(iterations),
+                               callback=progress.append)[0]
+        results.append(result)
+        if result.checkpoint is None:
+            return results
+        resume = decode_checkpoint(result.checkpoint.encode())
+
+
+def test_a_segmented_run_reaches_the_unsegmented_objective_within_2_percent(extractor, content, style):
+    job = StyleJob(content, (style,), params())
+    whole = stylize_batch(extractor, [job])[0]
+    progress = []
+    parts = segmented(extractor, job, 7, progress)
+    assert len(parts) >= 5 and all(part.stop_reason == "segment" for part in parts[:-1])
+    last = parts[-1]
+    assert last.steps == whole.steps == 40 and last.stop_reason == "steps"
+    assert abs(last.final_loss["total"] - whole.final_loss["total"]) <= 0.02 * whole.final_loss["total"]
+    assert last.initial_loss == whole.initial_loss
+    steps = [p.step for p in progress]
+    assert steps == list(range(1, 41))  # one run's progress: each step once, continued across segments
+    assert {p.scale for p in progress} == {1, 2} and last.image.shape == whole.image.shape
+
+
+def test_a_checkpoint_stops_at_its_scale_and_resumes_there(extractor, content, style):
+    job = StyleJob(content, (style,), params())
+    first = stylize_batch(extractor, [job], suspend=every(3))[0]
+    checkpoint = first.checkpoint
+    assert checkpoint.steps == 3 and checkpoint.scale == 0 and checkpoint.scale_until == 20
+    assert tuple(checkpoint.image.shape[-2:]) == scale_sizes([job], (72, 96))[0]
+    decoded = decode_checkpoint(checkpoint.encode())
+    assert torch.equal(decoded.image, checkpoint.image) and decoded.loss == checkpoint.loss
+    assert set(decoded.optimizer) == {"previous_x", "previous_g", "s", "y"} and decoded.optimizer["s"].shape[0] == 2
+
+
+def forged(checkpoint: Checkpoint, **header_changes) -> bytes:
+    data = checkpoint.encode()
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = {**json.loads(data[start:start + length]), **header_changes}
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(raw)) + raw + data[start + length:]
+
+
+@pytest.fixture(scope="module")
+def a_checkpoint():
+    return Checkpoint(image=torch.rand(3, 36, 48), scale=0, scales=2, scale_until=20, steps=3, seconds=1.5,
+                      initial_loss=dict(content=0.0, style=2.0, tv=0.1, total=2.1),
+                      loss=dict(content=0.5, style=1.0, tv=0.1, total=1.6))
+
+
+@pytest.mark.parametrize("data, says", [
+    (b"", "wrong magic"),
+    (b"\x80\x04pickle", "wrong magic"),
+    (MAGIC + struct.pack("<I", 10**9), "out of bounds"),
+    (MAGIC + struct.pack("<I", 3) + b"{{{", "not JSON"),
+    (MAGIC + struct.pack("<I", 2) + b"[]", "not a JSON object"),
+])
+def test_a_garbled_checkpoint_is_refused_naming_the_field(data, says):
+    with pytest.raises(ParamError, match=says) as refused:
+        decode_checkpoint(data)
+    assert refused.value.field == "checkpoint"
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"height": 37}, "bytes of image"),
+    ({"height": -1}, "'height' must be an integer"),
+    ({"width": 1e9}, "'width' must be an integer"),
+    ({"steps": "3"}, "'steps' must be an integer"),
+    ({"seconds": float("nan")}, "'seconds' must be a number"),
+    ({"loss": {"total": 1}}, "'loss' must hold"),
+])
+def test_a_forged_checkpoint_header_is_refused_naming_the_field(a_checkpoint, changes, says):
+    with pytest.raises(ParamError, match=says) as refused:
+        decode_checkpoint(forged(a_checkpoint, **changes))
+    assert refused.value.field == "checkpoint"
+
+
+def test_a_checkpoint_of_another_request_is_refused(a_checkpoint):
+    sizes = [(36, 48), (72, 96)]
+    check_resume(a_checkpoint, sizes, 40)
+    for wrong_sizes, steps in (([(40, 48), (80, 96)], 40), (sizes[1:], 40), (sizes, 3), ([*sizes, (144, 192)], 40)):
+        with pytest.raises(ParamError) as refused:
+            check_resume(a_checkpoint, wrong_sizes, steps)
+        assert refused.value.field == "checkpoint"
+
+
+def test_an_image_outside_the_unit_range_is_refused(a_checkpoint):
+    data = bytearray(a_checkpoint.encode())
+    data[-4:] = struct.pack("<f", float("inf"))
+    with pytest.raises(ParamError, match=r"outside \[0, 1\]"):
+        decode_checkpoint(bytes(data))
