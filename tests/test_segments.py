@@ -3,6 +3,7 @@ what the unsegmented run reaches; a checkpoint is plain data, checked before use
 
 import json
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,10 +95,19 @@ def test_a_garbled_checkpoint_is_refused_naming_the_field(data, says):
     assert refused.value.field == "checkpoint"
 
 
+N = 3 * 36 * 48
+
+
 @pytest.mark.parametrize("changes, says", [
-    ({"height": 37}, "bytes of image"),
-    ({"height": -1}, "'height' must be an integer"),
-    ({"width": 1e9}, "'width' must be an integer"),
+    ({"tensors": [["image", [3, 37, 48]]]}, "bytes of tensors"),
+    ({"tensors": [["image", [3, -1, 48]]]}, "shape of its tensor image"),
+    ({"tensors": [["image", [4, 36, 48]]]}, "must have the shape"),
+    ({"tensors": "image"}, "must be a list"),
+    ({"tensors": [["image", [3, 36, 48]], ["s", [1, N]]]}, "either none or all"),
+    ({"tensors": [["image", [3, 36, 48]], ["previous_x", [N]], ["previous_g", [N]], ["s", [21, N]],
+                  ["y", [21, N]]]}, "at most 20 curvature pairs"),
+    ({"tensors": [["image", [3, 36, 48]], ["previous_x", [N]], ["previous_g", [N]], ["s", [1, N]],
+                  ["y", [1, N + 1]]]}, "do not fit its image"),
     ({"steps": "3"}, "'steps' must be an integer"),
     ({"seconds": float("nan")}, "'seconds' must be a number"),
     ({"loss": {"total": 1}}, "'loss' must hold"),
@@ -120,5 +130,21 @@ def test_a_checkpoint_of_another_request_is_refused(a_checkpoint):
 def test_an_image_outside_the_unit_range_is_refused(a_checkpoint):
     data = bytearray(a_checkpoint.encode())
     data[-4:] = struct.pack("<f", float("inf"))
-    with pytest.raises(ParamError, match=r"outside \[0, 1\]"):
+    with pytest.raises(ParamError, match="not finite"):
         decode_checkpoint(bytes(data))
+    data[-4:] = struct.pack("<f", 1.5)
+    with pytest.raises(ParamError, match=r"image has values outside \[0, 1\]"):
+        decode_checkpoint(bytes(data))
+
+
+def test_a_forged_optimiser_state_is_refused_or_harmless(extractor, content, style):
+    """Steps larger than an image allows are refused; curvature pairs that fail the curvature condition are
+    left out as the optimiser would have: the run goes on, its image in [0, 1]."""
+    job = StyleJob(content, (style,), params(steps=8))
+    checkpoint = stylize_batch(extractor, [job], suspend=every(3))[0].checkpoint
+    state = checkpoint.optimizer
+    with pytest.raises(ParamError, match=r"tensor s has values outside \[-1, 1\]"):
+        decode_checkpoint(replace(checkpoint, optimizer={**state, "s": state["s"] * 1e6}).encode())
+    opposed = replace(checkpoint, optimizer={**state, "y": -state["y"]})
+    result = stylize_batch(extractor, [job], resume=decode_checkpoint(opposed.encode()))[0]
+    assert result.steps == 8 and 0 <= float(result.image.min()) and float(result.image.max()) <= 1

@@ -117,7 +117,8 @@ def _tensors(header: dict, data: memoryview) -> dict[str, torch.Tensor]:
         raise _bad(f"it holds {len(data)} bytes of tensors, not the {4 * sum(sizes.values())} its header lists")
     tensors, at = {}, 0
     for name, shape in shapes.items():
-        values = torch.frombuffer(bytearray(data[at:at + 4 * sizes[name]]), dtype=torch.float32)
+        raw = bytearray(data[at:at + 4 * sizes[name]])
+        values = torch.frombuffer(raw, dtype=torch.float32) if raw else torch.zeros(0)
         if not bool(torch.isfinite(values).all()):
             raise _bad(f"its tensor {name} holds values that are not finite")
         tensors[name], at = values.reshape(shape), at + 4 * sizes[name]
