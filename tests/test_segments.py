@@ -1,6 +1,7 @@
 """Segments: a run suspended with iterations left and resumed from its checkpoint reads as one run and reaches
 what the unsegmented run reaches; a checkpoint is plain data, checked before use (style_engine/segments.py)."""
 
+import base64
 import json
 import struct
 from dataclasses import replace
@@ -8,7 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from style_engine import ParamError, StyleJob, parse_params, stylize_batch
+import streaming
+from conftest import SAMPLES, STYLES
+from handler_context import make_context, model_dir_with_weights, start_batch
+from style_engine import ParamError, StyleJob, TooLargeError, parse_params, stylize_batch
+from style_engine.targets import output_size
+from style_transfer_handler import StyleTransferHandler
 from style_engine.optimize import scale_sizes
 from style_engine.segments import MAGIC, Checkpoint, check_resume, decode_checkpoint
 
@@ -148,3 +154,86 @@ def test_a_forged_optimiser_state_is_refused_or_harmless(extractor, content, sty
     opposed = replace(checkpoint, optimizer={**state, "y": -state["y"]})
     result = stylize_batch(extractor, [job], resume=decode_checkpoint(opposed.encode()))[0]
     assert result.steps == 8 and 0 <= float(result.image.min()) and float(result.image.max()) <= 1
+
+
+# --- a segment through the handler (in-process, as TorchServe's worker runs it) ----------------------------------
+
+CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
+STYLE = (STYLES / "starry_night.jpg").read_bytes()
+JOB_HEADERS = {"X-Style-Job-Id": "client:job.run1", "X-Style-Segment-Seconds": "0.001"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, random_state_dict):
+    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
+    context = make_context(model_dir, {"weights": "random"})
+    handler = StyleTransferHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def handle(served, row: dict, headers: dict, monkeypatch) -> tuple[list[dict], object]:
+    """One request with these headers: the JSON lines it streamed (progress and leading lines) and answered."""
+    handler, context = served
+    sent = []
+    monkeypatch.setattr(streaming, "send_intermediate_predict_response",
+                        lambda chunks, *args: sent.extend(chunks.values()))
+    start_batch(context, 1)
+    context.request_processor[0].get_request_properties().update(headers)
+    answer = handler.handle([row], context)[0]
+    return [json.loads(line) for line in [*sent, answer] if isinstance(line, str) and line.startswith("{")], context
+
+
+def test_a_job_runs_through_the_handler_as_segments_and_reads_as_one_run(served, monkeypatch):
+    row = {"content": CONTENT, "style": STYLE, "size": "48", "steps": "6", "min_scale": "48", "early_stop_tol": "0",
+           "stream": "true"}
+    segments, done = 0, None
+    while done is None:
+        lines, context = handle(served, dict(row), JOB_HEADERS, monkeypatch)
+        last = lines[-1]
+        assert context.get_response_status(0)[0] in (None, 200), lines
+        if last["event"] == "done":
+            done = last
+            break
+        assert last["event"] == "segment" and last["step"] == segments + 1  # one iteration a segment here
+        pieces = b"".join(base64.b64decode(line["data"]) for line in lines if line["event"] == "checkpoint")
+        assert len(pieces) == last["checkpoint_bytes"]
+        row["checkpoint"], segments = pieces, segments + 1
+    assert segments == 5 and done["steps"] == 6 and done["stop_reason"] == "steps"
+
+
+@pytest.mark.parametrize("checkpoint, says", [(b"not a checkpoint", "wrong magic"),
+                                              (MAGIC + struct.pack("<I", 2) + b"{}", "'tensors'")])
+def test_a_forged_checkpoint_part_is_a_400_naming_it(served, monkeypatch, checkpoint, says):
+    row = {"content": CONTENT, "style": STYLE, "size": "48", "steps": "6", "stream": "true",
+           "checkpoint": checkpoint}
+    lines, context = handle(served, row, JOB_HEADERS, monkeypatch)
+    assert context.get_response_status(0)[0] == 400
+    assert lines[-1]["field"] == "checkpoint" and says in lines[-1]["message"]
+
+
+def test_a_checkpoint_of_other_settings_is_a_400(served, monkeypatch, a_checkpoint):
+    row = {"content": CONTENT, "style": STYLE, "size": "64", "steps": "6", "stream": "true",
+           "checkpoint": a_checkpoint.encode()}
+    lines, context = handle(served, row, JOB_HEADERS, monkeypatch)
+    assert context.get_response_status(0)[0] == 400 and lines[-1]["field"] == "checkpoint"
+
+
+def test_a_segment_must_stream(served, monkeypatch):
+    row = {"content": CONTENT, "style": STYLE, "size": "48", "steps": "6"}
+    lines, context = handle(served, row, JOB_HEADERS, monkeypatch)
+    assert context.get_response_status(0)[0] == 400 and lines[-1]["field"] == "stream"
+
+
+def test_a_size_only_jobs_may_ask_is_a_413_naming_the_jobs_api_and_admitted_as_a_job(served):
+    """On a CPU a direct request may ask size 1024 and a job 2048 (model-config.yaml)."""
+    handler, _ = served
+    preparation = handler.preparation
+    row = {"content": CONTENT, "style": STYLE, "size": "2048", "steps": "2", "style_scale": "0.5", "stream": "true"}
+    with pytest.raises(TooLargeError, match=r"jobs API \(POST /jobs\).* size 2048") as refused:
+        preparation.prepare(dict(row), grpc=False)
+    assert refused.value.field == "size" and refused.value.status == 413
+    prepared = preparation.prepare(dict(row), grpc=False, headers=JOB_HEADERS)
+    assert output_size(prepared.job)[1] == 2048 and prepared.segment.seconds == 0.001
+    with pytest.raises(ParamError, match="at most 2048"):
+        preparation.prepare({**row, "size": "2049"}, grpc=False, headers=JOB_HEADERS)
