@@ -123,7 +123,10 @@ class Preparation:
         except ParamError as refused:
             if is_job or refused.field not in config.job_maxima:
                 raise
-            parse_params(raw, defaults=config.defaults, maxima=config.maxima_of_jobs)  # else its own error
+            try:
+                parse_params(raw, defaults=config.defaults, maxima=config.maxima_of_jobs)
+            except ParamError:
+                raise refused from None  # not even a job may: the direct request's limits are its answer
             name = refused.field
             raise TooLargeError(name, f"{refused} in a direct request: {JOBS_API} {name} "
                                       f"{config.maxima_of_jobs[name]:g}") from None

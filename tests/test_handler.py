@@ -104,9 +104,16 @@ def test_style_1_is_refused_rather_than_taken_for_style(served):
 
 
 def test_server_maxima_apply(served):
-    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "2049"})
     assert context.get_response_status(0)[0] == 400
     assert "at most 1024" in json.loads(body)["message"]
+
+
+def test_a_size_only_a_job_may_ask_is_a_413_that_names_the_jobs_api(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
+    assert context.get_response_status(0)[0] == 413
+    error = json.loads(body)
+    assert error["field"] == "size" and "at most 1024" in error["message"] and "POST /jobs" in error["message"]
 
 
 def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
