@@ -236,7 +236,8 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert set(limits["device_speed"]["iteration"]["fp32"]) == {"ms_per_pass", "ns_per_mac"}
     assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
-        "max_decoded_pixels_per_call": 200_000_000, "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
+        "max_decoded_pixels_per_call": 200_000_000, "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270},
+        "job_maxima": {"size": 2048, "steps": 2000, "max_seconds": 86400}}  # a job's segments may ask more
     assert (described["weights"], described["device"]) == ("random", "cpu")
 
 

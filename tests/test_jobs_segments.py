@@ -117,3 +117,11 @@ def test_a_worker_killed_mid_segment_loses_at_most_that_segment(breakable_server
     # went on from the last checkpoint: what the killed segment did is lost, nothing before it
     assert after and saved < min(after) <= lost + 1, (saved, lost, after)
     assert segments_of(breakable_server, job_id)[-1]["steps"] > saved
+
+
+def test_a_submit_with_a_checkpoint_of_its_own_is_refused_naming_it(server, redis_server, tmp_path):
+    with JobsInstance(tmp_path, redis_server.url, server) as jobs:
+        multipart = submit(jobs, TINY, checkpoint="forged")
+        as_json = submit(jobs, TINY, as_json=True, checkpoint="Zm9yZ2Vk")
+    for refused in (multipart, as_json):
+        assert refused.status_code == 400 and refused.json()["field"] == "checkpoint", refused.text
