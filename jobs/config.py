@@ -102,7 +102,8 @@ class JobsConfig:
         config = cls(**values)
         at_least_one = ("max_attempts", "concurrency", "retention_seconds", "client_max_unfinished",
                         "max_unfinished", "max_streams_per_client", "webhook_concurrency_per_endpoint")
-        positive = ("lease_seconds", "segment_seconds", "redis_timeout_seconds", "shutdown_seconds", "webhook_timeout_seconds",
+        positive = ("lease_seconds", "segment_seconds", "redis_timeout_seconds", "shutdown_seconds",
+                    "webhook_timeout_seconds",
                     "webhook_first_retry_seconds", "webhook_retry_seconds", "event_stream_seconds",
                     "stream_write_timeout_seconds", "upload_memory_bytes", "client_max_stored_bytes")
         for names, fails, what in ((at_least_one, lambda value: value < 1, "at least 1"),

@@ -257,9 +257,9 @@ return previous
 
 # End an active job: by the run holding it (ARGV[11] its run), or canceled by a client (ARGV[11] ''), which also
 # stops the run holding it. Its request's and checkpoint's bytes are no longer counted (the caller deletes the
-# objects), its result's are until it expires. KEYS: job, events, active, leases, client; ARGV: ref, status, now (ISO), error,
-# result key, result bytes, result content type, result headers, retention, event, event data, run, a delivery
-# id, now (epoch s)
+# objects), its result's are until it expires. KEYS: job, events, active, leases, client; ARGV: ref, status, now
+# (ISO), error, result key, result bytes, result content type, result headers, retention, event, event data, run,
+# a delivery id, now (epoch s)
 _FINISH = LUA_LIB + """
 if not active() then return 0 end
 local run = redis.call('HGET', KEYS[1], 'run') or ''

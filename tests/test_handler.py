@@ -14,20 +14,11 @@ from ts.utils.util import PredictionException
 
 from cancellation import CANCEL_KEY_PREFIX, CancelSignals
 from conftest import SAMPLES, STYLES
-from handler_context import make_context, model_dir_with_weights, start_batch
+from handler_context import start_batch
 from style_transfer_handler import StyleTransferHandler
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
 STYLE = (STYLES / "starry_night.jpg").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, random_state_dict):
-    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
-    context = make_context(model_dir, {"weights": "random"})
-    handler = StyleTransferHandler()
-    handler.initialize(context)
-    return handler, context
 
 
 def handle(served, *rows, grpc=False, describe=()):

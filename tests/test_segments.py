@@ -11,10 +11,9 @@ import torch
 
 import streaming
 from conftest import SAMPLES, STYLES
-from handler_context import make_context, model_dir_with_weights, start_batch
+from handler_context import start_batch
 from style_engine import ParamError, StyleJob, TooLargeError, parse_params, stylize_batch
 from style_engine.targets import output_size
-from style_transfer_handler import StyleTransferHandler
 from style_engine.optimize import scale_sizes
 from style_engine.segments import MAGIC, Checkpoint, check_resume, decode_checkpoint
 
@@ -161,15 +160,6 @@ def test_a_forged_optimiser_state_is_refused_or_harmless(extractor, content, sty
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
 STYLE = (STYLES / "starry_night.jpg").read_bytes()
 JOB_HEADERS = {"X-Style-Job-Id": "client:job.run1", "X-Style-Segment-Seconds": "0.001"}
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, random_state_dict):
-    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
-    context = make_context(model_dir, {"weights": "random"})
-    handler = StyleTransferHandler()
-    handler.initialize(context)
-    return handler, context
 
 
 def handle(served, row: dict, headers: dict, monkeypatch) -> tuple[list[dict], object]:
