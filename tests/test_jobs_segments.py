@@ -2,6 +2,7 @@
 ordinary request that ends with a checkpoint, the job queued again behind the jobs waiting, and the whole read
 as one run; a cancel stops the current segment; a worker killed mid-segment loses only that segment."""
 
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 import pytest
 import redis
 import requests
+from PIL import Image
 
 from conftest import SAMPLES, STYLES
 from jobs import store as job_store
@@ -125,3 +127,27 @@ def test_a_submit_with_a_checkpoint_of_its_own_is_refused_naming_it(server, redi
         as_json = submit(jobs, TINY, as_json=True, checkpoint="Zm9yZ2Vk")
     for refused in (multipart, as_json):
         assert refused.status_code == 400 and refused.json()["field"] == "checkpoint", refused.text
+
+
+def test_a_2048_px_job_on_a_cpu_runs_as_segments_while_small_jobs_pass(server, redis_server, tmp_path):
+    """What only a job may ask on a CPU: 2048 px (a direct request gets 413), as cheap as it can be: one scale,
+    two iterations, one a segment (a segment runs at least one iteration, however short its time). Small jobs
+    submitted meanwhile end within about one segment's time: one iteration here and the fixed work around it."""
+    huge = {"size": 2048, "steps": 2, "min_scale": 2048, "style_scale": 0.5, "early_stop_tol": 0}
+    direct = requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                           files={"content": CONTENT, "style": STYLE}, data={"params": json.dumps(huge)}, timeout=60)
+    assert direct.status_code == 413 and "POST /jobs" in direct.json()["message"], direct.text
+    with JobsInstance(tmp_path, redis_server.url, server, segment_seconds=SEGMENT_SECONDS) as jobs:
+        job_id = submit(jobs, huge).json()["id"]
+        wait_for(jobs, job_id, until=running_with_progress, timeout=600)
+        submitted = time.monotonic()
+        small = submit(jobs, TINY).json()["id"]
+        small_state = wait_for(jobs, small, timeout=600)
+        small_took = time.monotonic() - submitted
+        state = wait_for(jobs, job_id, timeout=600)
+        result = requests.get(jobs.url(f"/jobs/{job_id}/result"), headers=jobs.auth, timeout=60)
+    segment = segments_of(server, job_id)[0]
+    assert state["status"] == small_state["status"] == "succeeded", (state, small_state)
+    assert state["progress"]["step"] >= 1 and result.headers["X-Style-Steps"] == "2"
+    assert Image.open(io.BytesIO(result.content)).size == (2048, 1536)
+    assert small_took < 1.5 * segment["seconds"], (small_took, segment)
