@@ -108,10 +108,11 @@ class Preparation:
         check_answer_size(job, output, config.max_response_size)
         checkpoint = admit(shrunk, self.device, self.memory_budget, config.save_memory)
         self._admit_time(shrunk, checkpoint)
-        resume = request.checkpoint and decode_checkpoint(request.checkpoint)
-        if resume:
+        resume = None if request.checkpoint is None else decode_checkpoint(request.checkpoint)
+        if resume is not None:
             check_resume(resume, scale_sizes([shrunk], output_size(shrunk)), style_params.steps)
-        return Prepared(shrunk, output, Segment(seconds, resume or None) if seconds or resume else None)
+        segmented = seconds is not None or resume is not None
+        return Prepared(shrunk, output, Segment(seconds, resume) if segmented else None)
 
     def _parse_params(self, raw: dict, is_job: bool):
         """The parameters, within a job's maxima for the jobs service's segments; a direct request that asks

@@ -192,7 +192,7 @@ def test_a_job_runs_through_the_handler_as_segments_and_reads_as_one_run(served,
     assert segments == 5 and done["steps"] == 6 and done["stop_reason"] == "steps"
 
 
-@pytest.mark.parametrize("checkpoint, says", [(b"not a checkpoint", "wrong magic"),
+@pytest.mark.parametrize("checkpoint, says", [(b"not a checkpoint", "wrong magic"), (b"", "wrong magic"),
                                               (MAGIC + struct.pack("<I", 2) + b"{}", "'tensors'")])
 def test_a_forged_checkpoint_part_is_a_400_naming_it(served, monkeypatch, checkpoint, says):
     row = {"content": CONTENT, "style": STYLE, "size": "48", "steps": "6", "stream": "true",
