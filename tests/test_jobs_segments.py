@@ -109,9 +109,14 @@ def test_a_worker_killed_mid_segment_loses_at_most_that_segment(breakable_server
         wait_for(jobs, job_id, until=lambda state: (state["progress"] or {}).get("step", 0) > saved, timeout=60)
         (pid,) = breakable_server.worker_pids()
         os.kill(pid, signal.SIGKILL)
-        lost = status(jobs, job_id)["progress"]["step"]
-        until(lambda: len(segments_of(breakable_server, job_id)) >= 3, jobs, timeout=120)
+        lost, ended = status(jobs, job_id)["progress"]["step"], len(segments_of(breakable_server, job_id))
+        def names() -> list[str]:
+            return [name for _, name, _ in events_so_far(redis_server.url, job_id)]
+
+        until(lambda: names().count("started") == 2, jobs, timeout=120)  # the run after the worker died
+        until(lambda: names()[-1] == "progress" and names().count("started") == 2, jobs, timeout=120)
         events = events_so_far(redis_server.url, job_id)
+        until(lambda: len(segments_of(breakable_server, job_id)) > ended, jobs, timeout=60)
         requests.post(jobs.url(f"/jobs/{job_id}/cancel"), headers=jobs.auth, timeout=10)
     second_start = max(index for index, (_, name, _) in enumerate(events) if name == "started")
     assert events[second_start][2]["retried_after"]["type"] == "WorkerLost", events[second_start]
