@@ -22,16 +22,23 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 ANSWER_FIELDS_BYTES = 4096  # the JSON fields beside the image (format, sizes, losses...): a few hundred bytes
 
 
+CHECKPOINT_PIECE_BYTES = 8 * 2**20  # a segment's checkpoint goes out in stream lines of this much (before base64)
+
+
 class Answer(NamedTuple):
     content_type: str
     body: str | bytes
     headers: dict[str, str]
+    leading: tuple[str, ...] = ()  # stream lines to send before the body (a segment's checkpoint)
 
 
 def encode_answer(result: StyleResult, output: OutputParams, weights_note: str | None, limit: int) -> Answer:
     """The answer of an optimisation: the image in the asked format as the body, in a JSON object or as a stream's
     last line; `weights_note` goes into X-Style-Weights. RuntimeError if it is over `limit` bytes after all
-    (answer_bytes_bound was wrong): never an answer that would make TorchServe drop the worker."""
+    (answer_bytes_bound was wrong): never an answer that would make TorchServe drop the worker. A suspended
+    segment's answer (always streamed) is its checkpoint instead (segment_answer)."""
+    if result.checkpoint is not None:
+        return segment_answer(result)
     image = encode_image(result.image, output.format, output.quality)
     headers = {"X-Style-Steps": str(result.steps), "X-Style-Seconds": f"{result.seconds:.3f}",
                "X-Style-Loss": f"{result.final_loss['total']:.6g}", "X-Style-Stop-Reason": result.stop_reason,
@@ -49,6 +56,20 @@ def encode_answer(result: StyleResult, output: OutputParams, weights_note: str |
         raise RuntimeError(f"the answer has {len(body)} bytes, over max_response_size ({limit}); "
                            f"answer_bytes_bound said at most {answer_bytes_bound(*result.image.shape[-2:], output)}")
     return Answer(content_type, body, headers)
+
+
+def segment_answer(result: StyleResult) -> Answer:
+    """A segment that ended with iterations left: its checkpoint in `checkpoint` lines of base64 pieces, then a
+    `segment` line saying where the run stands (as a progress line would) and how many bytes the pieces make."""
+    checkpoint = result.checkpoint
+    data = checkpoint.encode()
+    pieces = tuple(json_line({"event": "checkpoint", "data": base64.b64encode(data[at:at + CHECKPOINT_PIECE_BYTES])
+                              .decode("ascii")}) for at in range(0, len(data), CHECKPOINT_PIECE_BYTES))
+    last = {"event": "segment", "step": checkpoint.steps, "scale": checkpoint.scale + 1,
+            "scales": checkpoint.scales, "loss": checkpoint.loss, "seconds": round(checkpoint.seconds, 3),
+            "checkpoint_bytes": len(data)}
+    headers = {"X-Style-Segment": f"{checkpoint.steps} steps done"}
+    return Answer(STREAM_CONTENT_TYPE, json_line(last), headers, pieces)
 
 
 def check_answer_size(job: StyleJob, output: OutputParams, limit: int) -> None:

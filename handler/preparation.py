@@ -20,16 +20,19 @@ from typing import NamedTuple
 import torch
 
 from answers import check_answer_size
+from cancellation import job_key
 from decoding import DecodingBudget, decode_request
 from request_parsing import parse_request
 from scheduler import Group, batches
 from server_config import ServerConfig
 from style_engine import ParamError, StyleJob, VGGFeatures, batch_key, parse_params
 from style_engine.cost import DeviceSpeed, group_cost, largest_size_within, measure_speed
-from style_engine.errors import NotEnoughTime
+from style_engine.errors import NotEnoughTime, TooLargeError
 from style_engine.memory import admit, fitting_mode, free_bytes
 from style_engine.params import PARAM_FIELDS, OutputParams, describe_params
+from style_engine.optimize import scale_sizes
 from style_engine.presets import ARCHIVE_DIR, PresetLibrary
+from style_engine.segments import Checkpoint, check_resume, decode_checkpoint
 from style_engine.targets import check_job, output_size, shrink_to_need
 
 # TorchServe 0.12 gives the handler no way to tell a unary Predictions call from StreamPredictions, and a
@@ -37,11 +40,22 @@ from style_engine.targets import check_job, output_size, shrink_to_need
 GRPC_STREAM_REFUSED = ("stream=true is not available over gRPC: TorchServe 0.12 cannot tell Predictions from "
                        "StreamPredictions and a progress message would end a Predictions call; call without "
                        "stream (both RPCs return the result), or use REST for live progress")
+SEGMENT_HEADER = "x-style-segment-seconds"  # the jobs service's: end with a checkpoint after this many seconds
+JOBS_API = ("submit it to the jobs API (POST /jobs), which runs a job as segments of a request's time each and "
+            "may ask up to")
+
+
+class Segment(NamedTuple):
+    """A request run as one segment of a longer run (style_engine/segments.py)."""
+
+    seconds: float | None  # when set, the request ends with a checkpoint once this much time has passed
+    resume: Checkpoint | None  # the previous segment's checkpoint, to go on from
 
 
 class Prepared(NamedTuple):
     job: StyleJob  # its images at the sizes the optimisation uses
     output: OutputParams
+    segment: Segment | None = None
 
 
 class Preparation:
@@ -73,14 +87,20 @@ class Preparation:
                 "limits": {**self.config.limits(), "memory_budget_bytes": self.memory_budget,
                            "device_speed": self.speed.describe()}}
 
-    def prepare(self, row: dict, grpc: bool, decoding: DecodingBudget | None = None) -> Prepared:
+    def prepare(self, row: dict, grpc: bool, decoding: DecodingBudget | None = None,
+                headers: dict | None = None) -> Prepared:
         """Request `row` of a call, parsed and checked up to the point where only the optimisation is left.
-        `decoding`: what this call may still decode (a budget of its own when not given)."""
+        `decoding`: what this call may still decode (a budget of its own when not given); `headers`: the
+        request's (the jobs service's segments are told by theirs)."""
         config = self.config
         request = parse_request(row, config.max_styles)
-        style_params, output = parse_params(request.params, defaults=config.defaults, maxima=config.maxima)
+        seconds = self._segment_seconds(headers or {})
+        is_job = seconds is not None and job_key(headers) is not None
+        style_params, output = self._parse_params(request.params, is_job)
         if grpc and output.stream:
             raise ParamError("stream", GRPC_STREAM_REFUSED)
+        if seconds is not None and not output.stream:
+            raise ParamError("stream", "a segment (X-Style-Segment-Seconds) answers as a stream: send stream=true")
         job = decode_request(request, style_params, self.presets, config.max_image_pixels,
                              decoding or DecodingBudget(config.max_decoded_pixels_per_call))
         check_job(job, self.extractor, config.max_style_pixels, config.max_styles)
@@ -88,7 +108,45 @@ class Preparation:
         check_answer_size(job, output, config.max_response_size)
         checkpoint = admit(shrunk, self.device, self.memory_budget, config.save_memory)
         self._admit_time(shrunk, checkpoint)
-        return Prepared(shrunk, output)
+        resume = None if request.checkpoint is None else decode_checkpoint(request.checkpoint)
+        if resume is not None:
+            check_resume(resume, scale_sizes([shrunk], output_size(shrunk)), style_params.steps)
+        segmented = seconds is not None or resume is not None
+        return Prepared(shrunk, output, Segment(seconds, resume) if segmented else None)
+
+    def _parse_params(self, raw: dict, is_job: bool):
+        """The parameters, within a job's maxima for the jobs service's segments; a direct request that asks
+        more than a direct one may, but what a job may, is a 413 that names the jobs API."""
+        config = self.config
+        try:
+            return parse_params(raw, defaults=config.defaults,
+                                maxima=config.maxima_of_jobs if is_job else config.maxima)
+        except ParamError as refused:
+            if is_job or refused.field not in config.job_maxima:
+                raise
+            try:
+                parse_params(raw, defaults=config.defaults, maxima=config.maxima_of_jobs)
+            except ParamError:
+                raise refused from None  # not even a job may: the direct request's limits are its answer
+            name = refused.field
+            raise TooLargeError(name, f"{refused} in a direct request: {JOBS_API} {name} "
+                                      f"{config.maxima_of_jobs[name]:g}") from None
+
+    def _segment_seconds(self, headers: dict) -> float | None:
+        """X-Style-Segment-Seconds, more than 0, within a request's time here (a longer one is cut to it); None
+        when not sent."""
+        value = next((value for name, value in headers.items()
+                      if isinstance(name, str) and name.lower() == SEGMENT_HEADER), None)
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 < seconds < math.inf:
+            raise ParamError("X-Style-Segment-Seconds", f"X-Style-Segment-Seconds must be a number greater than 0; "
+                                                        f"got {value!r}")
+        return min(seconds, self.time_cap)
 
     def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
         """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
@@ -119,7 +177,8 @@ class Preparation:
         def jobs(indices) -> list[StyleJob]:
             return [prepared[index].job for index in indices]
 
-        keys = {index: (batch_key(p.job), output_size(p.job)) for index, p in prepared.items()}
+        # a segment runs alone: it resumes from, or ends with, a checkpoint of its own
+        keys = {index: (batch_key(p.job), output_size(p.job), p.segment and index) for index, p in prepared.items()}
         return [self._group(tuple(indices), jobs(indices))
                 for indices in batches(keys, lambda indices: self.fit_as_they_are(jobs(indices)))]
 

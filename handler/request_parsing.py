@@ -19,7 +19,7 @@ from style_engine.params import parse_json
 
 STYLE_PART = re.compile(r"style(?:_([1-9][0-9]*))?")
 MASK_PART = re.compile(r"mask_([1-9][0-9]*)")
-JSON_BODY_KEYS = ("content", "style", "masks", "init_image", "params")
+JSON_BODY_KEYS = ("content", "style", "masks", "init_image", "params", "checkpoint")
 USAGE = ('send multipart/form-data with the file part "content", style images as "style" (and "style_2"...) '
          'or preset names in "presets", optional "mask_1"... and "init_image"; or a JSON body {"content": '
          '"<base64>", "style": "<base64>" or ["<base64>", ...], "masks": ["<base64>", ...], "init_image": '
@@ -33,6 +33,7 @@ class RawRequest:
     params: dict[str, Any]  # not yet validated: style_engine.parse_params does that
     masks: tuple[bytes, ...] = ()
     init_image: bytes | None = None
+    checkpoint: bytes | None = None  # a segment's, to resume from (style_engine/segments.py)
 
 
 def parse_request(row: Mapping[str, Any], max_styles: int) -> RawRequest:
@@ -65,15 +66,16 @@ def _parse_fields(row: Mapping[str, Any], max_styles: int) -> RawRequest:
         elif name == "params":
             for key, param in _params_object(value).items():
                 params.setdefault(key, param)
-        elif name not in ("content", "init_image"):
+        elif name not in ("content", "init_image", "checkpoint"):
             params[name] = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
     if "content" not in row:
         raise ImageError("content", f"the content image is missing: {USAGE}")
     _check_style_count(len(styles), max_styles)
     _check_mask_count(len(masks), max_styles)
     init_image = _image_bytes("init_image", row["init_image"]) if "init_image" in row else None
+    checkpoint = _image_bytes("checkpoint", row["checkpoint"]) if "checkpoint" in row else None
     return RawRequest(_image_bytes("content", row["content"]), _numbered(styles, style_part_name), params,
-                      _numbered(masks, lambda number: f"mask_{number}"), init_image)
+                      _numbered(masks, lambda number: f"mask_{number}"), init_image, checkpoint)
 
 
 def _numbered(parts: dict[int, bytes], part_name) -> tuple[bytes, ...]:
@@ -106,6 +108,7 @@ def _parse_json_body(body: Any, max_styles: int) -> RawRequest:
         _params_object(body.get("params")),
         tuple(_base64_image(f"mask_{i + 1}", mask) for i, mask in enumerate(masks)),
         _base64_image("init_image", body["init_image"]) if "init_image" in body else None,
+        _base64_image("checkpoint", body["checkpoint"]) if "checkpoint" in body else None,
     )
 
 

@@ -48,6 +48,9 @@ class ServerConfig:
     save_memory: bool = True
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request parameter defaults
     maxima: Mapping[str, float] = field(default_factory=dict)  # upper bounds of numeric parameters
+    # Upper bounds, where larger, for the jobs service's requests, which it runs as segments (each within a
+    # request's time, resumed from the last one's checkpoint): a job may ask more than a direct request.
+    job_maxima: Mapping[str, float] = field(default_factory=dict)
     device_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by device type, see above
 
     @classmethod
@@ -64,6 +67,11 @@ class ServerConfig:
         if config.deepest_layer not in LAYER_INDEX:
             raise ValueError(f"model-config.yaml handler.deepest_layer: {config.deepest_layer!r} is no VGG19 layer")
         validate_server_config(config.defaults, config.maxima)
+        validate_server_config(config.defaults, config.maxima_of_jobs)
+        narrower = sorted(name for name, value in config.job_maxima.items() if value < config.maxima.get(name, value))
+        if narrower:
+            raise ValueError(f"model-config.yaml: handler.job_maxima.{narrower[0]} is below handler.maxima's: a job "
+                             f"may ask at least what a direct request may")
         budget_cap = config.maxima.get("max_seconds", math.inf)
         if budget_cap > config.seconds_per_call:
             raise ValueError(f"model-config.yaml: handler.maxima.max_seconds ({budget_cap}) must leave "
@@ -77,6 +85,11 @@ class ServerConfig:
         return self.response_timeout - self.reply_margin_seconds
 
     @property
+    def maxima_of_jobs(self) -> dict[str, float]:
+        """The upper bounds of a job's request (run as segments): job_maxima where set, else maxima."""
+        return {**self.maxima, **self.job_maxima}
+
+    @property
     def random_weights(self) -> bool:
         return self.weights == "random"
 
@@ -85,7 +98,8 @@ class ServerConfig:
         against it)."""
         return {"max_image_pixels": self.max_image_pixels, "max_styles": self.max_styles,
                 "max_style_pixels": self.max_style_pixels,
-                "max_decoded_pixels_per_call": self.max_decoded_pixels_per_call, "maxima": dict(self.maxima)}
+                "max_decoded_pixels_per_call": self.max_decoded_pixels_per_call, "maxima": dict(self.maxima),
+                "job_maxima": self.maxima_of_jobs}
 
 def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(section) - allowed

@@ -25,7 +25,7 @@ from answers import encode_answer
 from cancellation import CancelSignals, job_key
 from decoding import DecodingBudget, NoTimeLeft
 from failures import DEVICE_FAILED, INTERNAL_ERROR, OUT_OF_MEMORY, device_works, guarded, unexpected_failure
-from preparation import Preparation, Prepared
+from preparation import Preparation, Prepared, Segment
 from scheduler import CallSchedule, ClientWait, expired_message
 from server_config import ServerConfig
 from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
@@ -90,7 +90,8 @@ class StyleTransferHandler:
         decoding = DecodingBudget(self.config.max_decoded_pixels_per_call)
         responses, prepared = [None] * len(data), {}
         for index, row in enumerate(data):
-            wait = ClientWait.from_headers(context.get_all_request_header(index))
+            headers = context.get_all_request_header(index)
+            wait = ClientWait.from_headers(headers)
             if _asks_for_description(context, index):
                 context.set_response_content_type(index, "application/json")
                 responses[index] = self.description
@@ -98,7 +99,7 @@ class StyleTransferHandler:
                 responses[index] = self._expired(call, index, wait, now)
             else:
                 try:
-                    prepared[index] = self.preparation.prepare(row, _is_grpc(context, index), decoding)
+                    prepared[index] = self.preparation.prepare(row, _is_grpc(context, index), decoding, headers)
                 except NoTimeLeft as busy:
                     responses[index] = self._busy(call, index, schedule.deadline, busy.reason)
                 except Exception as error:  # noqa: BLE001 - whatever it is, it is this request's alone
@@ -146,8 +147,8 @@ class StyleTransferHandler:
         # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
         checkpoint = not self.preparation.fit_as_they_are(jobs)
         should_stop = self.cancel_signals.watch([job_key(context.get_all_request_header(i)) for i in indices])
-        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint,
-                             should_stop=should_stop)
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, checkpoint, should_stop=should_stop,
+                             **_segment_run(prepared[indices[0]].segment, deadline))
         logged = {"batch": len(indices), "checkpoint": checkpoint, "queued": queued}
         return [self._answer(call, index, prepared[index], outcome, streams.get(item), logged)
                 for item, (index, outcome) in enumerate(zip(indices, outcomes))]
@@ -159,6 +160,8 @@ class StyleTransferHandler:
             try:
                 answer = encode_answer(outcome, request.output, self.config.random_weights and RANDOM_WEIGHTS_NOTE,
                                        self.config.max_response_size)
+                for chunk in answer.leading:  # a segment's checkpoint, in pieces within max_response_size
+                    stream.send(chunk)
                 for name, value in answer.headers.items():
                     call.context.set_response_header(index, name, value)
                 call.succeeded(index, outcome)
@@ -174,18 +177,28 @@ class StyleTransferHandler:
         call.request(index, outcome["code"], error=outcome, **logged)
         return _failure(call, index, outcome, stream)
 
-    def _run(self, jobs, callback, deadline: float, checkpoint: bool, should_stop) -> list[StyleResult | dict]:
-        """The engine's results, or for every job an error object when the batch could not be run."""
+    def _run(self, jobs, callback, checkpoint: bool, should_stop, **segment) -> list[StyleResult | dict]:
+        """The engine's results, or for every job an error object when the batch could not be run; `segment`:
+        the run's deadline, and a segment's resume and suspend (_segment_run)."""
         if self.device_failed:  # an earlier group of this call broke the device
             return [DEVICE_FAILED] * len(jobs)
         outcomes = guarded(lambda: stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
-                                                 deadline=deadline, checkpoint=checkpoint, should_stop=should_stop),
+                                                 checkpoint=checkpoint, should_stop=should_stop, **segment),
                            len(jobs), self.device, self._device_works)
         self.device_failed = outcomes[0] is DEVICE_FAILED
         return outcomes
 
     def _device_works(self) -> bool:
         return device_works(self.device)
+
+
+def _segment_run(segment: Segment | None, deadline: float) -> dict:
+    """The engine's options for a group: its deadline, or for a segment the checkpoint it resumes from and when it
+    suspends instead (at its time, or at the call's deadline, whichever comes first)."""
+    if segment is None or segment.seconds is None:
+        return {"deadline": deadline, "resume": segment and segment.resume}
+    ends = min(deadline, time.perf_counter() + segment.seconds)
+    return {"deadline": None, "resume": segment.resume, "suspend": lambda: time.perf_counter() >= ends}
 
 
 def _send(context, responses: list, device_failed: bool) -> list:

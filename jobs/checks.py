@@ -61,8 +61,11 @@ class ServerLimits:
     @classmethod
     def from_description(cls, description: dict) -> "ServerLimits":
         limits = description["limits"]
+        # a job's request may ask what the server's job_maxima allow (it runs as segments); a previous release's
+        # server has none: its maxima
         return cls(limits["max_styles"], limits["max_image_pixels"],
-                   limits.get("max_decoded_pixels_per_call", sys.maxsize), dict(limits["maxima"]),
+                   limits.get("max_decoded_pixels_per_call", sys.maxsize),
+                   dict(limits.get("job_maxima", limits["maxima"])),
                    tuple(preset["name"] for preset in description.get("presets", [])))
 
 

@@ -50,6 +50,11 @@ class JobsConfig:
     # The most a job may take from its first run on, waiting for TorchServe and runs that were cut short
     # included; then it fails with 504 Timeout.
     job_timeout_seconds: int = 3600
+    # A job runs as segments of at most this much optimisation each (TorchServe's worker caps it at its own
+    # most per request): each ends with a checkpoint, the job goes back to the end of the queue, and the next
+    # segment goes on from there, so that other jobs and direct requests get the worker in between and a worker
+    # that dies loses at most one segment. Each segment repeats the style targets' work.
+    segment_seconds: float = 60
     max_request_bytes: int = 67_108_864  # the largest submitted body, as TorchServe's max_request_size
     # The memory a replica's submits hold at once while they are read: a multipart submit holds about 13 MiB
     # (a part of its upload as it comes and as it is sent, and the fields the checks read), a JSON one twice
@@ -97,7 +102,8 @@ class JobsConfig:
         config = cls(**values)
         at_least_one = ("max_attempts", "concurrency", "retention_seconds", "client_max_unfinished",
                         "max_unfinished", "max_streams_per_client", "webhook_concurrency_per_endpoint")
-        positive = ("lease_seconds", "redis_timeout_seconds", "shutdown_seconds", "webhook_timeout_seconds",
+        positive = ("lease_seconds", "segment_seconds", "redis_timeout_seconds", "shutdown_seconds",
+                    "webhook_timeout_seconds",
                     "webhook_first_retry_seconds", "webhook_retry_seconds", "event_stream_seconds",
                     "stream_write_timeout_seconds", "upload_memory_bytes", "client_max_stored_bytes")
         for names, fails, what in ((at_least_one, lambda value: value < 1, "at least 1"),

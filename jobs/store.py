@@ -10,7 +10,8 @@ which name a job by its bare id, are upgrade.py's):
                     prefix of its objects, `request_bytes`/`result_bytes` their sizes, `result_key` the result's;
                     `run`: the run that holds the job ('' when none), `owner` its replica; `attempts`: runs that
                     broke off and count (TorchServe's worker died, its stream was cut); `deadline`: when its
-                    time is up (epoch s); `retried_after`: the error that cut the run before short
+                    time is up (epoch s); `retried_after`: the error that cut the run before short;
+                    `checkpoint`/`checkpoint_bytes`: the object of the last segment's checkpoint (worker.py)
   leases            sorted set: the refs of the jobs a run holds, by when that run's lease lapses (ms, Redis's
                     clock) unless the run renews it (worker.py): the recovery finds the lapsed ones in one read
   events:{ref}      stream: queued, started, progress, done, error, canceled (what GET .../events replays)
@@ -199,12 +200,12 @@ return 1
 
 # TorchServe took the run's request: the job is running. KEYS: job, events; ARGV: run, now (ISO), started event
 # data, a delivery id, now (epoch s)
+# A job's next segment goes on running: no second `started` event.
 _ACCEPT = LUA_LIB + """
 if not holds(ARGV[1]) then return 0 end
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  count('queued', -1)
-  count('running', 1)
-end
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 1 end
+count('queued', -1)
+count('running', 1)
 redis.call('HSET', KEYS[1], 'status', 'running')
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 redis.call('HDEL', KEYS[1], 'retried_after')
@@ -239,11 +240,26 @@ redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
 return 1
 """
 
+# A segment of the run ended with iterations left: its checkpoint is the job's, and the run lets the job go (its
+# lease too) for the next segment, queued by the caller; the job stays `running`. Returns the previous
+# checkpoint's key ('' when none), for the caller to delete, or nothing when the run no longer holds the job.
+# KEYS: job, leases, client; ARGV: run, checkpoint key, checkpoint bytes, ref
+_SEGMENT = LUA_LIB + """
+if not holds(ARGV[1]) then return false end
+local previous = redis.call('HGET', KEYS[1], 'checkpoint') or ''
+local change = tonumber(ARGV[3]) - tonumber(redis.call('HGET', KEYS[1], 'checkpoint_bytes') or '0')
+count('stored_bytes', change)
+redis.call('HINCRBY', KEYS[3], 'stored_bytes', change)
+redis.call('HSET', KEYS[1], 'checkpoint', ARGV[2], 'checkpoint_bytes', ARGV[3], 'run', '', 'owner', '')
+redis.call('ZREM', KEYS[2], ARGV[4])
+return previous
+"""
+
 # End an active job: by the run holding it (ARGV[11] its run), or canceled by a client (ARGV[11] ''), which also
-# stops the run holding it. Its request's bytes are no longer counted (the caller deletes the object), its
-# result's are until it expires. KEYS: job, events, active, leases, client; ARGV: ref, status, now (ISO), error,
-# result key, result bytes, result content type, result headers, retention, event, event data, run, a delivery
-# id, now (epoch s)
+# stops the run holding it. Its request's and checkpoint's bytes are no longer counted (the caller deletes the
+# objects), its result's are until it expires. KEYS: job, events, active, leases, client; ARGV: ref, status, now
+# (ISO), error, result key, result bytes, result content type, result headers, retention, event, event data, run,
+# a delivery id, now (epoch s)
 _FINISH = LUA_LIB + """
 if not active() then return 0 end
 local run = redis.call('HGET', KEYS[1], 'run') or ''
@@ -254,7 +270,8 @@ if by_client and run ~= '' then redis.call('SET', P .. 'cancel:' .. ARGV[1] .. '
 count(redis.call('HGET', KEYS[1], 'status'), -1)
 count(ARGV[2], 1)
 local result_bytes = tonumber(ARGV[6])
-local stored = result_bytes - tonumber(redis.call('HGET', KEYS[1], 'request_bytes') or '0')
+local stored = result_bytes - tonumber(redis.call('HGET', KEYS[1], 'request_bytes') or '0') -
+               tonumber(redis.call('HGET', KEYS[1], 'checkpoint_bytes') or '0')
 count('stored_bytes', stored)
 redis.call('HINCRBY', KEYS[5], 'stored_bytes', stored)
 redis.call('HINCRBY', KEYS[5], 'unfinished', -1)
@@ -442,9 +459,9 @@ class Store:
     def __init__(self, redis: Redis, stream_redis: Redis, retention_seconds: int):
         """`stream_redis`: a client whose socket timeout outlasts a blocking read of events (events.py)."""
         self.redis, self.stream_redis, self.retention = redis, stream_redis, retention_seconds
-        (self._create, self._begin, self._renew, self._accept, self._progress, self._release, self._finish,
-         self._expired, self._look_over) = (redis.register_script(script) for script in (
-            _CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE, _FINISH, _EXPIRED, _LOOK_OVER))
+        (self._create, self._begin, self._renew, self._accept, self._progress, self._release, self._segment,
+         self._finish, self._expired, self._look_over) = (redis.register_script(script) for script in (
+            _CREATE, _BEGIN, _RENEW, _ACCEPT, _PROGRESS, _RELEASE, _SEGMENT, _FINISH, _EXPIRED, _LOOK_OVER))
 
     async def begin_upload(self, objects: str) -> None:
         """A submit starts writing objects under `objects`: listed until a job takes them (create), so that
@@ -513,6 +530,15 @@ class Store:
         return bool(await self._release(
             keys=[key("job", ref), LEASES, cancel_key(ref, run)],
             args=[run, json.dumps(why), int(counts), self.retention, int(only_if_lapsed), ref]))
+
+    async def end_segment(self, ref: str, run: str, checkpoint_key: str, checkpoint_bytes: int) -> str | None:
+        """The run's segment ended with `checkpoint_key`: the job's checkpoint from now on, and the run lets the
+        job go for its next segment. The previous checkpoint's key ('' when none), or None when the run no
+        longer holds the job (its checkpoint is then nobody's)."""
+        client = ref.split(":", 1)[0]
+        previous = await self._segment(keys=[key("job", ref), LEASES, client_key(client)],
+                                       args=[run, checkpoint_key, checkpoint_bytes, ref])
+        return None if previous is None else previous.decode()
 
     async def stop_run(self, ref: str, run: str) -> None:
         """Stop what TorchServe computes for a run that no longer holds its job."""

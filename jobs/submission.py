@@ -34,6 +34,7 @@ from urllib3.fields import RequestField
 
 from .checks import ServerLimits, refusal
 from .objects import PART_BYTES, JobObjects, ObjectStore
+from .segments import CHECKPOINT
 from .store import EVENTS
 
 JOB_FIELDS = ("webhook", "webhook_events")
@@ -277,6 +278,10 @@ def _as_torchserve_reads(filename: str | None, data: bytes, content_type: str | 
 
 
 def _check(row: dict, limits: ServerLimits, cut: set[str] = frozenset()) -> None:
+    if CHECKPOINT in row or CHECKPOINT in (row.get("body") if isinstance(row.get("body"), dict) else {}):
+        raise SubmitError(400, "ParamError", "checkpoint is the jobs service's own: it resumes a job's segments "
+                                             "from their checkpoints itself; submit the request without it",
+                          CHECKPOINT)
     refused = refusal(row, limits)
     # An image kept only in part may be refused for its cut (a TIFF whose header lies at its end): the run,
     # which reads it whole, decides. What its header declares is read all the same (413).

@@ -6,6 +6,7 @@ Its status line and first line come when a worker has taken the request: that is
 it (the job is `running` from then on; before, it waits in TorchServe's queue and stays `queued`).
 What can go wrong is sorted into what the caller does about it:
   Done         the result
+  Suspended    a segment's end with iterations left: its checkpoint, for the next segment to resume from
   Refused      the request's own error (bad input, too large, out of memory): the job fails with it
   Busy         TorchServe cannot take it now (its queue is full, no worker is up, it is not reachable): wait
                (at least its Retry-After) and send it again; this does not count as an attempt
@@ -45,6 +46,12 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Suspended:
+    fields: dict  # the segment line: step, scale, scales, loss, seconds, checkpoint_bytes
+    checkpoint: bytes
+
+
+@dataclass(frozen=True)
 class Refused:
     error: dict  # the API's error body (docs/api.md)
 
@@ -60,7 +67,7 @@ class Interrupted:
     error: dict
 
 
-Outcome = Done | Refused | Busy | Interrupted
+Outcome = Done | Suspended | Refused | Busy | Interrupted
 
 
 class TorchServeClient:
@@ -80,11 +87,12 @@ class TorchServeClient:
 
     async def run(self, body: AsyncIterable[bytes], size: int, content_type: str, run_key: str,
                   on_accepted: Callable[[], Awaitable[None]],
-                  on_progress: Callable[[dict], Awaitable[None]]) -> Outcome:
+                  on_progress: Callable[[dict], Awaitable[None]], segment_seconds: float) -> Outcome:
         """Send the request, `size` bytes read from `body` as they are sent, with X-Style-Job-Id: `run_key`
-        (whose cancel key stops it in the worker)."""
+        (whose cancel key stops it in the worker), as a segment that ends after `segment_seconds`."""
         headers = {**await self.credentials.header(self.session), "Content-Type": content_type,
-                   "Content-Length": str(size), "X-Style-Job-Id": run_key}
+                   "Content-Length": str(size), "X-Style-Job-Id": run_key,
+                   "X-Style-Segment-Seconds": f"{segment_seconds:g}"}
         try:
             async with self.session.post(self.url, data=body, headers=headers, timeout=TIMEOUT) as response:
                 if response.status != 200:
@@ -112,7 +120,7 @@ class TorchServeClient:
 async def _read_stream(response: aiohttp.ClientResponse, on_progress) -> Outcome:
     """Lines may be megabytes (the done line holds the image): split them here rather than with readline's
     size limit."""
-    pending = b""
+    pending, checkpoint = b"", []
     async for chunk in response.content.iter_any():
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -122,6 +130,13 @@ async def _read_stream(response: aiohttp.ClientResponse, on_progress) -> Outcome
             event = json.loads(line)
             if event.get("event") == "progress":
                 await on_progress(event)
+            elif event.get("event") == "checkpoint":
+                checkpoint.append(base64.b64decode(event["data"]))
+            elif event.get("event") == "segment":
+                data = b"".join(checkpoint)
+                if len(data) != event.get("checkpoint_bytes"):
+                    break  # a stream cut between pieces: the segment is lost, as a run that broke off
+                return Suspended(event, data)
             elif event.get("event") == "done":
                 return Done(event)
             elif event.get("event") == "error":

@@ -17,6 +17,14 @@ Time: a job's deadline is job_timeout_seconds after its first run began, whateve
 it the job fails with 504 Timeout. arq's own time limit for a run_job call lies outside it
 (ARQ_TIMEOUT_MARGIN_SECONDS more), so that ours always comes first.
 
+Segments: a run asks TorchServe for one segment of at most segment_seconds, from the job's last checkpoint
+(segments.py). A segment that ends with iterations left answers with its checkpoint: the run stores it under a
+name of its own, makes it the job's and lets the job go (both one transition, so that a run that lost its job
+changes nothing), deletes the previous one, and queues the job again behind the jobs already waiting (arq's
+Retry, deferred past now): other jobs and direct requests get TorchServe's worker between segments. The job
+stays `running`, its progress that of one run; a run cut short loses at most its segment, and the next run
+starts from the last checkpoint.
+
 Requests and results: a run streams its job's request from the object store to TorchServe, at every try, and
 writes the result TorchServe answers back there, under a name of its own, before it ends the job; the
 request is deleted once the job has ended.
@@ -52,7 +60,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from arq import Worker, func
+from arq import Retry, Worker, func
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import WatchError
@@ -60,8 +68,9 @@ from redis.exceptions import WatchError
 from .config import JobsConfig
 from .objects import OBJECT_STORE_ERRORS, ObjectMissing, ObjectStore
 from .store import PREFIX, STORE_ERRORS, Began, Store, StoredResult, TaskQueue, check_eviction_policy
-from .torchserve import (Busy, Done, Interrupted, Outcome, Refused, TorchServeClient, done_event, result_chunks,
-                         result_headers, result_type)
+from .segments import CHECKPOINT, NotSpliceable, with_checkpoint
+from .torchserve import (Busy, Done, Interrupted, Outcome, Refused, Suspended, TorchServeClient, done_event,
+                         result_chunks, result_headers, result_type)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +89,7 @@ LEASE_LAPSED = {"code": 503, "type": "LeaseLapsed", "field": None,
                 "message": "the replica running it stopped renewing its lease (it was stopped, stalled or cut off "
                            "from the store)"}
 GONE = {"code": 410, "type": "Gone", "message": "the job's request is gone", "field": None}
+NEXT_SEGMENT_DEFER_SECONDS = 0.001  # a job's next segment is queued this much after now: behind those waiting
 REQUEST = "request"  # the name of a job's request among its objects (objects.JobObjects)
 
 
@@ -139,11 +149,13 @@ class JobRunner:
             except asyncio.CancelledError:
                 await self._give_back(ref, run)
                 raise
+            if again is NEXT_SEGMENT:
+                raise Retry(defer=NEXT_SEGMENT_DEFER_SECONDS)  # arq queues it again, after the jobs waiting
             if not again:
                 return
 
-    async def _run(self, ref: str, run: str, began: Began) -> bool:
-        """One run, holding the job's lease; whether the job goes on with another run."""
+    async def _run(self, ref: str, run: str, began: Began) -> bool | object:
+        """One run, holding the job's lease; whether the job goes on with another run now, or NEXT_SEGMENT."""
         if began.attempts >= self.config.max_attempts:
             await self._finish(ref, run, "failed", error=_given_up(began.attempts, began.retried_after))
             return False
@@ -160,6 +172,8 @@ class JobRunner:
                            "nothing more and TorchServe stops it", ref, run)
             return False
         outcome, stored = working.result()
+        if isinstance(outcome, Suspended):
+            return await self._end_segment(ref, run, stored)
         if isinstance(outcome, Interrupted):
             logger.warning("jobs: %s run %s broke off: %s", ref, run, outcome.error["message"])
             return await until_stored(lambda: self.store.release(ref, run, outcome.error, counts=True))
@@ -183,6 +197,8 @@ class JobRunner:
                     if isinstance(outcome, Done) and outcome.fields.get("stop_reason") != "canceled":
                         stored = await self._store_result(ref, run, record, outcome, waits)
                         return outcome, stored
+                    if isinstance(outcome, Suspended):
+                        return outcome, await self._store_checkpoint(ref, run, record, outcome, waits)
                     if not isinstance(outcome, Busy):
                         return outcome, None
                     wait = waits.next(outcome.retry_after)
@@ -198,29 +214,64 @@ class JobRunner:
         is waited for like a busy TorchServe."""
         body = _StoredBody()
         try:
+            checkpoint = await self._checkpoint(record)
             async with self.objects.read(record["objects"] + REQUEST) as stored:
-                outcome = await self.torchserve.run(body.chunks(stored), stored.size, record["request_type"],
-                                                    f"{ref}.{run}", recorder.accepted, recorder.progress)
+                chunks, size = body.chunks(stored), stored.size
+                if checkpoint is not None:
+                    chunks, size = with_checkpoint(chunks, size, record["request_type"], checkpoint)
+                outcome = await self.torchserve.run(chunks, size, record["request_type"], f"{ref}.{run}",
+                                                    recorder.accepted, recorder.progress, self.config.segment_seconds)
         except ObjectMissing:
             return Refused(GONE)
+        except NotSpliceable as error:
+            return Refused({"code": 500, "type": "InternalError", "message": str(error), "field": None})
         except OBJECT_STORE_ERRORS as error:
             return Busy(f"the object store cannot be read: {error!r}")
         return Busy(f"the object store broke off reading the request: {body.failed!r}") if body.failed else outcome
 
+    async def _checkpoint(self, record: dict) -> bytes | None:
+        """The job's last checkpoint, None before its first segment has ended."""
+        if not record.get("checkpoint"):
+            return None
+        async with self.objects.read(record["checkpoint"]) as stored:
+            return b"".join([chunk async for chunk in stored])
+
     async def _store_result(self, ref: str, run: str, record: dict, outcome: Done,
                             waits: Backoff) -> StoredResult:
         """The result written to the object store under a name of the run's own (a run that lost its job
-        never overwrites the result of the one that took it), tried again while the store cannot be reached."""
+        never overwrites the result of the one that took it)."""
         response = record.get("response", "image")
         result_key = f"{record['objects']}result-{run}"
+        size = await self._put(ref, run, result_key, lambda: result_chunks(outcome.fields, response), waits)
+        return StoredResult(result_key, size, result_type(outcome.fields, response), result_headers(outcome.fields))
+
+    async def _store_checkpoint(self, ref: str, run: str, record: dict, outcome: Suspended,
+                                waits: Backoff) -> StoredResult:
+        """A segment's checkpoint written to the object store under a name of the run's own, like a result."""
+        key = f"{record['objects']}{CHECKPOINT}-{run}"
+        size = await self._put(ref, run, key, lambda: _one_chunk(outcome.checkpoint), waits)
+        return StoredResult(key, size, "application/x-style-checkpoint", {})
+
+    async def _put(self, ref: str, run: str, key: str, chunks, waits: Backoff) -> int:
+        """`chunks()` written to the object store under `key`, tried again while the store cannot be reached."""
         while True:
             try:
-                size = await self.objects.put(result_key, result_chunks(outcome.fields, response))
-                return StoredResult(result_key, size, result_type(outcome.fields, response),
-                                    result_headers(outcome.fields))
+                return await self.objects.put(key, chunks())
             except OBJECT_STORE_ERRORS as error:
-                logger.warning("jobs: %s run %s cannot store its result (%r): trying again", ref, run, error)
+                logger.warning("jobs: %s run %s cannot store %s (%r): trying again", ref, run, key, error)
                 await asyncio.sleep(waits.next())
+
+    async def _end_segment(self, ref: str, run: str, checkpoint: StoredResult) -> bool | object:
+        """The segment's checkpoint made the job's, the previous one deleted; NEXT_SEGMENT, or False when the
+        run no longer holds its job (its checkpoint is then deleted: nobody's)."""
+        previous = await until_stored(lambda: self.store.end_segment(ref, run, checkpoint.key, checkpoint.size))
+        unused = checkpoint.key if previous is None else previous
+        if unused:
+            try:
+                await self.objects.delete(unused)
+            except OBJECT_STORE_ERRORS as error:
+                logger.warning("jobs: %s: checkpoint %s stays until the job expires (%r)", ref, unused, error)
+        return False if previous is None else NEXT_SEGMENT
 
     async def _keep_lease(self, ref: str, run: str) -> None:
         """Renew the run's lease; returns when the run no longer holds its job."""
@@ -270,12 +321,14 @@ class JobRunner:
 
 
 async def delete_request(store: Store, objects: ObjectStore, ref: str) -> None:
-    """An ended job's request is no longer needed (nor counted in its client's storage); one that cannot be
-    deleted now goes with the job's other objects when it expires."""
+    """An ended job's request and checkpoint are no longer needed (nor counted in its client's storage); what
+    cannot be deleted now goes with the job's other objects when it expires."""
     try:
         record = await store.get(ref)
         if record is not None:
             await objects.delete(record["objects"] + REQUEST)
+            if record.get("checkpoint"):
+                await objects.delete(record["checkpoint"])
     except (*STORE_ERRORS, *OBJECT_STORE_ERRORS) as error:
         logger.warning("jobs: %s: its request stays until the job expires (%r)", ref, error)
 
@@ -317,6 +370,13 @@ class _Recorder:
             await self.runner.store.record_progress(self.ref, self.run, progress)
         except STORE_ERRORS:
             pass
+
+
+NEXT_SEGMENT = object()  # what a run whose segment ended returns: the job is queued again, behind those waiting
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _given_up(attempts: int, last_error: dict | None) -> dict:

@@ -12,9 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402 - after the setting, which OpenMP reads once, when torch loads it
 import torch  # noqa: E402
 
+from handler_context import make_context, model_dir_with_weights
 from style_engine import VGGFeatures, load_features_state_dict, precision
 from style_engine.codec import load_image_file
 from style_engine.resize import fit_longer_side, resize
+from style_transfer_handler import StyleTransferHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -51,6 +53,16 @@ def random_state_dict():
 @pytest.fixture(scope="session")
 def extractor(random_state_dict):
     return VGGFeatures(random_state_dict)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, random_state_dict):
+    """The handler in-process with random weights (tests/support/handler_context.py), and its context."""
+    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
+    context = make_context(model_dir, {"weights": "random"})
+    handler = StyleTransferHandler()
+    handler.initialize(context)
+    return handler, context
 
 
 def sample(name: str, longer: int | None = None) -> torch.Tensor:

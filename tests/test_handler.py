@@ -14,20 +14,11 @@ from ts.utils.util import PredictionException
 
 from cancellation import CANCEL_KEY_PREFIX, CancelSignals
 from conftest import SAMPLES, STYLES
-from handler_context import make_context, model_dir_with_weights, start_batch
+from handler_context import start_batch
 from style_transfer_handler import StyleTransferHandler
 
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
 STYLE = (STYLES / "starry_night.jpg").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, random_state_dict):
-    model_dir = model_dir_with_weights(tmp_path_factory.mktemp("model"), random_state_dict)
-    context = make_context(model_dir, {"weights": "random"})
-    handler = StyleTransferHandler()
-    handler.initialize(context)
-    return handler, context
 
 
 def handle(served, *rows, grpc=False, describe=()):
@@ -104,9 +95,16 @@ def test_style_1_is_refused_rather_than_taken_for_style(served):
 
 
 def test_server_maxima_apply(served):
-    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "2049"})
     assert context.get_response_status(0)[0] == 400
     assert "at most 1024" in json.loads(body)["message"]
+
+
+def test_a_size_only_a_job_may_ask_is_a_413_that_names_the_jobs_api(served):
+    (body,), context = handle(served, {"content": CONTENT, "style": STYLE, "size": "1025"})
+    assert context.get_response_status(0)[0] == 413
+    error = json.loads(body)
+    assert error["field"] == "size" and "at most 1024" in error["message"] and "POST /jobs" in error["message"]
 
 
 def test_a_refused_lone_grpc_request_raises_for_a_grpc_status(served):
@@ -229,7 +227,8 @@ def test_the_describe_call_is_answered_with_the_models_description(served):
     assert set(limits["device_speed"]["iteration"]["fp32"]) == {"ms_per_pass", "ns_per_mac"}
     assert {key: limits[key] for key in limits if key not in ("memory_budget_bytes", "device_speed")} == {
         "max_image_pixels": 40_000_000, "max_styles": 4, "max_style_pixels": 2_097_152,  # on a CPU (overrides)
-        "max_decoded_pixels_per_call": 200_000_000, "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270}}
+        "max_decoded_pixels_per_call": 200_000_000, "maxima": {"size": 1024, "steps": 2000, "max_seconds": 270},
+        "job_maxima": {"size": 2048, "steps": 2000, "max_seconds": 86400}}  # a job's segments may ask more
     assert (described["weights"], described["device"]) == ("random", "cpu")
 
 

@@ -170,7 +170,7 @@ def test_what_the_predictions_endpoint_refuses_for_its_fields_parameters_or_imag
         time.sleep(0.2)
     multipart = [({"params": json.dumps({**TINY, "steps": "lots"})}, {}),
                  ({"params": json.dumps({**TINY, "webhook": "http://127.0.0.1/hook"})}, {}),
-                 ({"size": "2048"}, {}), ({"presets": "nope"}, {}),
+                 ({"presets": "nope"}, {}),
                  ({}, {f"style_{number}": STYLE for number in range(2, 6)}),
                  ({}, {"style_1": STYLE}), ({}, {"content": png_declaring(8000, 6000)}),
                  ({}, {"content": b"not an image"})]
@@ -189,7 +189,20 @@ def test_what_the_predictions_endpoint_refuses_for_its_fields_parameters_or_imag
         assert (at_submit.status_code, at_submit.json()) == (direct.status_code, direct.json()), direct.text
         conforms(at_submit.json(), "JobErrorBody")
     fields = [at_submit.json()["field"] for at_submit, _ in answers]
-    assert fields == ["steps", "webhook", "size", "presets", "style", "style_1", "content", "content", "mask"]
+    assert fields == ["steps", "webhook", "presets", "style", "style_1", "content", "content", "mask"]
+
+
+def test_a_job_is_checked_against_the_job_maxima(jobs, server):
+    """A job may ask more than a direct request (2048 px on a CPU worker, which it runs as segments); past the
+    job's maximum, the submit is refused naming it. (tests/test_jobs_segments.py runs such a job.)"""
+    parts = {"content": CONTENT, "style": STYLE}
+    over = requests.post(jobs.url("/jobs"), headers=jobs.auth, data={"size": "2049"}, files=parts, timeout=30)
+    assert over.status_code == 400 and over.json()["field"] == "size", over.text
+    assert "at most 2048" in over.json()["message"]
+    # 2048 passes (no job is made: the next parameter, checked after size, is wrong)
+    size_taken = requests.post(jobs.url("/jobs"), headers=jobs.auth, data={"size": "2048", "steps": "lots"},
+                               files=parts, timeout=30)
+    assert size_taken.status_code == 400 and size_taken.json()["field"] == "steps", size_taken.text
 
 
 EMPTY_PART = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio
 import requests
 
-from jobs.store import NewJob, Quotas, Store, StoredResult, cancel_key, job_ref
+from jobs.store import LEASES, NewJob, Quotas, Store, StoredResult, cancel_key, job_ref
 from jobs.worker import LEASE_LAPSED, STOPPED, Backoff
 from jobs_calls import (CONTENT, LONG, STYLE, TINY, handler_runs, read_events, record_key, running_on, started_events,
                         status, submit, two_replicas, until, wait_for)
@@ -138,6 +138,7 @@ def test_a_run_that_no_longer_holds_its_job_changes_nothing(redis_server):
         assert not await store.release(ref, "a", STOPPED, counts=True)
         assert not await store.finish(ref, "succeeded", {}, result=result, run="a")
         assert not await store.finish(ref, "failed", {}, error=STOPPED, run="a")
+        assert await store.end_segment(ref, "a", f"default/{job_id}/n/checkpoint-a", 5) is None
         assert (await store.get(ref), await store.events(ref, "0")) == (before, events)
         assert await store.counters() == counters, "nor any counter"
         assert await store.renew(ref, "b", 5) and await store.accept(ref, "b", {"attempt": 1})
@@ -147,6 +148,39 @@ def test_a_run_that_no_longer_holds_its_job_changes_nothing(redis_server):
         assert not await store.finish(ref, "succeeded", {}, run="b")
         assert await store.begin(ref, "c", "replica-c", 5, 60) is None
         assert (await store.get(ref))["status"] == "canceled"
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_segment_hands_its_checkpoint_to_the_job_and_lets_it_go(redis_server):
+    """A run whose segment ended: its checkpoint becomes the job's (counted in the client's bytes, the previous
+    one's given back), the run lets the job and its lease go, and the job stays running: the next segment's run
+    takes it without a second `started` event. Ending the job uncounts the checkpoint with the request."""
+    async def scenario():
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        store = Store(client, client, retention_seconds=60)
+        job_id = f"segmented-{uuid.uuid4().hex}"
+        ref, objects = job_ref("default", job_id), f"default/{job_id}/n/"
+        await store.create(NewJob("default", job_id, objects, 2, "application/json", "print", "image", None, ()),
+                           None, UNLIMITED)
+        usage = await store.usage("default")
+        await store.begin(ref, "a", "replica-a", 5, 60)
+        assert await store.accept(ref, "a", {"attempt": 1})
+        assert await store.end_segment(ref, "a", objects + "checkpoint-a", 100) == ""
+        record = await store.get(ref)
+        assert (record["status"], record["run"], record["checkpoint"]) == ("running", "", objects + "checkpoint-a")
+        assert await client.zscore(LEASES, ref) is None and not await store.renew(ref, "a", 5)
+        assert (await store.usage("default"))["stored_bytes"] == usage["stored_bytes"] + 100
+        await store.begin(ref, "b", "replica-b", 5, 60)
+        assert await store.accept(ref, "b", {"attempt": 1})
+        assert [name for _, name, _ in await store.events(ref, "0")].count("started") == 1
+        assert await store.end_segment(ref, "b", objects + "checkpoint-b", 40) == objects + "checkpoint-a"
+        assert (await store.usage("default"))["stored_bytes"] == usage["stored_bytes"] + 40
+        await store.begin(ref, "c", "replica-c", 5, 60)
+        result = StoredResult(objects + "result-c", 7, "image/png", {})
+        assert await store.finish(ref, "succeeded", {"id": job_id}, result=result, run="c")
+        assert (await store.usage("default"))["stored_bytes"] == usage["stored_bytes"] - 2 + 7
         await client.aclose()
 
     asyncio.run(scenario())

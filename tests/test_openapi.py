@@ -64,7 +64,7 @@ def test_every_parameter_is_a_form_field_too():
 def test_the_parts_are_the_parsers():
     assert set(SCHEMAS["JsonRequest"]["properties"]) == set(JSON_BODY_KEYS)
     assert set(SCHEMAS["MultipartRequest"]["properties"]) - set(PARAM_FIELDS) == {
-        "content", "style", "init_image", "params"}
+        "content", "style", "init_image", "checkpoint", "params"}
 
 
 def test_an_error_echoes_at_most_what_the_spec_says():

@@ -49,6 +49,27 @@ class BatchedLBFGS:
         self.previous = (x.clone(), g.clone())
         self.x.add_((direction * step_size[:, None]).view_as(self.x))
 
+    def state(self, max_bytes: int) -> dict[str, torch.Tensor]:
+        """Of an image optimised alone, what a later optimiser needs to go on as this one would (restore): its
+        last point and gradient, and its newest curvature pairs oldest first, as many as fit in `max_bytes`."""
+        vector_bytes = 4 * self.x[0].numel()
+        if self.previous is None or max_bytes < 2 * vector_bytes:
+            return {}
+        kept = min(int(self.stored[0]), self.history, max_bytes // (2 * vector_bytes) - 1)
+        slots = [(int(self.stored[0]) - kept + age) % self.history for age in range(kept)]
+        return {"previous_x": self.previous[0][0], "previous_g": self.previous[1][0],
+                "s": self.s[slots, 0], "y": self.y[slots, 0]}
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Go on from another optimiser's `state` (of an image alone); its pairs are offered again, so that those
+        failing the curvature condition (a forged state) are left out as they would have been."""
+        if not state:
+            return
+        for s, y in zip(state["s"].to(self.x.device), state["y"].to(self.x.device)):
+            self._remember(s[None], y[None])
+        self.previous = (state["previous_x"][None].to(self.x.device), state["previous_g"][None].to(self.x.device))
+
     def _remember(self, s: torch.Tensor, y: torch.Tensor) -> None:
         """Store each image's pair in its next slot, where it meets the curvature condition."""
         ys = (y * s).sum(1)

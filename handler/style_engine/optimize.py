@@ -19,6 +19,7 @@ from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import extractor_precision, pass_precision, use_bf16
 from .resize import fit_longer_side, resample, resize
+from .segments import OPTIMIZER_STATE_BYTES, Checkpoint, check_resume
 from .stages import FINAL_LOSS, FINER_START, INITIAL_LOSS, ITERATION, PREPARE, START_LOSS, mark
 from .targets import (GramCache, StyleJob, build_objective, check_job, output_size, shrink_to_need, smallest_side,
                       style_keys, style_size)
@@ -52,8 +53,9 @@ class StyleResult:
     seconds: float
     initial_loss: dict[str, float]  # of the initial image at the output size
     final_loss: dict[str, float]  # of the returned image before any colour preservation
-    stop_reason: str  # "steps" (budget used), "converged", "max_seconds", "target_loss" or "canceled"
+    stop_reason: str  # "steps" (budget used), "converged", "max_seconds", "target_loss", "canceled" or "segment"
     precision: str  # the activations' precision the optimisation ran in: "fp32" or "bf16"
+    checkpoint: Checkpoint | None = None  # where a suspended run stopped (stop reason "segment"): resume from it
 
     @property
     def stopped_early(self) -> bool:
@@ -81,7 +83,8 @@ def stylize(extractor: VGGFeatures, content: torch.Tensor, styles, params: Style
 def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
                   callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
                   gram_cache: GramCache | None = None, deadline: float | None = None,
-                  checkpoint: bool = False, should_stop: Callable[[int], bool] | None = None) -> list[StyleResult]:
+                  checkpoint: bool = False, should_stop: Callable[[int], bool] | None = None,
+                  resume: Checkpoint | None = None, suspend: Callable[[], bool] | None = None) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
     Jobs must share `batch_key` and output size. Each image stops by its own budget and convergence, as it
@@ -93,24 +96,37 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     more time and less memory (memory.py). `should_stop(item)`, asked before each iteration for every image
     still running, stops that image for good when true (stop reason "canceled": its best image so far, brought
     to the output size, is its result); it must be cheap.
+
+    Segments (segments.py), for a batch of one: `suspend()`, asked before each iteration once the request has
+    run one, ends the optimisation where it is when true, with iterations left: the result's stop reason is then
+    "segment" and its `checkpoint` says where it stopped (its image is the checkpoint's, at that scale). `resume`
+    goes on from such a checkpoint: at its scale, its iteration count, its time spent (max_seconds counts over
+    the whole run) and its initial losses, so that the segments report as one run.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() - (resume.seconds if resume else 0.0)
     with mark(PREPARE):
         jobs, style_keys = _on_device(jobs, extractor.mean.device, keyed=gram_cache is not None)
     output = _check_batch(jobs, extractor)
+    if resume is not None:
+        if len(jobs) != 1:
+            raise ValueError("a run resumes from a checkpoint alone, in a batch of one")
+        check_resume(resume, scale_sizes(jobs, output), jobs[0].params.steps)
     run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint,
-               should_stop)
+               should_stop, suspend)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
-    evaluated_first = not run.bf16 and scale_sizes(jobs, output)[0] == output
+    evaluated_first = resume is not None or (not run.bf16 and scale_sizes(jobs, output)[0] == output)
     initial = None if evaluated_first else run.float32_losses(init_full, INITIAL_LOSS)
-    x, best = _coarse_to_fine(run, init_full, output)
+    x, best = _coarse_to_fine(run, init_full, output, resume)
     initial = initial or run.first_losses  # a float32 run from the output size: its first evaluation's losses
+    initial_losses = [resume.initial_loss] if resume else [initial.as_floats(i) for i in range(len(jobs))]
+    if run.suspended is not None:
+        return [_suspended(run, best, initial_losses[0])]
     final = best if best is not None and not run.bf16 else run.confirmed or run.float32_losses(x, FINAL_LOSS)
     seconds = time.perf_counter() - start
     return [
         StyleResult(image=_finish(job, x[i]), steps=run.steps_done[i], seconds=seconds,
-                    initial_loss=initial.as_floats(i), final_loss=final.as_floats(i),
+                    initial_loss=initial_losses[i], final_loss=final.as_floats(i),
                     stop_reason=run.stop_reasons[i], precision="bf16" if run.bf16 else "fp32")
         for i, job in enumerate(jobs)
     ]
@@ -125,11 +141,21 @@ def _check_batch(jobs: list[StyleJob], extractor: VGGFeatures) -> tuple[int, int
     return output
 
 
-def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int]):
-    """Optimise at each scale in turn; returns the output-size images and their losses."""
+def _coarse_to_fine(run: "_Run", init_full: torch.Tensor, output: tuple[int, int], resume: Checkpoint | None):
+    """Optimise at each scale in turn (from the checkpoint's, when resuming); returns the output-size images and
+    their losses, or, when the run is suspended, the images where it stopped."""
     x, size = None, None
-    for index, scale_size in enumerate(sizes := scale_sizes(run.jobs, output)):
-        if x is not None and run.all_canceled:  # nothing left to optimise: carry the images up to the output size
+    sizes = scale_sizes(run.jobs, output)
+    for index, scale_size in enumerate(sizes):
+        if resume is not None and index < resume.scale:
+            continue
+        if run.suspended is not None:
+            break
+        if resume is not None and index == resume.scale:  # goes on from the checkpoint's image, at its scale
+            x0 = resume.image[None].to(init_full.device)
+            run.steps_done, run.resumed = [resume.steps], resume
+            x, best = run.optimise(run.objective(scale_size, first_images=x0), x0, index, sizes)
+        elif x is not None and run.all_canceled:  # nothing left to optimise: carry the images up to the output size
             x, best = upsampled_start(x, scale_size), None
         elif x is None:  # the first scale's start may be the content, whose pass then gives the content target
             x0 = resize(init_full, scale_size)
@@ -209,7 +235,7 @@ class _Run:
     iterations done and why it stopped."""
 
     def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline,
-                 checkpoint, should_stop):
+                 checkpoint, should_stop, suspend):
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
         self.checkpoint = checkpoint
         self.start, self.callback, self.stop_below, self.should_stop = start, callback, stop_below, should_stop
@@ -224,6 +250,9 @@ class _Run:
         self.confirmed: Losses | None = None  # float32 losses of the images that met stop_below
         self.first_losses: Losses | None = None  # of the first images evaluated
         self._objectives: dict[tuple, StyleObjective] = {}
+        self.suspend, self.iterated = suspend, False  # iterated: whether this request has run an iteration
+        self.resumed: Checkpoint | None = None  # the checkpoint of the scale to resume, until it starts
+        self.suspended: tuple[int, int, _Scale] | None = None  # where it stopped: scale index, its end, its state
 
     @property
     def all_canceled(self) -> bool:
@@ -281,7 +310,13 @@ class _Run:
         # each image's share of what it has left: what a coarse scale leaves unused goes on to the next
         budgets = [0 if reason == "canceled" else (self.params.steps - done) // (scales - scale_index)
                    for done, reason in zip(self.steps_done, self.stop_reasons)]
+        if self.resumed is not None:  # resumed within this scale: its share as the suspended run had it
+            budgets = [self.resumed.scale_until - self.steps_done[0]]
+        scale_until = self.steps_done[0] + budgets[0]
         scale = _Scale(x0, self.params, budgets, with_gradient=evaluated is not None)
+        if self.resumed is not None and isinstance(scale.optimizer, BatchedLBFGS):
+            scale.optimizer.restore(self.resumed.optimizer)
+        self.resumed = None
         deadline = self._deadline(sizes[scale_index:])
         pending = evaluated  # the first iteration's pass, done already
         for _ in range(max(budgets)):
@@ -290,6 +325,10 @@ class _Run:
                 break
             if self._cancel(scale) and not scale.any_active:
                 break
+            if self.iterated and self.suspend is not None and self.suspend():
+                self.suspended = scale_index, scale_until, scale
+                break
+            self.iterated = True
             with mark(ITERATION, scale.x):
                 losses, pending = pending or self.evaluate(objective, scale.x, grad=True), None
                 self.first_losses = self.first_losses or losses
@@ -474,6 +513,21 @@ def _initial_image(job: StyleJob, size: tuple[int, int]) -> torch.Tensor:
         return resize(job.init_image, size)  # likewise
     generator = torch.Generator().manual_seed(job.params.seed)  # on the CPU: the same noise on every device
     return torch.rand((3, *size), generator=generator).to(job.content.device)
+
+
+def _suspended(run: _Run, best: Losses, initial_loss: dict[str, float]) -> StyleResult:
+    """The result of a run suspended with iterations left: its checkpoint, and its image at that scale."""
+    index, scale_until, scale = run.suspended
+    seconds = time.perf_counter() - run.start
+    image = scale.x[0].detach().float().cpu()
+    state = scale.optimizer.state(OPTIMIZER_STATE_BYTES) if isinstance(scale.optimizer, BatchedLBFGS) else {}
+    checkpoint = Checkpoint(image=image, scale=index, scales=len(scale_sizes(run.jobs, run.output)),
+                            scale_until=scale_until, steps=run.steps_done[0], seconds=seconds,
+                            initial_loss=initial_loss, loss=best.as_floats(0),
+                            optimizer={name: tensor.float().cpu() for name, tensor in state.items()})
+    return StyleResult(image=image, steps=run.steps_done[0], seconds=seconds, initial_loss=initial_loss,
+                       final_loss=checkpoint.loss, stop_reason="segment",
+                       precision="bf16" if run.bf16 else "fp32", checkpoint=checkpoint)
 
 
 def _finish(job: StyleJob, image: torch.Tensor) -> torch.Tensor:
