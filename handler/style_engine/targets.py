@@ -206,17 +206,20 @@ def style_grams(extractor: VGGFeatures, image: torch.Tensor, params: StyleParams
 
 def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
                     output: tuple[int, int], bf16: bool, cache: GramCache | None = None,
-                    keys: list[tuple] | None = None, first_images: torch.Tensor | None = None) -> StyleObjective:
+                    keys: list[tuple] | None = None, first_images: torch.Tensor | None = None,
+                    content_by_tiles: bool = False) -> StyleObjective:
     """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W).
 
     With a `cache`, `keys` holds style_keys(job) for each job, taken once per request (hashing an image
     on the device would copy it to the host). `first_images`, the images the objective will evaluate first:
     where they are the content images at `size` (a start from the content), the content target comes from
-    that evaluation's pass (StyleObjective.take_content_target) rather than from a pass of its own."""
+    that evaluation's pass (StyleObjective.take_content_target) rather than from a pass of its own; with
+    `content_by_tiles`, from the first localized pass, which assembles it tile by tile (localized.py), so that no
+    pass over the whole content image runs."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
     content_target = None
-    if first_images is None or not torch.equal(first_images, contents):
+    if not content_by_tiles and (first_images is None or not torch.equal(first_images, contents)):
         with torch.no_grad(), extractor_precision(contents.device, bf16), mark(CONTENT_TARGET, contents):
             content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer].float()
     keys = keys or [None] * len(jobs)
