@@ -8,7 +8,8 @@ before; on the CPU, glibc's bytes in use (mallinfo2), sampled every half millise
 "resident", on the CPU only, is the kernel's high-water mark of the resident set, reset just before the request
 (after glibc has handed freed memory back), less the resident set then: it also counts memory glibc keeps
 after a tensor is freed, to reuse it. A few iterations per scale suffice: memory per iteration does not grow
-with their number. --masks N makes it N styles (STYLE each time), each in its own vertical strip of the image.
+with their number. Localized passes are measured where PARAMS_JSON asks them ("passes": "localized", "tile": N).
+--masks N makes it N styles (STYLE each time), each in its own vertical strip of the image.
 Several PARAMS_JSON are measured one after the other in the same process, one JSON line each: the first pays
 for what a process allocates on its first request, the others do not (a worker's case).
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 
 from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params, stylize_batch  # noqa: E402
 from style_engine.codec import load_image_file  # noqa: E402
-from style_engine.memory import peak_bytes, workload  # noqa: E402
+from style_engine.memory import Passes, peak_bytes, workload  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -43,17 +44,19 @@ def memory(weights: str, content: str, style: str, raw_params: list[str], checkp
 def _memory(extractor, content_image, style_image, raw_params: str, checkpoint: bool, masks: int) -> dict:
     job = StyleJob(content_image, (style_image,) * max(1, masks), parse_params(json.loads(raw_params))[0],
                    _strips(masks, *content_image.shape[-2:]))
-    estimated = peak_bytes(workload([job], DEVICE, checkpoint))
+    # localized passes as the request asks them ("passes": "localized" with its "tile")
+    passes = Passes(checkpoint, job.params.tile if job.params.passes == "localized" else None)
+    estimated = peak_bytes(workload([job], DEVICE, passes))
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
         before = torch.cuda.memory_allocated(DEVICE)
-        stylize_batch(extractor, [job], checkpoint=checkpoint)
+        stylize_batch(extractor, [job], checkpoint=checkpoint, tile=passes.tile)
         return {"estimated": estimated, "measured": torch.cuda.max_memory_allocated(DEVICE) - before}
     LIBC.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     resident_before, in_use_before = _status_bytes("VmRSS"), _in_use()
     with _sampling(_in_use) as peak_in_use:
-        stylize_batch(extractor, [job], checkpoint=checkpoint)
+        stylize_batch(extractor, [job], checkpoint=checkpoint, tile=passes.tile)
     return {"estimated": estimated, "measured": peak_in_use() - in_use_before,
             "resident": _status_bytes("VmHWM") - resident_before}
 

@@ -34,7 +34,7 @@ from style_engine.api import result_fields
 from style_engine.codec import encode_image
 from style_engine.cost import group_cost, largest_size_within, measure_speed
 from style_engine.errors import NotEnoughTime
-from style_engine.memory import admit, fitting_mode, free_bytes
+from style_engine.memory import Passes, admit, fitting_mode, free_bytes
 from style_engine.optimize import StyleResult, stylize_batch
 from style_engine.params import PARAM_FIELDS, OutputParams, describe_params
 from style_engine.presets import ARCHIVE_DIR, PresetLibrary
@@ -163,8 +163,8 @@ class StyleTransferHandler:
         check_job(job, self.extractor, self.config.max_style_pixels, self.config.max_styles)
         self._check_answer_size(job, output_params)
         job = shrink_to_need(job)  # what waits for its batch holds megabytes, not gigabytes
-        checkpoint = admit(job, self.device, self.memory_budget, self.config.save_memory)
-        self._admit_time(job, checkpoint)
+        passes = admit(job, self.device, self.memory_budget, self.config.save_memory)
+        self._admit_time(job, passes)
         return job, output_params
 
     def _check_answer_size(self, job: StyleJob, output: OutputParams) -> None:
@@ -185,11 +185,11 @@ class StyleTransferHandler:
                             f"{'x'.join(map(str, output_size(job)[::-1]))} px can take up to {bound} bytes, over this "
                             f"server's max_response_size of {limit} bytes: {what}")
 
-    def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
+    def _admit_time(self, job: StyleJob, passes: Passes) -> None:
         """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
         interrupts, and one iteration past its deadline, could not end within the server's maximum even alone
         (style_engine/cost.py)."""
-        cost = group_cost([job], self.device, self.speed, checkpoint)
+        cost = group_cost([job], self.device, self.speed, passes)
         if cost.reserved <= self.time_cap:
             return
         smallest = PARAM_FIELDS["size"].metadata["check"].lo
@@ -214,7 +214,7 @@ class StyleTransferHandler:
         A group also ends by the earliest of its requests' `client_ends`, and a request whose client's end
         leaves less than the group's fixed work is answered 503 instead of being computed for nobody."""
         costs = {tuple(group): group_cost([prepared[i][0] for i in group], self.device, self.speed,
-                                          checkpoint=not self._fit_as_they_are([prepared[i][0] for i in group]))
+                                          self._passes([prepared[i][0] for i in group]))
                  for group in _batches(prepared, self._fit_as_they_are)}
         waiting = sorted(costs, key=lambda group: costs[group].fixed + costs[group].iterations)
         while waiting:
@@ -272,8 +272,13 @@ class StyleTransferHandler:
         return _error(context, index, body)
 
     def _fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
-        """Whether these jobs fit the memory budget optimised together without checkpointing."""
+        """Whether these jobs fit the memory budget optimised together with full passes, not checkpointed (or
+        with the localized passes they ask for)."""
         return fitting_mode(jobs, self.device, self.memory_budget, save_memory=False) is not None
+
+    def _passes(self, jobs: list[StyleJob]) -> Passes:
+        """How a group runs: a batch only where its jobs fit as they are (_batches), a job alone as admit chose."""
+        return fitting_mode(jobs, self.device, self.memory_budget, self.config.save_memory)
 
     def _serve(self, context, prepared: dict, indices: list[int], deadline: float, started: float) -> list:
         """Optimise one group of requests together; one response (or error) per request, in order. `deadline`
@@ -282,15 +287,14 @@ class StyleTransferHandler:
         streams = {item: ProgressStream(context, index, prepared[index][1].preview)
                    for item, index in enumerate(indices) if prepared[index][1].stream}
         jobs = [prepared[i][0] for i in indices]
-        # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
-        checkpoint = not self._fit_as_they_are(jobs)
+        passes = self._passes(jobs)
         should_stop = self.cancel_signals.watch([job_key(context.get_all_request_header(i)) for i in indices])
-        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, checkpoint,
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, deadline, passes,
                              should_stop=should_stop)
         responses = []
         for item, (index, outcome) in enumerate(zip(indices, outcomes)):
             job, output = prepared[index]
-            logged = {"job": job, "batch": len(indices), "checkpoint": checkpoint, "queued": queued}
+            logged = {"job": job, "batch": len(indices), "passes": passes, "queued": queued}
             if isinstance(outcome, StyleResult):
                 try:
                     responses.append(self._respond(context, index, outcome, output))
@@ -306,14 +310,15 @@ class StyleTransferHandler:
             _log_request(context, index, outcome["code"], started, error=outcome, **logged)
         return responses
 
-    def _run(self, jobs: list[StyleJob], callback, deadline: float, checkpoint: bool,
+    def _run(self, jobs: list[StyleJob], callback, deadline: float, passes: Passes,
              should_stop=None) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run."""
         if self.device_failed:  # an earlier group of this call broke the device
             return [DEVICE_FAILED] * len(jobs)
         try:
             return stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
-                                 deadline=deadline, checkpoint=checkpoint, should_stop=should_stop)
+                                 deadline=deadline, checkpoint=passes.checkpoint, tile=passes.tile,
+                                 should_stop=should_stop)
         except Exception as error:
             if not _is_out_of_memory(error):  # not the client's fault
                 logger.exception("style_transfer: optimisation failed")
@@ -437,7 +442,7 @@ def _dispatch(streams: dict[int, ProgressStream]):
 def _batches(prepared: dict[int, tuple[StyleJob, OutputParams]], fit) -> list[list[int]]:
     """Request indices grouped so that each group can be optimised as one batch: same settings and output
     size, and together within the memory budget as they are (`fit(jobs)`); a request that needs
-    checkpointing runs alone."""
+    checkpointing or localized passes to fit runs alone."""
     groups: dict[tuple, list[int]] = {}
     for index, (job, _) in prepared.items():
         groups.setdefault((batch_key(job), output_size(job)), []).append(index)
@@ -472,7 +477,7 @@ def _failure(context, index: int, error: dict, stream: ProgressStream | None) ->
 
 
 def _log_request(context, index: int, status: int, started: float, job: StyleJob | None = None,
-                 result: StyleResult | None = None, batch: int | None = None, checkpoint: bool = False,
+                 result: StyleResult | None = None, batch: int | None = None, passes: Passes = Passes(),
                  queued: float | None = None, error: dict | None = None) -> None:
     """One line per request for operators, as JSON: what was asked, what ran, how it ended, how long it waited
     in this call for the groups before its own (`queued`) and how long the call had run when it was answered
@@ -484,7 +489,7 @@ def _log_request(context, index: int, status: int, started: float, job: StyleJob
     if job is not None:
         height, width = output_size(job)
         record.update(size=f"{width}x{height}", styles=len(job.styles), masks=len(job.masks),
-                      presets=list(job.params.presets), batch=batch, checkpoint=checkpoint)
+                      presets=list(job.params.presets), batch=batch, checkpoint=passes.checkpoint, tile=passes.tile)
     if result is not None:
         record.update(steps=result.steps, precision=result.precision, seconds=round(result.seconds, 3),
                       stop_reason=result.stop_reason)

@@ -60,8 +60,8 @@ def images():
     return content[:, :SIZE[0], :SIZE[1]], sample("styles/starry_night.jpg", 96), sample("styles/shipwreck.jpg", 80)
 
 
-def _objective(extractor, job, content_by_tiles=False):
-    objective = build_objective(extractor, [job], SIZE, SIZE, bf16=False, content_by_tiles=content_by_tiles)
+def _objective(extractor, job, tile=None):
+    objective = build_objective(extractor, [job], SIZE, SIZE, bf16=False, tile=tile)
     objective.pooling = job.params.pooling
     return objective
 
@@ -89,13 +89,18 @@ def test_the_tiled_gradient_is_the_full_one_with_masks(extractor, images, masks)
     assert (tiled - full).norm() <= 1e-5 * full.norm()
 
 
-def test_the_content_target_assembled_by_tiles_is_the_full_one(extractor, images):
+def test_the_targets_taken_by_tiles_are_the_full_ones(extractor, images):
+    """The content target assembled by the first localized pass, the style Grams summed over tiles (the style
+    image at style_scale 1.5 is larger than the output: split too)."""
     content, style, style2 = images
-    job = _job(content, style, style2)
-    full, tiled = _objective(extractor, job), _objective(extractor, job, content_by_tiles=True)
+    job = _job(content, style, style2, style_scale=1.5, style_blend=[1.0, 2.0])
+    full, tiled = _objective(extractor, job), _objective(extractor, job, tile=TILE)
     assert tiled.content_target is None
     _losses_and_gradient(extractor, tiled, content.unsqueeze(0), TILE)
     assert torch.allclose(tiled.content_target, full.content_target, rtol=1e-5, atol=1e-6)
+    for layer in full.style_layer_weights:
+        tiled_gram, full_gram = getattr(tiled, f"gram_{layer}"), getattr(full, f"gram_{layer}")
+        assert (tiled_gram - full_gram).norm() <= 1e-5 * full_gram.norm()
 
 
 def test_an_optimisation_by_tiles_ends_where_the_full_one_does(extractor, images):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import LAYER_INDEX, LAYER_NAMES, deepest, poolings_before
-from .losses import Losses, StyleObjective
+from .losses import Losses, StyleObjective, gram_matrix
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,7 @@ class LocalizedPass:
     def _tile_statistics(self, images: torch.Tensor, part: Tile, whole: bool = True) -> dict[str, torch.Tensor]:
         """The statistics of the positions `part` owns, from a pass over its pixels: `images` are the whole
         images (whole=True) or already cut to the part."""
-        crop = images[(..., *part.pixels())] if whole else images
-        features = self.run_pass(crop, self.layers)
-        owned = {layer: activation[(..., *part.owned_at(layer, whole=False))] for layer, activation in features.items()}
+        owned = owned_features(self.run_pass, images, part, self.layers, whole)
         return self.objective.statistics(owned, crop=lambda layer: part.owned_at(layer, whole=True))
 
     def _take_content_target(self, parts: list[Tile]) -> None:
@@ -165,11 +163,28 @@ class LocalizedPass:
         assembled = None
         with torch.no_grad():
             for part in parts:
-                activation = self.run_pass(contents[(..., *part.pixels())], [layer])[layer]
-                owned = activation[(..., *part.owned_at(layer, whole=False))]
+                owned = owned_features(self.run_pass, contents, part, [layer])[layer]
                 if assembled is None:
                     halvings = poolings_before(layer)
                     shape = (*owned.shape[:2], contents.shape[-2] >> halvings, contents.shape[-1] >> halvings)
                     assembled = owned.new_empty(shape)
                 assembled[(..., *part.owned_at(layer, whole=True))] = owned
         self.objective.take_content_target(contents, {layer: assembled})
+
+
+def owned_features(run_pass, images: torch.Tensor, part: Tile, layers, whole: bool = True) -> dict[str, torch.Tensor]:
+    """{layer: the activation at the positions `part` owns} from a pass over its pixels of `images`, the whole
+    images (whole=True) or already cut to the part."""
+    features = run_pass(images[(..., *part.pixels())] if whole else images, layers)
+    return {layer: activation[(..., *part.owned_at(layer, whole=False))] for layer, activation in features.items()}
+
+
+def tiled_grams(run_pass, images: torch.Tensor, layers, tile: int) -> dict[str, torch.Tensor]:
+    """{layer: Gram (B, C, C)} of images (B, 3, H, W), summed over the tiles of at most `tile` px that split them:
+    the whole images' Grams, one tile's pass at a time (the style targets of an image too large for one pass)."""
+    total: dict[str, torch.Tensor] = {}
+    for part in tiles(tuple(images.shape[-2:]), tile, layers):
+        for layer, owned in owned_features(run_pass, images, part, layers).items():
+            gram = gram_matrix(owned)
+            total[layer] = gram if layer not in total else total[layer] + gram
+    return total

@@ -252,9 +252,8 @@ class _Run:
         caller that builds it names the images it evaluates first (targets.build_objective)."""
         bf16 = self.bf16 if bf16 is None else bf16
         if (size, bf16) not in self._objectives:
-            by_tiles = LocalizedPass.splits(size, self.tile, [self.params.content_layer, *dict(self.params.style_layers)])
             self._objectives[size, bf16] = build_objective(self.extractor, self.jobs, size, self.output, bf16,
-                                                           self.gram_cache, self.style_keys, first_images, by_tiles)
+                                                           self.gram_cache, self.style_keys, first_images, self.tile)
         return self._objectives[size, bf16]
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
