@@ -1,10 +1,14 @@
 """Localized passes (style_engine/localized.py): by tiles, the same losses and gradient as a full pass, for every
 term and option of the objective, and the same optimisation."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import sample
+from conftest import ROOT, SAMPLES, STYLES, sample
 from style_engine import StyleJob, parse_params, stylize
 from style_engine.localized import LocalizedPass, margin, tiles
 from style_engine.precision import extractor_precision
@@ -115,3 +119,30 @@ def test_an_optimisation_by_tiles_ends_where_the_full_one_does(extractor, images
     assert tiled.steps == full.steps == 6
     assert tiled.final_loss == pytest.approx(full.final_loss, rel=1e-4)
     assert (tiled.image - full.image).abs().max() <= 1e-3
+
+
+def measure_passes(requests: list[dict]) -> list[int]:
+    """benchmarks/probe.py pass in a fresh process: the measured peak, in bytes, of one iteration's pass of each
+    request, in turn."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "probe.py"), "pass", "random", str(SAMPLES / "tubingen.jpg"),
+               str(STYLES / "starry_night.jpg"), *(json.dumps(request) for request in requests)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line)["measured"] for line in run.stdout.splitlines()]
+
+
+def test_the_peak_of_a_localized_pass_follows_the_tile_not_the_image():
+    """At twice the side a full pass needs about four times the memory; a localized pass grows no more than its
+    largest tile (with the margin) does, but for the image's own gradient. Shallow layers keep the margin, and
+    the test, small; the tiles (128 px at most) differ in shape at the two sizes, as their balanced split does."""
+    layers = {"content_layer": "relu3_1", "style_layers": {"relu1_1": 1, "relu2_1": 1, "relu3_1": 1}}
+    shapes, localized = {192: (144, 192), 384: (288, 384)}, {"passes": "localized", "tile": 128}  # tubingen's
+    full_small, full_large, tiled_small, tiled_large = measure_passes(
+        [{"size": size, **layers, **mode} for mode in ({}, localized) for size in shapes])
+    largest = {size: max((part.run[1] - part.run[0]) * (part.run[3] - part.run[2])
+                         for part in tiles(shape, 128, ["relu3_1", "relu1_1", "relu2_1"]))
+               for size, shape in shapes.items()}
+    image_growth = 3 * 4 * (288 * 384 - 144 * 192)  # float32 RGB
+    assert full_large > 3 * full_small  # the measurement sees what grows with the image
+    assert tiled_large <= 1.1 * tiled_small * largest[384] / largest[192] + 2 * image_growth
+    assert tiled_large < full_large / 4
