@@ -260,8 +260,9 @@ class _Run:
         """Losses of images x; with grad=True also fills x.grad. By tiles where `tile` splits x (localized.py)."""
         if self.localized(objective, x):
             bf16 = self.bf16 if bf16 is None else bf16
+            localized = LocalizedPass(objective, functools.partial(self._features, bf16=bf16), self.tile)
             with pass_precision(bf16):
-                return LocalizedPass(objective, functools.partial(self._features, bf16=bf16), self.tile).evaluate(x, grad)
+                return localized.evaluate(x, grad)
         with self.loss_pass(objective, x, grad, bf16) as losses:
             if grad:
                 losses.total.sum().backward()  # a sum keeps each image's gradient its own
