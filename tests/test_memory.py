@@ -46,6 +46,13 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(size, precision)
     assert peak["estimated"] == pytest.approx(peak["measured"], rel=0.2)
 
 
+def test_the_estimate_is_within_20_percent_of_the_measured_peak_by_tiles():
+    """A localized request, its style targets by tiles too: 2 x 2 tiles of 128 px at 256 px (one scale)."""
+    peak = measure({**MEASURED, "size": 256, "min_scale": 256, "precision": "fp32", "passes": "localized",
+                    "tile": 128})
+    assert peak["estimated"] == pytest.approx(peak["measured"], rel=0.2)
+
+
 # style_scale up to the parameter's bound, 4, which at 128 px is within the CPU's max_style_pixels (2 MP: there
 # style_scale 4 is allowed up to size 362); then size 256. Over this range each phase of the model leads
 # somewhere: the optimisation at the small style_scales, the style targets at the large ones, and in bf16 the

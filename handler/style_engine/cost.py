@@ -16,7 +16,10 @@ An optimisation's time is of two kinds:
   initial image, where its pass is not the first iteration's (coarse to fine, or a bf16 run: that pass then
   gives the float32 content target too, when the start is the content); after a bf16 run the float32 Grams
   of the styles and the float32 loss of the result; and encoding each answer.
-Both are counted pass by pass, each in multiply-accumulates of VGG19's convolutions (memory.py's walk over the
+With localized passes (localized.py) a pass over an image its tiles split is counted tile by tile, each with its
+margin, and an iteration is each tile's forward pass without gradients (the first pass; the last tile's is held
+for the second) and its forward and backward pass; the content target takes a tiled pass of its own, and the finer start's other candidate is
+evaluated whole. Both are counted pass by pass, each in multiply-accumulates of VGG19's convolutions (memory.py's walk over the
 layer shapes: every other layer is cheap next to them), and turned into seconds by the device's speed,
 measured once when the worker starts (`measure_speed`): for a forward pass without gradients and for an
 iteration, in float32 and, where the device runs it natively, in bf16, the seconds of a pass whatever its size
@@ -238,9 +241,10 @@ def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, p
     after = (forward(output, all_layers, False) if bf16 else 0.0) + speed.encode * batch * output[0] * output[1]
 
     def iteration(size: tuple[int, int]) -> float:
-        factor = CHECKPOINT_FACTOR if passes.checkpoint else 1
-        backward = sum(speed.iteration[bf16](batch * forward_macs(run, all_layers)) * factor for run in runs(size))
-        return backward + (forward(size, all_layers, bf16) if runs(size) != [size] else 0.0)  # localized: pass 1
+        factor, parts = CHECKPOINT_FACTOR if passes.checkpoint else 1, runs(size)
+        backward = sum(speed.iteration[bf16](batch * forward_macs(run, all_layers)) * factor for run in parts)
+        # localized, the first pass over every tile but the last, whose pass with gradients serves both
+        return backward + sum(speed.forward[bf16](batch * forward_macs(run, all_layers)) for run in parts[:-1])
 
     per_scale = params.steps / len(sizes)  # the schedule's even split (optimize.py)
     return GroupCost(fixed=fixed + after, after=after, iteration=iteration(output),

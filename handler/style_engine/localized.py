@@ -111,13 +111,29 @@ class LocalizedPass:
         self.layers = sorted(objective.layers, key=LAYER_INDEX.__getitem__)
 
     def evaluate(self, x: torch.Tensor, grad: bool) -> Losses:
-        """The losses of images x (B, 3, H, W); with grad, x.grad holds their gradient (added to any there).
-
-        The last tile's pass 1 runs with gradients and is held: its backward pass is that tile's pass 2, one
-        forward pass of a tile fewer per iteration, in no more memory (it is the only pass alive then)."""
+        """The losses of images x (B, 3, H, W); with grad, x.grad holds their gradient (added to any there)."""
         images, parts = x.detach(), tiles(tuple(x.shape[-2:]), self.tile, self.layers)
         if self.objective.content_target is None:
             self._take_content_target(parts)
+        statistics, held = self._first_pass(images, parts, grad)
+        positions = {layer: (x.shape[-2] >> poolings_before(layer)) * (x.shape[-1] >> poolings_before(layer))
+                     for layer in self.layers}
+        if not grad:
+            return self.objective.losses_from(statistics, images, positions).detached()
+        leaves = {name: value.requires_grad_(True) for name, value in statistics.items()}
+        image = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = self.objective.losses_from(leaves, image, positions)
+            losses.total.sum().backward()  # a sum keeps each image's gradient its own
+        gradient = torch.zeros_like(image) if image.grad is None else image.grad  # None without a TV term
+        self._second_pass(images, gradient, parts, leaves, held)
+        x.grad = gradient if x.grad is None else x.grad + gradient
+        return losses.detached()
+
+    def _first_pass(self, images: torch.Tensor, parts: list[Tile], grad: bool) -> tuple[dict, tuple]:
+        """Pass 1: the whole image's statistics, summed over the tiles. The last tile's pass runs with gradients
+        where `grad` and is held, (its pixels, its statistics with their graph): its backward pass is that tile's
+        pass 2, one tile's forward pass fewer per iteration, in no more memory (no other pass is alive then)."""
         *others, last = parts
         with torch.no_grad():
             statistics = self._statistics(images, others)
@@ -125,22 +141,15 @@ class LocalizedPass:
         with torch.set_grad_enabled(grad):
             held_statistics = self._tile_statistics(held, last, whole=False)
         statistics = _added(statistics, {name: value.detach() for name, value in held_statistics.items()})
-        positions = {layer: (x.shape[-2] >> poolings_before(layer)) * (x.shape[-1] >> poolings_before(layer))
-                     for layer in self.layers}
-        if not grad:
-            return self.objective.losses_from(statistics, images, positions).detached()
-        leaves = {name: value.requires_grad_(True) for name, value in statistics.items()}
-        image = images.requires_grad_(True)
-        with torch.enable_grad():
-            losses = self.objective.losses_from(leaves, image, positions)
-            losses.total.sum().backward()  # a sum keeps each image's gradient its own
-        gradient = torch.zeros_like(image) if image.grad is None else image.grad  # None without a TV term
-        gradient[(..., *last.pixels())] += _share(held, held_statistics, leaves)
-        del held_statistics
+        return statistics, (held, held_statistics)
+
+    def _second_pass(self, images: torch.Tensor, gradient: torch.Tensor, parts: list[Tile],
+                     leaves: dict[str, torch.Tensor], held: tuple) -> None:
+        """Pass 2: each tile's share of the gradient added into `gradient`, the held last tile's first."""
+        *others, last = parts
+        gradient[(..., *last.pixels())] += _share(*held, leaves)
         for part in others:
-            gradient[(..., *part.pixels())] += self._share(images.detach(), part, leaves)
-        x.grad = gradient if x.grad is None else x.grad + gradient
-        return losses.detached()
+            gradient[(..., *part.pixels())] += self._share(images, part, leaves)
 
     def _statistics(self, images: torch.Tensor, parts: list[Tile]) -> dict[str, torch.Tensor] | None:
         """Pass 1: the sums over tiles of the statistics of the positions each owns (None for no tiles)."""

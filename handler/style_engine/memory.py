@@ -29,6 +29,11 @@ none without gradients).
 With `checkpoint`, each block of VGG19 keeps only its input during the forward pass and runs again in the
 backward pass (vgg.py): the forward pass then keeps the block inputs and the loss layers' activations, and the
 peak moves to the backward pass of the first block, which holds that block's activations again.
+
+With localized passes (`tile`: localized.py), an iteration's pass is that of its largest tile with the margin,
+plus the tile's pixels and their gradient and the total variation's image-sized differences; the style targets'
+pass likewise, by tiles of the style image. What stays of the image's size is its state (the images, the
+optimiser's history) and the objectives (content targets, masks): that is what limits the size then.
 """
 
 import math
