@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Localized passes against full ones, side by side: the time and the peak memory of one iteration's pass.
 
-    .venv/bin/python benchmarks/localized.py                      # 512, 1024, 2048 px: about 12 minutes on 2 cores
+    .venv/bin/python benchmarks/localized.py                      # 512, 1024, 2048 px: about 10 minutes on 2 cores
     .venv/bin/python benchmarks/localized.py --sizes 64 --repeats 1 --output /tmp/l.json   # smoke test
 
 At each size (longer side; tubingen's 4:3 shape, a default request in float32, random weights), the loss and
@@ -55,7 +55,9 @@ def compare(extractor, content, style, size: int, tile: int, repeats: int) -> di
     """Both ways at `size`, taking turns: medians, peaks and their ratios."""
     job = shrink_to_need(StyleJob(content, (style,), parse_params({"size": size, "precision": "fp32"})[0]))
     shape = output_size(job)
-    passes = {"full": _full_pass(extractor, job, shape), "localized": _localized_pass(extractor, job, shape, tile)}
+    objective = build_objective(extractor, [job], shape, shape, bf16=False)  # the same targets either way
+    passes = {"full": _full_pass(extractor, job, objective),
+              "localized": _localized_pass(extractor, job, objective, tile)}
     runs = {name: [] for name in passes}
     for _ in range(repeats):
         for name, work in passes.items():
@@ -78,8 +80,7 @@ def _layers(job: StyleJob) -> list[str]:
     return [job.params.content_layer, *dict(job.params.style_layers)]
 
 
-def _full_pass(extractor, job: StyleJob, shape):
-    objective = build_objective(extractor, [job], shape, shape, bf16=False)
+def _full_pass(extractor, job: StyleJob, objective):
     x = job.content.unsqueeze(0).clone()
 
     def work():
@@ -89,8 +90,7 @@ def _full_pass(extractor, job: StyleJob, shape):
     return work
 
 
-def _localized_pass(extractor, job: StyleJob, shape, tile: int):
-    objective = build_objective(extractor, [job], shape, shape, bf16=False, tile=tile)
+def _localized_pass(extractor, job: StyleJob, objective, tile: int):
     localized = LocalizedPass(objective, functools.partial(extractor, pooling=job.params.pooling), tile)
     x = job.content.unsqueeze(0).clone()
     return lambda: localized.evaluate(x.clone().requires_grad_(True), grad=True)
@@ -116,7 +116,7 @@ def _arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--tiles", type=int, nargs="+", help="the tile at each size (default: half the longer side)")
-    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 2],
+    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 1],
                         help="runs of each at each size (the last value for the sizes past the list)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "localized.json")
     return parser
