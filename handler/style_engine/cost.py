@@ -18,8 +18,9 @@ An optimisation's time is of two kinds:
   of the styles and the float32 loss of the result; and encoding each answer.
 With localized passes (localized.py) a pass over an image its tiles split is counted tile by tile, each with its
 margin, and an iteration is each tile's forward pass without gradients (the first pass; the last tile's is held
-for the second) and its forward and backward pass; the content target takes a tiled pass of its own, and the finer start's other candidate is
-evaluated whole. Both are counted pass by pass, each in multiply-accumulates of VGG19's convolutions (memory.py's walk over the
+for the second) and its forward and backward pass; the content target takes a tiled pass of its own, and the
+finer start's other candidate is evaluated whole.
+Both are counted pass by pass, each in multiply-accumulates of VGG19's convolutions (memory.py's walk over the
 layer shapes: every other layer is cheap next to them), and turned into seconds by the device's speed,
 measured once when the worker starts (`measure_speed`): for a forward pass without gradients and for an
 iteration, in float32 and, where the device runs it natively, in bf16, the seconds of a pass whatever its size
