@@ -28,7 +28,7 @@ from server_config import ServerConfig
 from style_engine import ParamError, StyleJob, VGGFeatures, batch_key, parse_params
 from style_engine.cost import DeviceSpeed, group_cost, largest_size_within, measure_speed
 from style_engine.errors import NotEnoughTime, TooLargeError
-from style_engine.memory import admit, fitting_mode, free_bytes
+from style_engine.memory import Passes, admit, fitting_mode, free_bytes
 from style_engine.params import PARAM_FIELDS, OutputParams, describe_params
 from style_engine.optimize import scale_sizes
 from style_engine.presets import ARCHIVE_DIR, PresetLibrary
@@ -106,8 +106,8 @@ class Preparation:
         check_job(job, self.extractor, config.max_style_pixels, config.max_styles)
         shrunk = shrink_to_need(job)  # what waits for its batch holds megabytes, not gigabytes
         check_answer_size(job, output, config.max_response_size)
-        checkpoint = admit(shrunk, self.device, self.memory_budget, config.save_memory)
-        self._admit_time(shrunk, checkpoint)
+        passes = admit(shrunk, self.device, self.memory_budget, config.save_memory)
+        self._admit_time(shrunk, passes)
         resume = None if request.checkpoint is None else decode_checkpoint(request.checkpoint)
         if resume is not None:
             check_resume(resume, scale_sizes([shrunk], output_size(shrunk)), style_params.steps)
@@ -148,11 +148,11 @@ class Preparation:
                                                         f"got {value!r}")
         return min(seconds, self.time_cap)
 
-    def _admit_time(self, job: StyleJob, checkpoint: bool) -> None:
+    def _admit_time(self, job: StyleJob, passes: Passes) -> None:
         """Refuse (413, naming `size` and the largest size that fits) a request whose work that no time budget
         interrupts, and one iteration past its deadline, could not end within the server's maximum even alone
         (style_engine/cost.py)."""
-        cost = group_cost([job], self.device, self.speed, checkpoint)
+        cost = group_cost([job], self.device, self.speed, passes)
         if cost.reserved <= self.time_cap:
             return
         smallest = PARAM_FIELDS["size"].metadata["check"].lo
@@ -167,13 +167,18 @@ class Preparation:
                                     f"a request may take at most {self.time_cap:g} s here: {fits}")
 
     def fit_as_they_are(self, jobs: list[StyleJob]) -> bool:
-        """Whether these jobs fit the memory budget optimised together without checkpointing."""
+        """Whether these jobs fit the memory budget optimised together with full passes, not checkpointed (or
+        with the localized passes they ask for)."""
         return fitting_mode(jobs, self.device, self.memory_budget, save_memory=False) is not None
+
+    def passes(self, jobs: list[StyleJob]) -> Passes:
+        """How a group runs: a batch only where its jobs fit as they are (groups), a job alone as admit chose."""
+        return fitting_mode(jobs, self.device, self.memory_budget, self.config.save_memory)
 
     def groups(self, prepared: dict[int, Prepared]) -> list[Group]:
         """The prepared requests (by index) in groups that can each be optimised as one batch (the same
-        settings and output size, within the memory budget as they are; a request that needs checkpointing
-        runs alone), with what each costs here."""
+        settings and output size, within the memory budget as they are; a request that needs checkpointing or
+        localized passes to fit runs alone), with what each costs here."""
         def jobs(indices) -> list[StyleJob]:
             return [prepared[index].job for index in indices]
 
@@ -183,5 +188,5 @@ class Preparation:
                 for indices in batches(keys, lambda indices: self.fit_as_they_are(jobs(indices)))]
 
     def _group(self, indices: tuple[int, ...], jobs: list[StyleJob]) -> Group:
-        cost = group_cost(jobs, self.device, self.speed, checkpoint=not self.fit_as_they_are(jobs))
+        cost = group_cost(jobs, self.device, self.speed, self.passes(jobs))
         return Group(indices, cost.fixed, cost.reserved, cost.past_deadline, cost.iterations)

@@ -32,6 +32,7 @@ from streaming import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from streaming import ProgressStream, json_line
 from style_engine import NotEnoughMemory, RequestError, VGGFeatures, load_features_state_dict
 from style_engine.errors import NotEnoughTime
+from style_engine.memory import Passes
 from style_engine.optimize import StyleResult, stylize_batch
 from style_engine.targets import GramCache
 from telemetry import CallTelemetry, record_worker_start
@@ -144,12 +145,11 @@ class StyleTransferHandler:
         streams = {item: ProgressStream(context, index, prepared[index].output.preview)
                    for item, index in enumerate(indices) if prepared[index].output.stream}
         jobs = [prepared[i].job for i in indices]
-        # a batch is formed only where its jobs fit as they are; a job alone may need checkpointing (admit)
-        checkpoint = not self.preparation.fit_as_they_are(jobs)
+        passes = self.preparation.passes(jobs)
         should_stop = self.cancel_signals.watch([job_key(context.get_all_request_header(i)) for i in indices])
-        outcomes = self._run(jobs, _dispatch(streams) if streams else None, checkpoint, should_stop=should_stop,
+        outcomes = self._run(jobs, _dispatch(streams) if streams else None, passes, should_stop=should_stop,
                              **_segment_run(prepared[indices[0]].segment, deadline))
-        logged = {"batch": len(indices), "checkpoint": checkpoint, "queued": queued}
+        logged = {"batch": len(indices), "passes": passes, "queued": queued}
         return [self._answer(call, index, prepared[index], outcome, streams.get(item), logged)
                 for item, (index, outcome) in enumerate(zip(indices, outcomes))]
 
@@ -177,13 +177,14 @@ class StyleTransferHandler:
         call.request(index, outcome["code"], error=outcome, **logged)
         return _failure(call, index, outcome, stream)
 
-    def _run(self, jobs, callback, checkpoint: bool, should_stop, **segment) -> list[StyleResult | dict]:
+    def _run(self, jobs, callback, passes: Passes, should_stop, **segment) -> list[StyleResult | dict]:
         """The engine's results, or for every job an error object when the batch could not be run; `segment`:
         the run's deadline, and a segment's resume and suspend (_segment_run)."""
         if self.device_failed:  # an earlier group of this call broke the device
             return [DEVICE_FAILED] * len(jobs)
         outcomes = guarded(lambda: stylize_batch(self.extractor, jobs, callback=callback, gram_cache=self.gram_cache,
-                                                 checkpoint=checkpoint, should_stop=should_stop, **segment),
+                                                 checkpoint=passes.checkpoint, tile=passes.tile,
+                                                 should_stop=should_stop, **segment),
                            len(jobs), self.device, self._device_works)
         self.device_failed = outcomes[0] is DEVICE_FAILED
         return outcomes

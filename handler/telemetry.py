@@ -13,6 +13,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
 from cancellation import job_key
+from style_engine.memory import Passes
 from style_engine.optimize import StyleResult
 from style_engine.targets import StyleJob, output_size
 
@@ -60,7 +61,7 @@ class CallTelemetry:
         self.context.metrics.add_metric(name, 1, "count", index, _dimensions(self.context, **dimensions), COUNTER)
 
     def request(self, index: int, status: int, job: StyleJob | None = None, result: StyleResult | None = None,
-                batch: int | None = None, checkpoint: bool = False, queued: float | None = None,
+                batch: int | None = None, passes: Passes = Passes(), queued: float | None = None,
                 error: dict | None = None) -> None:
         """One line per request for operators, as JSON: what was asked, what ran, how it ended, how long it waited
         in this call for the groups before its own (`queued`) and how long the call had run when it was answered
@@ -72,7 +73,8 @@ class CallTelemetry:
         if job is not None:
             height, width = output_size(job)
             record.update(size=f"{width}x{height}", styles=len(job.styles), masks=len(job.masks),
-                          presets=list(job.params.presets), batch=batch, checkpoint=checkpoint)
+                          presets=list(job.params.presets), batch=batch, checkpoint=passes.checkpoint,
+                          tile=passes.tile)
         if result is not None:
             record.update(steps=result.steps, precision=result.precision, seconds=round(result.seconds, 3),
                           stop_reason=result.stop_reason)

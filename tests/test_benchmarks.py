@@ -70,3 +70,12 @@ def test_the_fixed_work_benchmark_runs(tmp_path):
     for case in report["cases"]:
         assert case["fixed_seconds"] > 0 and case["iteration_seconds"] > 0 and case["model"]["fixed_seconds"] > 0
         assert any(stage.startswith("style_engine.style_targets") for stage in case["stages"])
+
+
+def test_the_localized_benchmark_runs(tmp_path):
+    output = tmp_path / "localized.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "localized.py"), "--sizes", "128", "--tiles", "64",
+                          "--repeats", "1", "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(output.read_text())["sizes"]["128"]
+    assert result["tiles"] == 4 and result["full"]["seconds"] > 0 and result["localized"]["peak_mib"] > 0

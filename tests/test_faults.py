@@ -271,12 +271,12 @@ LARGE = {"size": 256, "min_scale": 256, "steps": 2, "precision": "fp32"}
 def large_request_budget() -> int:
     from style_engine import StyleJob, parse_params
     from style_engine.codec import decode_image
-    from style_engine.memory import peak_bytes, workload
+    from style_engine.memory import Passes, peak_bytes, workload
     from style_engine.targets import shrink_to_need
 
     job = shrink_to_need(StyleJob(decode_image(CONTENT, "content", max_pixels=10**8),
                                   (decode_image(STYLE, "style", max_pixels=10**8),), parse_params(LARGE)[0]))
-    plain, checkpointed = (peak_bytes(workload([job], torch.device("cpu"), c)) for c in (False, True))
+    plain, checkpointed = (peak_bytes(workload([job], torch.device("cpu"), Passes(c))) for c in (False, True))
     return (plain + checkpointed) // 2
 
 

@@ -165,7 +165,7 @@ def test_every_request_leaves_one_log_line_without_image_data(served, caplog):
     assert len(records) == 2 and all(len(line) < 400 for line in lines)
     served_record, refused_record = sorted(records, key=lambda record: record["status"])
     assert served_record == {"request_id": context.request_ids[0], "status": 200, "size": "64x48", "styles": 1,
-                             "masks": 0, "presets": [], "batch": 1, "checkpoint": False, "steps": 2,
+                             "masks": 0, "presets": [], "batch": 1, "checkpoint": False, "tile": None, "steps": 2,
                              "precision": "fp32", "seconds": served_record["seconds"], "stop_reason": "steps",
                              "queue_seconds": served_record["queue_seconds"],
                              "total_seconds": served_record["total_seconds"]}

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, SAMPLES, STYLES, needs_bf16, needs_fast_bf16, sample
 from style_engine import NotEnoughMemory, StyleJob, parse_params, stylize
-from style_engine.memory import admit, fitting_mode, peak_bytes, workload
+from style_engine.memory import Passes, admit, fitting_mode, peak_bytes, workload
 from style_engine.resize import fit_longer_side
 
 CPU = torch.device("cpu")
@@ -85,6 +85,13 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak_and_of_its_growt
     assert estimate({**MEASURED, "size": LARGEST_SIZE, "precision": precision}) == pytest.approx(at_largest, rel=0.2)
 
 
+def test_the_estimate_is_within_20_percent_of_the_measured_peak_by_tiles():
+    """A localized request, its style targets by tiles too: 2 x 2 tiles of 128 px at 256 px (one scale)."""
+    peak = measure({**MEASURED, "steps": 2, "size": 256, "min_scale": 256, "precision": "fp32", "passes": "localized",
+                    "tile": 128})
+    assert peak["estimated"] == pytest.approx(peak["measured"], rel=0.2)
+
+
 # style_scale up to the parameter's bound, 4, which at 128 px is within the CPU's max_style_pixels (2 MP: there
 # style_scale 4 is allowed up to size 362); then size 256. Over this range each phase of the model leads
 # somewhere: the optimisation at the small style_scales, the style targets at the large ones, and in bf16 the
@@ -134,7 +141,7 @@ def test_the_model_follows_the_work():
 
     job = StyleJob(torch.rand(3, 300, 400), (torch.rand(3, 300, 400),), fp32())
     plain = peak_bytes(workload([job], CPU))
-    assert peak_bytes(workload([job], CPU, checkpoint=True)) < plain
+    assert peak_bytes(workload([job], CPU, Passes(checkpoint=True))) < plain
     assert 1.9 * plain < peak_bytes(workload([job, job], CPU)) <= 2 * plain  # all but the libraries' share twice
     bigger = StyleJob(job.content, job.styles, fp32(size=1024))
     assert 3.5 * plain < peak_bytes(workload([bigger], CPU)) < 4.5 * plain  # four times the pixels
@@ -155,8 +162,9 @@ def test_the_model_follows_the_work():
 
 
 def test_a_request_that_cannot_fit_is_refused_with_the_largest_size_that_does():
+    """Not even by the smallest tiles: what is of the image's size (the image, the optimiser's history) is over."""
     job = StyleJob(torch.rand(3, 600, 800), (torch.rand(3, 600, 800),), parse_params({"size": 1024})[0])
-    budget = peak_bytes(workload([job], CPU, checkpoint=True)) // 2
+    budget = peak_bytes(workload([job], CPU, Passes(tile=64))) // 2
     with pytest.raises(NotEnoughMemory) as refusal:
         admit(job, CPU, budget)
     assert (refusal.value.status, refusal.value.kind, refusal.value.field) == (413, "TooLarge", "size")
@@ -168,21 +176,43 @@ def test_a_request_that_cannot_fit_is_refused_with_the_largest_size_that_does():
 
 def test_a_request_that_fits_only_checkpointed_runs_checkpointed_or_is_refused_without_save_memory():
     job = StyleJob(torch.rand(3, 600, 800), (torch.rand(3, 600, 800),), parse_params({"size": 1024})[0])
-    plain, checkpointed = (peak_bytes(workload([job], CPU, checkpoint=c)) for c in (False, True))
+    plain, checkpointed = (peak_bytes(workload([job], CPU, Passes(c))) for c in (False, True))
     budget = (plain + checkpointed) // 2
-    assert admit(job, CPU, budget) is True and admit(job, CPU, plain) is False
+    assert admit(job, CPU, budget) == Passes(checkpoint=True) and admit(job, CPU, plain) == Passes()
+    with pytest.raises(NotEnoughMemory):
+        admit(job, CPU, budget, save_memory=False)
+
+
+def test_a_request_that_fits_only_by_tiles_runs_localized_with_the_largest_tile_that_fits():
+    def at(**params):
+        return StyleJob(torch.rand(3, 600, 800), (torch.rand(3, 600, 800),), parse_params({"size": 1024, **params})[0])
+
+    job = at()
+    peak = lambda tile: peak_bytes(workload([job], CPU, Passes(tile=tile)))  # noqa: E731
+    assert peak(128) < peak(256) < peak_bytes(workload([job], CPU, Passes(checkpoint=True)))  # it follows the tile
+    budget = (peak(128) + peak(256)) // 2
+    chosen = admit(job, CPU, budget)
+    assert chosen.tile is not None and not chosen.checkpoint
+    assert peak(chosen.tile) <= budget < peak(chosen.tile + 16)  # tiles are multiples of 16 px
+    assert admit(at(passes="localized", tile=128), CPU, budget) == Passes(tile=128)
+    assert admit(at(passes="localized"), CPU, budget) == chosen
+    for refused in (at(passes="full"), at(passes="localized", tile=256)):
+        with pytest.raises(NotEnoughMemory):
+            admit(refused, CPU, budget)
     with pytest.raises(NotEnoughMemory):
         admit(job, CPU, budget, save_memory=False)
 
 
 def test_a_request_whose_style_scale_cannot_fit_is_refused_naming_style_scale():
     """When the style images' targets are what exceeds the budget and a smaller style_scale fits at the size
-    asked for, the refusal names style_scale and the largest that fits, not size."""
+    asked for, the refusal names style_scale and the largest that fits, not size. With full passes: localized
+    ones take the style targets by tiles too."""
     def at(style_scale):
         return StyleJob(torch.rand(3, 300, 400), (torch.rand(3, 300, 400),),
-                        parse_params({"size": 512, "precision": "fp32", "style_scale": style_scale})[0])
+                        parse_params({"size": 512, "precision": "fp32", "style_scale": style_scale,
+                                      "passes": "full"})[0])
 
-    budget = (peak_bytes(workload([at(1)], CPU)) + peak_bytes(workload([at(4)], CPU, checkpoint=True))) // 2
+    budget = (peak_bytes(workload([at(1)], CPU)) + peak_bytes(workload([at(4)], CPU, Passes(checkpoint=True)))) // 2
     with pytest.raises(NotEnoughMemory) as refusal:
         admit(at(4), CPU, budget)
     assert (refusal.value.status, refusal.value.field) == (413, "style_scale")

@@ -16,6 +16,10 @@ An optimisation's time is of two kinds:
   initial image, where its pass is not the first iteration's (coarse to fine, or a bf16 run: that pass then
   gives the float32 content target too, when the start is the content); after a bf16 run the float32 Grams
   of the styles and the float32 loss of the result; and encoding each answer.
+With localized passes (localized.py) a pass over an image its tiles split is counted tile by tile, each with its
+margin, and an iteration is each tile's forward pass without gradients (the first pass; the last tile's is held
+for the second) and its forward and backward pass; the content target takes a tiled pass of its own, and the
+finer start's other candidate is evaluated whole.
 Both are counted pass by pass, each in multiply-accumulates of VGG19's convolutions (memory.py's walk over the
 layer shapes: every other layer is cheap next to them), and turned into seconds by the device's speed,
 measured once when the worker starts (`measure_speed`): for a forward pass without gradients and for an
@@ -35,7 +39,8 @@ import torch
 
 from .layers import CONV_CHANNELS, LAYER_INDEX, LAYER_NAMES, deepest
 from .losses import gram_matrix
-from .memory import _elements
+from .localized import LocalizedPass, tiles
+from .memory import Passes, _elements
 from .optimize import scale_sizes
 from .precision import extractor_precision, has_native_bf16, use_bf16
 from .targets import StyleJob, output_size, style_size
@@ -192,8 +197,9 @@ class GroupCost:
                                                  (other.fixed, other.after, other.iteration, other.iterations))))
 
 
-def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, checkpoint: bool = False) -> GroupCost:
-    """The cost of optimising `jobs` (which could share a batch) together on `device`."""
+def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, passes: Passes = Passes()) -> GroupCost:
+    """The cost of optimising `jobs` (which could share a batch) together on `device`, its passes run as `passes`
+    says: a localized pass over an image its tiles split runs each tile with its margin, twice (localized.py)."""
     params, output = jobs[0].params, output_size(jobs[0])
     bf16 = use_bf16(params.precision, device, output[0] * output[1])
     batch, sizes = len(jobs), scale_sizes(jobs, output)
@@ -203,8 +209,15 @@ def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, c
     streamed = weighted[1] if len(weighted) > 1 else all_layers  # where a finer start's other candidate stops
     from_content = all(job.params.init == "content" for job in jobs)  # then the first pass gives the target
 
+    def runs(size: tuple[int, int]) -> list[tuple[int, int]]:
+        """What a pass over an image of `size` runs VGG19 on: the image, or each tile with its margin."""
+        layers = [params.content_layer, *dict(params.style_layers)]
+        if not LocalizedPass.splits(size, passes.tile, layers):
+            return [size]
+        return [(part.run[1] - part.run[0], part.run[3] - part.run[2]) for part in tiles(size, passes.tile, layers)]
+
     def forward(size: tuple[int, int], layer: str, in_bf16: bool) -> float:
-        return speed.forward[in_bf16](batch * forward_macs(size, layer))
+        return sum(speed.forward[in_bf16](batch * forward_macs(run, layer)) for run in runs(size))
 
     def styles(size: tuple[int, int], in_bf16: bool) -> float:
         """Every style image's Grams at scale `size`: a pass each."""
@@ -216,9 +229,13 @@ def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, c
     fixed = 0.0
     for index, size in enumerate(sizes):
         fixed += styles(size, bf16)
-        content_from_a_pass = from_content and (index == 0 or (size == output and initial_pass and not bf16))
+        # localized passes take the content target in a tiled pass of its own, and evaluate the finer start's
+        # other candidate whole
+        localized = runs(size) != [size]
+        content_from_a_pass = from_content and not localized and (
+            index == 0 or (size == output and initial_pass and not bf16))
         fixed += 0.0 if content_from_a_pass else forward(size, params.content_layer, bf16)
-        fixed += forward(size, streamed, bf16) if index > 0 else 0.0  # the finer start's other candidate
+        fixed += forward(size, all_layers if localized else streamed, bf16) if index > 0 else 0.0
     if initial_pass:
         fixed += forward(output, all_layers, False)
     if bf16:  # the float32 objective the reported losses are taken with, its content target from the initial pass
@@ -226,7 +243,10 @@ def group_cost(jobs: list[StyleJob], device: torch.device, speed: DeviceSpeed, c
     after = (forward(output, all_layers, False) if bf16 else 0.0) + speed.encode * batch * output[0] * output[1]
 
     def iteration(size: tuple[int, int]) -> float:
-        return speed.iteration[bf16](batch * forward_macs(size, all_layers)) * (CHECKPOINT_FACTOR if checkpoint else 1)
+        factor, parts = CHECKPOINT_FACTOR if passes.checkpoint else 1, runs(size)
+        backward = sum(speed.iteration[bf16](batch * forward_macs(run, all_layers)) * factor for run in parts)
+        # localized, the first pass over every tile but the last, whose pass with gradients serves both
+        return backward + sum(speed.forward[bf16](batch * forward_macs(run, all_layers)) for run in parts[:-1])
 
     per_scale = params.steps / len(sizes)  # the schedule's even split (optimize.py)
     return GroupCost(fixed=fixed + after, after=after, iteration=iteration(output),

@@ -175,8 +175,28 @@ class StyleObjective(nn.Module):
         return {self.content_layer, *self.style_layer_weights}
 
     def forward(self, features: dict[str, torch.Tensor], images: torch.Tensor) -> Losses:
-        return self._losses(self._content_term(features[self.content_layer]),
-                            {layer: self._style_term(layer, features[layer]) for layer in self._weighted()}, images)
+        positions = {layer: activation.shape[-2] * activation.shape[-1] for layer, activation in features.items()}
+        return self.losses_from(self.statistics(features), images, positions)
+
+    def statistics(self, features: dict[str, torch.Tensor], crop=None) -> dict[str, torch.Tensor]:
+        """What the loss needs of a pass, as sums over positions: "content", the content layer's squared
+        difference from its target (B,), and per weighted style layer its Gram (guided: one per style).
+
+        `crop`, for a pass over part of the image (localized.py), maps a layer to the (rows, columns) slices of
+        the whole image's activation that `features` hold: the target and masks are cut to them. The sums of
+        the parts' statistics are the whole image's, which is what makes localized passes exact."""
+        window = (lambda layer: (slice(None), slice(None))) if crop is None else crop
+        content = features[self.content_layer].float() - self.content_target[(..., *window(self.content_layer))]
+        grams = {layer: self._gram(layer, features[layer], window(layer)) for layer in self._weighted()}
+        return {"content": content.pow(2).sum(dim=(1, 2, 3)), **grams}
+
+    def losses_from(self, statistics: dict[str, torch.Tensor], images: torch.Tensor,
+                    positions: dict[str, int]) -> Losses:
+        """The losses of `images` (B, 3, H, W), the whole images, whose pass gave `statistics` (summed over
+        parts, where the pass was by parts), `positions` the whole activation's h*w on each layer."""
+        style_terms = {layer: self.style_layer_weights[layer] * self._gram_error(layer, statistics[layer])
+                       / (statistics[layer].shape[-1] * positions[layer]) for layer in self._weighted()}
+        return self._losses(statistics["content"] / self.content_target[0].numel(), style_terms, images)
 
     def total_unless_above(self, stream, images: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """The total loss (B,) of `images`, whose pass `stream` yields (layer, activation) in the network's
@@ -205,7 +225,8 @@ class StyleObjective(nn.Module):
 
     def _style_term(self, layer: str, activation: torch.Tensor) -> torch.Tensor:
         _, d, h, w = activation.shape
-        return self.style_layer_weights[layer] * self._squared_error(layer, activation) / (d * h * w)
+        gram = self._gram(layer, activation, (slice(None), slice(None)))
+        return self.style_layer_weights[layer] * self._gram_error(layer, gram) / (d * h * w)
 
     def _losses(self, content: torch.Tensor, style_terms: dict[str, torch.Tensor], images: torch.Tensor) -> Losses:
         """The weighted terms, each layer's style term added in the order of style_layers."""
@@ -215,12 +236,16 @@ class StyleObjective(nn.Module):
         tv = total_variation(images) if self.tv_weight else torch.zeros_like(content)
         return Losses(self.content_weight * content, self.style_weight * style, self.tv_weight * tv)
 
-    def _squared_error(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+    def _gram(self, layer: str, features: torch.Tensor, window: tuple[slice, slice]) -> torch.Tensor:
+        """The Gram of `features` on `layer` (guided: one per style, with the masks cut to `window`)."""
+        if not self.guided:
+            return gram_matrix(features)
+        return gram_matrix(features, getattr(self, f"position_weights_{layer}")[(..., *window)])
+
+    def _gram_error(self, layer: str, gram: torch.Tensor) -> torch.Tensor:
         """(B,): mean((G - G_style)^2) of each image on `layer`; guided, the sum over its styles of that of
         each style's guided Gram, times the style's term weight."""
         target = getattr(self, f"gram_{layer}")
         if not self.guided:
-            return (gram_matrix(features) - target).pow(2).mean(dim=(1, 2))
-        position_weights = getattr(self, f"position_weights_{layer}")
-        guided = gram_matrix(features, position_weights)
-        return ((guided - target).pow(2).mean(dim=(2, 3)) * getattr(self, f"term_weights_{layer}")).sum(1)
+            return (gram - target).pow(2).mean(dim=(1, 2))
+        return ((gram - target).pow(2).mean(dim=(2, 3)) * getattr(self, f"term_weights_{layer}")).sum(1)

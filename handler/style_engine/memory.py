@@ -29,6 +29,11 @@ none without gradients).
 With `checkpoint`, each block of VGG19 keeps only its input during the forward pass and runs again in the
 backward pass (vgg.py): the forward pass then keeps the block inputs and the loss layers' activations, and the
 peak moves to the backward pass of the first block, which holds that block's activations again.
+
+With localized passes (`tile`: localized.py), an iteration's pass is that of its largest tile with the margin,
+plus the tile's pixels and their gradient and the total variation's image-sized differences; the style targets'
+pass likewise, by tiles of the style image. What stays of the image's size is its state (the images, the
+optimiser's history) and the objectives (content targets, masks): that is what limits the size then.
 """
 
 import math
@@ -40,6 +45,7 @@ import torch
 from .errors import NotEnoughMemory
 from .layers import CONV_CHANNELS, LAYER_INDEX, LAYER_NAMES, deepest, poolings_before
 from .lbfgs import HISTORY
+from .localized import LocalizedPass, alignment, tiles
 from .losses import GRAM_TILE_BYTES
 from .optimize import scale_sizes
 from .params import PARAM_FIELDS
@@ -55,6 +61,9 @@ IMAGE_COPIES = 6
 # L-BFGS keeps `HISTORY` pairs (s, y) and the previous image and gradient; a step adds the direction, the
 # recursion's running vector and one gathered pair (s, y). Adam keeps two moments.
 OPTIMIZER_IMAGES = {"lbfgs": 2 * HISTORY + 2 + 4, "adam": 2}
+# A localized pass differentiates the total variation on the whole image: its two differences (a pixel fewer each
+# way), their squares, and the gradients back through them, at most about this many images alive at once.
+TV_IMAGES = 4
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,19 @@ class Workload:
     device_type: str  # "cpu" or "cuda"
     guided_styles: int = 0  # with masks, the styles of each job (each with its mask and guided Gram), else 0
     coarser: tuple[tuple[int, int], ...] = ()  # (height, width) of the scales before the output's
+    tile: int | None = None  # localized passes by tiles owning at most this many px a side; None: full passes
 
 
-def workload(jobs: list[StyleJob], device: torch.device, checkpoint: bool = False) -> Workload:
+@dataclass(frozen=True)
+class Passes:
+    """How a batch's passes run: VGG19's blocks run again in the backward pass (`checkpoint`), and by tiles of at
+    most `tile` px a side (localized.py) or, None, over the whole image."""
+
+    checkpoint: bool = False
+    tile: int | None = None
+
+
+def workload(jobs: list[StyleJob], device: torch.device, passes: Passes = Passes()) -> Workload:
     """The Workload of optimising `jobs` (which could share a batch) together on `device`."""
     params, output = jobs[0].params, output_size(jobs[0])
     return Workload(
@@ -83,28 +102,51 @@ def workload(jobs: list[StyleJob], device: torch.device, checkpoint: bool = Fals
         style_sizes=tuple(style_size(style, output, job.params.style_scale) for job in jobs for style in job.styles),
         content_layer=params.content_layer, style_layers=tuple(dict(params.style_layers)),
         pooling=params.pooling, optimizer=params.optimizer,
-        bf16=use_bf16(params.precision, device, output[0] * output[1]), checkpoint=checkpoint,
+        bf16=use_bf16(params.precision, device, output[0] * output[1]), checkpoint=passes.checkpoint,
         device_type=device.type, guided_styles=len(jobs[0].styles) if jobs[0].masks else 0,
-        coarser=tuple(scale_sizes(jobs, output)[:-1]))
+        coarser=tuple(scale_sizes(jobs, output)[:-1]), tile=passes.tile)
 
 
-def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_memory: bool = True) -> bool | None:
-    """How `jobs` fit in `budget` bytes optimised together: False as they are, True with checkpointing (only
-    where save_memory allows it), None not at all."""
-    for checkpoint in (False, True) if save_memory else (False,):
-        if peak_bytes(workload(jobs, device, checkpoint)) <= budget:
-            return checkpoint
-    return None
+def fitting_mode(jobs: list[StyleJob], device: torch.device, budget: int, save_memory: bool = True) -> Passes | None:
+    """How `jobs` fit in `budget` bytes optimised together, None where they do not. As the jobs' `passes` asks:
+    full passes as they are, then (where save_memory allows) with checkpointing, then (auto only) localized;
+    localized passes with the jobs' `tile`, or else the largest tile that fits, since fewer tiles cost less."""
+    params = jobs[0].params
+    modes = [] if params.passes == "localized" else [Passes()] + ([Passes(checkpoint=True)] if save_memory else [])
+    for passes in modes:
+        if peak_bytes(workload(jobs, device, passes)) <= budget:
+            return passes
+    if params.passes == "full" or (params.passes == "auto" and not save_memory):
+        return None
+    if params.tile is not None:
+        passes = Passes(tile=params.tile)
+        return passes if peak_bytes(workload(jobs, device, passes)) <= budget else None
+    return _largest_tile(jobs, device, budget)
 
 
-def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = True) -> bool:
-    """Whether `job` alone needs checkpointing to fit in `budget` bytes. Where it does not fit at all, raises
+def _largest_tile(jobs: list[StyleJob], device: torch.device, budget: int) -> Passes | None:
+    """Localized passes by the largest tile, a multiple of the alignment, with which `jobs` fit in `budget`."""
+    params = jobs[0].params
+    step = alignment([params.content_layer, *dict(params.style_layers)])
+    fits, too_large = 0, max(output_size(jobs[0])) // step + 1  # in steps: 0 stands for none
+    while too_large - fits > 1:
+        middle = (fits + too_large) // 2
+        if peak_bytes(workload(jobs, device, Passes(tile=middle * step))) <= budget:
+            fits = middle
+        else:
+            too_large = middle
+    smallest = PARAM_FIELDS["tile"].metadata["check"].lo
+    return Passes(tile=fits * step) if fits * step >= smallest else None
+
+
+def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = True) -> Passes:
+    """How `job` alone runs within `budget` bytes (fitting_mode). Where it does not fit at all, raises
     NotEnoughMemory before any work, naming what does not fit and the largest value of it that does: its
     style_scale where a smaller one fits at this size (its style images' targets are the peak), else its size."""
-    checkpoint = fitting_mode([job], device, budget, save_memory)
-    if checkpoint is not None:
-        return checkpoint
-    needed = peak_bytes(workload([job], device, save_memory))
+    passes = fitting_mode([job], device, budget, save_memory)
+    if passes is not None:
+        return passes
+    needed = peak_bytes(workload([job], device, _leanest(job.params, save_memory)))
     field, largest = "style_scale", _largest_that_fits(job, "style_scale", True, device, budget, save_memory)
     if largest is None:
         field, largest = "size", _largest_that_fits(job, "size", False, device, budget, save_memory)
@@ -114,6 +156,13 @@ def admit(job: StyleJob, device: torch.device, budget: int, save_memory: bool = 
     raise NotEnoughMemory(field, f"{field} {value:g} with these images and settings needs about "
                                  f"{needed / 2**30:.2f} GiB at its peak; this worker has {budget / 2**30:.2f} GiB "
                                  f"for a request: {fits}{where}")
+
+
+def _leanest(params, save_memory: bool) -> Passes:
+    """The passes of the least memory that fitting_mode may choose for these parameters."""
+    if params.passes == "localized" or (params.passes == "auto" and save_memory):
+        return Passes(tile=params.tile or PARAM_FIELDS["tile"].metadata["check"].lo)
+    return Passes(checkpoint=save_memory)
 
 
 def _largest_that_fits(job: StyleJob, field: str, hundredths: bool, device: torch.device, budget: int,
@@ -138,9 +187,9 @@ def peak_bytes(work: Workload) -> int:
     # checkpointed, the backward pass keeps no bf16 weights: checkpointing drops them with the activations
     kept_weights = 0 if work.checkpoint else _library_bytes(work)
     optimisation = _optimisation_bytes(work) + kept_weights + _backward_weights_bytes(work)
-    targets = max((_targets_bytes(work, size) for size in work.style_sizes), default=0) + _library_bytes(work)
-    float32_targets = max((_targets_bytes(work, size, FLOAT32) for size in work.style_sizes if work.bf16),
-                          default=0)
+    style_runs = [_largest_run(work, size, work.style_layers) for size in work.style_sizes]  # by tiles, localized
+    targets = max((_targets_bytes(work, run) for run in style_runs), default=0) + _library_bytes(work)
+    float32_targets = max((_targets_bytes(work, run, FLOAT32) for run in style_runs if work.bf16), default=0)
     return _objectives_bytes(work) + max(optimisation, targets, float32_targets)
 
 
@@ -160,8 +209,31 @@ def _optimisation_bytes(work: Workload) -> int:
     height, width = work.output
     pixels = height * width
     state = (IMAGE_COPIES + OPTIMIZER_IMAGES[work.optimizer]) * 3 * pixels * FLOAT32
-    step = _checkpointed_step(work) if work.checkpoint else _plain_step(work)
-    return work.batch * (state + step + _guidance_bytes(work))
+    return work.batch * (state + _step(work) + _guidance_bytes(work))
+
+
+def _step(work: Workload) -> int:
+    """Per image, one iteration's pass at its peak: over the whole image, or localized, over the largest tile."""
+    run = _largest_run(work, work.output, [work.content_layer, *work.style_layers])
+    if run != work.output:
+        return _step(replace(work, output=run, coarser=(), tile=None)) + _localized_extra(work, run)
+    return _checkpointed_step(work) if work.checkpoint else _plain_step(work)
+
+
+def _largest_run(work: Workload, size: tuple[int, int], layers) -> tuple[int, int]:
+    """What the largest pass over an image of `size` runs on: the image, or localized its largest tile with
+    the margin."""
+    if not LocalizedPass.splits(size, work.tile, layers):
+        return size
+    top, bottom, left, right = max((_pixels((p.run[1] - p.run[0], p.run[3] - p.run[2])), p.run)
+                                   for p in tiles(size, work.tile, layers))[1]
+    return bottom - top, right - left
+
+
+def _localized_extra(work: Workload, run: tuple[int, int]) -> int:
+    """Per image, what a localized pass holds beside a tile's pass: the tile's pixels and their gradient, and
+    the total variation's differences of the whole image and their gradients (it is differentiated whole)."""
+    return (2 * _pixels(run) + TV_IMAGES * _pixels(work.output)) * 3 * FLOAT32
 
 
 def _guidance_bytes(work: Workload) -> int:

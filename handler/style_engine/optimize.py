@@ -6,6 +6,7 @@ Progress goes to an optional callback; the engine never prints, saves or exits.
 """
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, fields, replace
@@ -15,6 +16,7 @@ import torch
 
 from .color import keep_content_chroma
 from .lbfgs import BatchedLBFGS
+from .localized import LocalizedPass
 from .losses import Losses, StyleObjective
 from .params import StyleParams
 from .precision import extractor_precision, pass_precision, use_bf16
@@ -84,7 +86,8 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
                   callback: Callable[[Progress], None] | None = None, stop_below: float | None = None,
                   gram_cache: GramCache | None = None, deadline: float | None = None,
                   checkpoint: bool = False, should_stop: Callable[[int], bool] | None = None,
-                  resume: Checkpoint | None = None, suspend: Callable[[], bool] | None = None) -> list[StyleResult]:
+                  tile: int | None = None, resume: Checkpoint | None = None,
+                  suspend: Callable[[], bool] | None = None) -> list[StyleResult]:
     """Optimise one target image per job, all in one batch through the extractor.
 
     Jobs must share `batch_key` and output size. Each image stops by its own budget and convergence, as it
@@ -95,7 +98,9 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
     again in each backward pass instead of keeping their activations: the same results, in about a third
     more time and less memory (memory.py). `should_stop(item)`, asked before each iteration for every image
     still running, stops that image for good when true (stop reason "canceled": its best image so far, brought
-    to the output size, is its result); it must be cheap.
+    to the output size, is its result); it must be cheap. `tile`, where set, runs every pass over an image it
+    splits by tiles of at most that many pixels a side (localized.py): the same results, the memory of a tile's
+    pass (memory.py), in more time.
 
     Segments (segments.py), for a batch of one: `suspend()`, asked before each iteration once the request has
     run one, ends the optimisation where it is when true, with iterations left: the result's stop reason is then
@@ -112,7 +117,7 @@ def stylize_batch(extractor: VGGFeatures, jobs: list[StyleJob], *,
             raise ValueError("a run resumes from a checkpoint alone, in a batch of one")
         check_resume(resume, scale_sizes(jobs, output), jobs[0].params.steps)
     run = _Run(extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline, checkpoint,
-               should_stop, suspend)
+               should_stop, tile, suspend)
     init_full = torch.stack([_initial_image(job, output) for job in jobs])
     # A float32 run that starts at the output size evaluates the initial image first anyway: no second pass.
     evaluated_first = resume is not None or (not run.bf16 and scale_sizes(jobs, output)[0] == output)
@@ -189,16 +194,28 @@ def finer_start(run: "_Run", objective: StyleObjective, coarse: torch.Tensor, in
     noise = any(job.params.init == "noise" for job in run.jobs)
     likelier, other = (upsampled, carried) if noise else (carried, upsampled)
     start = likelier.clone().requires_grad_(True)
-    with run.loss_pass(objective, start, grad=True) as losses:
-        likelier_loss = losses.total.detach()
+    if run.localized(objective, start):  # by tiles no pass is held: the likelier's runs whole, with its gradient
+        losses = run.evaluate(objective, start, grad=True)
         with mark(FINER_START, other):
-            other_loss = run.total_unless_above(objective, other, likelier_loss)
-        carried_loss, upsampled_loss = (other_loss, likelier_loss) if noise else (likelier_loss, other_loss)
-        carried_wins = carried_loss < upsampled_loss
+            carried_wins = _carried_wins(losses.total, run.evaluate(objective, other, grad=False).total, noise)
         if bool((carried_wins != noise).all()):
-            losses.total.sum().backward()
-            return start, losses.detached()
+            return start, losses
+    else:
+        with run.loss_pass(objective, start, grad=True) as losses:
+            likelier_loss = losses.total.detach()
+            with mark(FINER_START, other):
+                carried_wins = _carried_wins(likelier_loss, run.total_unless_above(objective, other, likelier_loss),
+                                             noise)
+            if bool((carried_wins != noise).all()):
+                losses.total.sum().backward()
+                return start, losses.detached()
     return torch.where(carried_wins[:, None, None, None], carried, upsampled), None
+
+
+def _carried_wins(likelier_loss: torch.Tensor, other_loss: torch.Tensor, noise: bool) -> torch.Tensor:
+    """Per image, whether the carried start's loss is the lower (the likelier is the carried one unless `noise`)."""
+    carried_loss, upsampled_loss = (other_loss, likelier_loss) if noise else (likelier_loss, other_loss)
+    return carried_loss < upsampled_loss
 
 
 def upsampled_start(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -235,9 +252,9 @@ class _Run:
     iterations done and why it stopped."""
 
     def __init__(self, extractor, jobs, output, start, callback, stop_below, gram_cache, style_keys, deadline,
-                 checkpoint, should_stop, suspend):
+                 checkpoint, should_stop, tile, suspend):
         self.extractor, self.jobs, self.output, self.params = extractor, jobs, output, jobs[0].params
-        self.checkpoint = checkpoint
+        self.checkpoint, self.tile = checkpoint, tile
         self.start, self.callback, self.stop_below, self.should_stop = start, callback, stop_below, should_stop
         self.gram_cache, self.style_keys = gram_cache, style_keys
         budget_end = math.inf if self.params.max_seconds is None else start + self.params.max_seconds
@@ -265,11 +282,16 @@ class _Run:
         bf16 = self.bf16 if bf16 is None else bf16
         if (size, bf16) not in self._objectives:
             self._objectives[size, bf16] = build_objective(self.extractor, self.jobs, size, self.output, bf16,
-                                                           self.gram_cache, self.style_keys, first_images)
+                                                           self.gram_cache, self.style_keys, first_images, self.tile)
         return self._objectives[size, bf16]
 
     def evaluate(self, objective: StyleObjective, x: torch.Tensor, grad: bool, bf16: bool | None = None) -> Losses:
-        """Losses of images x; with grad=True also fills x.grad."""
+        """Losses of images x; with grad=True also fills x.grad. By tiles where `tile` splits x (localized.py)."""
+        if self.localized(objective, x):
+            bf16 = self.bf16 if bf16 is None else bf16
+            localized = LocalizedPass(objective, functools.partial(self._features, bf16=bf16), self.tile)
+            with pass_precision(bf16):
+                return localized.evaluate(x, grad)
         with self.loss_pass(objective, x, grad, bf16) as losses:
             if grad:
                 losses.total.sum().backward()  # a sum keeps each image's gradient its own
@@ -281,12 +303,20 @@ class _Run:
         (in the pass's precision: float32's covers the backward pass too)."""
         bf16 = self.bf16 if bf16 is None else bf16
         with torch.set_grad_enabled(grad), pass_precision(bf16):
-            with extractor_precision(x.device, bf16):
-                features = self.extractor(x, objective.layers, self.params.pooling, checkpoint=self.checkpoint)
+            features = self._features(x, objective.layers, bf16)
             objective.take_content_target(x, features)
             losses = objective(features, x)
             del features  # the loss keeps what its backward pass needs; the rest may go before that pass
             yield losses
+
+    def _features(self, x: torch.Tensor, layers, bf16: bool) -> dict[str, torch.Tensor]:
+        """The extractor's activations of images x on `layers`, in the activations' precision."""
+        with extractor_precision(x.device, bf16):
+            return self.extractor(x, layers, self.params.pooling, checkpoint=self.checkpoint)
+
+    def localized(self, objective: StyleObjective, x: torch.Tensor) -> bool:
+        """Whether passes over images x go by tiles."""
+        return LocalizedPass.splits(tuple(x.shape[-2:]), self.tile, objective.layers)
 
     def total_unless_above(self, objective: StyleObjective, x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """objective.total_unless_above for images x, in the run's precision, without gradients."""

@@ -280,6 +280,13 @@ class StyleParams:
         None, Number(0.0, 86400.0, lo_open=True, optional=True, null_is_maximum=True), "time budget, s")
     # auto: bfloat16 activations where the hardware runs them natively (see precision.py), else float32.
     precision: str = _param("auto", Choice(("auto", "fp32", "bf16")), "activation precision")
+    # How each forward and backward pass covers the image: whole (full), or by tiles with the margin VGG19's
+    # receptive field needs (localized: the same loss and gradient, the memory of a tile, in more time); auto:
+    # full where it fits the worker's memory, else localized (style_engine/localized.py, memory.py).
+    passes: str = _param("auto", Choice(("auto", "full", "localized")), "whole-image or tiled passes")
+    # null: the largest tile that fits the worker's memory (the fewest tiles); rounded down to a multiple of 16.
+    tile: int | None = _param(None, Number(64, 4096, integer=True, optional=True),
+                              "localized passes: side of the image each tile owns, px")
 
 
 @dataclass(frozen=True)

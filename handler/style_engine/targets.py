@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .color import match_colors
 from .layers import deepest, poolings_before
 from .errors import ImageError, ParamError, TooLargeError
+from .localized import LocalizedPass, tiled_grams
 from .losses import StyleObjective, gram_matrix
 from .params import StyleParams
 from .precision import extractor_precision
@@ -195,34 +196,48 @@ def style_keys(job: StyleJob) -> tuple[tuple[str, str | None], ...]:
     return tuple((image_digest(style), content) for style in job.styles)
 
 
-def style_grams(extractor: VGGFeatures, image: torch.Tensor, params: StyleParams,
-                bf16: bool) -> dict[str, tuple[torch.Tensor, int]]:
-    """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of one style image (3, h, w) as it is."""
+def style_grams(extractor: VGGFeatures, image: torch.Tensor, params: StyleParams, bf16: bool,
+                tile: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+    """{layer: ((C, C) unnormalised Gram, number of positions h*w)} of one style image (3, h, w) as it is; by
+    tiles of at most `tile` px a side where they split it (localized.py)."""
+    layers, size = dict(params.style_layers), tuple(image.shape[-2:])
+
+    def run_pass(images: torch.Tensor, wanted) -> dict[str, torch.Tensor]:
+        return extractor(images, wanted, params.pooling)
+
     with mark(STYLE_TARGETS, image):
         with torch.no_grad(), extractor_precision(image.device, bf16):
-            features = extractor(image.unsqueeze(0), dict(params.style_layers), params.pooling)
-        return {layer: (gram_matrix(f)[0], f.shape[2] * f.shape[3]) for layer, f in features.items()}
+            if LocalizedPass.splits(size, tile, layers):
+                grams = tiled_grams(run_pass, image.unsqueeze(0), layers, tile)
+            else:
+                grams = {layer: gram_matrix(f) for layer, f in run_pass(image.unsqueeze(0), layers).items()}
+        return {layer: (gram[0], _positions(layer, size)) for layer, gram in grams.items()}
 
 
 def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[int, int],
                     output: tuple[int, int], bf16: bool, cache: GramCache | None = None,
-                    keys: list[tuple] | None = None, first_images: torch.Tensor | None = None) -> StyleObjective:
+                    keys: list[tuple] | None = None, first_images: torch.Tensor | None = None,
+                    tile: int | None = None) -> StyleObjective:
     """The objective for a batch of jobs optimised at `size` (H, W) on the way to `output` (H, W).
 
     With a `cache`, `keys` holds style_keys(job) for each job, taken once per request (hashing an image
     on the device would copy it to the host). `first_images`, the images the objective will evaluate first:
     where they are the content images at `size` (a start from the content), the content target comes from
-    that evaluation's pass (StyleObjective.take_content_target) rather than from a pass of its own."""
+    that evaluation's pass (StyleObjective.take_content_target) rather than from a pass of its own. With `tile`,
+    passes over an image that tiles of at most `tile` px a side split go by tiles (localized.py): the content
+    target's then comes from the first localized pass, which assembles it, and the style Grams are summed over
+    tiles, so that no pass runs over a whole image of that size."""
     params = jobs[0].params
     contents = torch.stack([resize(job.content, size) for job in jobs])
     content_target = None
-    if first_images is None or not torch.equal(first_images, contents):
+    content_by_tiles = LocalizedPass.splits(size, tile, [params.content_layer, *dict(params.style_layers)])
+    if not content_by_tiles and (first_images is None or not torch.equal(first_images, contents)):
         with torch.no_grad(), extractor_precision(contents.device, bf16), mark(CONTENT_TARGET, contents):
             content_target = extractor(contents, [params.content_layer], params.pooling)[params.content_layer].float()
     keys = keys or [None] * len(jobs)
     guidance = None
     if jobs[0].masks:  # batch_key: either every job of a batch has masks, and as many styles, or none has
-        per_job = [_guided_targets(extractor, job, content, size, bf16, cache, job_keys)
+        per_job = [_guided_targets(extractor, job, content, size, bf16, cache, job_keys, tile)
                    for job, content, job_keys in zip(jobs, contents, keys)]
         stacked = {layer: [torch.stack(part) for part in zip(*(guided[layer] for guided in per_job))]
                    for layer in per_job[0]}
@@ -230,7 +245,7 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
         guidance = {layer: (position_weights, term_weights)
                     for layer, (_, position_weights, term_weights) in stacked.items()}
     else:
-        per_job = [_blended_grams(extractor, job, content, size, bf16, cache, job_keys)
+        per_job = [_blended_grams(extractor, job, content, size, bf16, cache, job_keys, tile)
                    for job, content, job_keys in zip(jobs, contents, keys)]
         style_targets = {layer: torch.stack([grams[layer] for grams in per_job]) for layer in per_job[0]}
     return StyleObjective(
@@ -244,7 +259,7 @@ def build_objective(extractor: VGGFeatures, jobs: list[StyleJob], size: tuple[in
 
 
 def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache,
-                   keys) -> dict[str, torch.Tensor]:
+                   keys, tile) -> dict[str, torch.Tensor]:
     """The job's style targets for a target image of `size`: the style images' Grams blended by style_blend.
 
     An unnormalised Gram sums over positions, so a style image with more or fewer positions than the target
@@ -255,7 +270,7 @@ def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, 
     blend = params.style_blend or (1.0,) * len(job.styles)
     blended: dict[str, torch.Tensor] = {}
     for index, weight in enumerate(blend):
-        grams = _style_grams_cached(extractor, job, index, content, size, bf16, cache, keys)
+        grams = _style_grams_cached(extractor, job, index, content, size, bf16, cache, keys, tile)
         for layer, (gram, positions) in grams.items():
             term = gram * ((weight / sum(blend)) * (_positions(layer, size) / positions))
             blended[layer] = term if layer not in blended else blended[layer] + term
@@ -263,7 +278,7 @@ def _blended_grams(extractor, job: StyleJob, content: torch.Tensor, size, bf16, 
 
 
 def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16, cache,
-                    keys) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    keys, tile) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """With masks, per layer: each style's own target (K, C, C), the square of its mask at the layer's
     resolution (K, h, w: what the guided Gram weighs each position by) and its term weight (K,), for a target
     image of `size` (Gatys et al. 2017, spatial control).
@@ -288,7 +303,7 @@ def _guided_targets(extractor, job: StyleJob, content: torch.Tensor, size, bf16,
     blend = params.style_blend or (1.0,) * count
     masks = torch.stack([resize_mask(job.masks[k], size) if k < len(job.masks) else content.new_ones(1, *size)
                          for k in range(count)])  # (K, 1, H, W): a style past the last mask applies everywhere
-    grams = [_style_grams_cached(extractor, job, k, content, size, bf16, cache, keys) for k in range(count)]
+    grams = [_style_grams_cached(extractor, job, k, content, size, bf16, cache, keys, tile) for k in range(count)]
     guided = {}
     for layer in grams[0]:
         layer_masks = mask_at_layer(masks, layer)[:, 0]  # (K, h, w)
@@ -307,7 +322,7 @@ def mask_at_layer(masks: torch.Tensor, layer: str) -> torch.Tensor:
     return masks if block == 1 else F.avg_pool2d(masks, kernel_size=block)
 
 
-def _style_grams_cached(extractor, job: StyleJob, index: int, content, size, bf16: bool, cache, keys):
+def _style_grams_cached(extractor, job: StyleJob, index: int, content, size, bf16: bool, cache, keys, tile):
     """style_grams of job.styles[index] as the optimisation at `size` sees it (recoloured to `content` with
     preserve_color histogram, resized by style_scale), from `cache` under keys[index] when both are given.
     A preset's Grams are pinned in the cache, unless recoloured to this request's content."""
@@ -316,7 +331,7 @@ def _style_grams_cached(extractor, job: StyleJob, index: int, content, size, bf1
 
     def compute():
         image = match_colors(style, content) if params.preserve_color == "histogram" else style
-        return style_grams(extractor, resize(image, target), params, bf16)
+        return style_grams(extractor, resize(image, target), params, bf16, tile)
 
     if cache is None or keys is None:
         return compute()

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Localized passes against full ones, side by side: the time and the peak memory of one iteration's pass.
+
+    .venv/bin/python benchmarks/localized.py                      # 512, 1024, 2048 px: about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/localized.py --sizes 64 --repeats 1 --output /tmp/l.json   # smoke test
+
+At each size (longer side; tubingen's 4:3 shape, a default request in float32, random weights), the loss and
+its gradient with respect to the image (an iteration's pass: the optimiser's step is the same either way), over
+the whole image and by tiles (style_engine/localized.py), taking turns in each repeat: seconds (median of
+--repeats, per size) and the peak of glibc's bytes in use during the pass (the smallest over the repeats: the first
+pays for first-use allocations), beside memory.py's estimate of the pass (`pass_estimate_mib`: an iteration's
+step, without what lives through a request). The tiles are the fewest that split the image (two each way, half
+the longer side rounded to 16 px: the least overhead a localized pass has); --tiles sets others. Results go to
+benchmarks/results/localized.json (--output) with the machine named.
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handler"))
+
+from fixed_work import log, machine  # noqa: E402
+from probe import _in_use, _sampling  # noqa: E402
+from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params  # noqa: E402
+from style_engine.codec import load_image_file  # noqa: E402
+from style_engine.localized import LocalizedPass, tiles  # noqa: E402
+from style_engine.memory import Passes, _step, workload  # noqa: E402
+from style_engine.targets import build_objective, output_size, shrink_to_need  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = _arguments().parse_args(argv)
+    extractor = VGGFeatures(load_features_state_dict("random"))
+    content = load_image_file(str(ROOT / "samples" / "tubingen.jpg"))
+    style = load_image_file(str(ROOT / "samples" / "styles" / "starry_night.jpg"))
+    report = {"machine": machine(), "repeats": args.repeats, "sizes": {}}
+    for index, size in enumerate(args.sizes):
+        tile = args.tiles[index] if args.tiles else max(16, (size // 2) // 16 * 16)
+        repeats = args.repeats[min(index, len(args.repeats) - 1)]
+        report["sizes"][str(size)] = compare(extractor, content, style, size, tile, repeats)
+        log(f"{size} px: {summary(report['sizes'][str(size)])}")
+        args.output.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far, should a size not end
+    return 0
+
+
+def compare(extractor, content, style, size: int, tile: int, repeats: int) -> dict:
+    """Both ways at `size`, taking turns: medians, peaks and their ratios."""
+    job = shrink_to_need(StyleJob(content, (style,), parse_params({"size": size, "precision": "fp32"})[0]))
+    shape = output_size(job)
+    objective = build_objective(extractor, [job], shape, shape, bf16=False)  # the same targets either way
+    passes = {"full": _full_pass(extractor, job, objective),
+              "localized": _localized_pass(extractor, job, objective, tile)}
+    runs = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, work in passes.items():
+            runs[name].append(_measured(work))
+    result = {"shape": list(shape), "repeats": repeats, "tile": tile, "tiles": len(tiles(shape, tile, _layers(job))),
+              "tile_runs_px": sum((p.run[1] - p.run[0]) * (p.run[3] - p.run[2]) for p in tiles(shape, tile,
+                                                                                              _layers(job)))}
+    for name, measured in runs.items():
+        work = workload([job], torch.device("cpu"), Passes(tile=tile if name == "localized" else None))
+        result[name] = {"seconds": statistics.median(run["seconds"] for run in measured),
+                        "seconds_all": [run["seconds"] for run in measured],
+                        "peak_mib": min(run["peak"] for run in measured) / 2**20,
+                        "pass_estimate_mib": (_step(work) + 4 * 3 * shape[0] * shape[1]) / 2**20}
+    result["time_ratio"] = result["localized"]["seconds"] / result["full"]["seconds"]
+    result["peak_ratio"] = result["localized"]["peak_mib"] / result["full"]["peak_mib"]
+    return result
+
+
+def _layers(job: StyleJob) -> list[str]:
+    return [job.params.content_layer, *dict(job.params.style_layers)]
+
+
+def _full_pass(extractor, job: StyleJob, objective):
+    x = job.content.unsqueeze(0).clone()
+
+    def work():
+        image = x.clone().requires_grad_(True)
+        objective(extractor(image, objective.layers, job.params.pooling), image).total.sum().backward()
+
+    return work
+
+
+def _localized_pass(extractor, job: StyleJob, objective, tile: int):
+    localized = LocalizedPass(objective, functools.partial(extractor, pooling=job.params.pooling), tile)
+    x = job.content.unsqueeze(0).clone()
+    return lambda: localized.evaluate(x.clone().requires_grad_(True), grad=True)
+
+
+def _measured(work) -> dict:
+    before = _in_use()
+    with _sampling(_in_use) as peak:
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak": peak() - before}
+
+
+def summary(result: dict) -> str:
+    full, localized = result["full"], result["localized"]
+    return (f"full {full['seconds']:.2f} s {full['peak_mib']:.0f} MiB, localized ({result['tiles']} tiles of "
+            f"{result['tile']} px) {localized['seconds']:.2f} s {localized['peak_mib']:.0f} MiB: "
+            f"time x{result['time_ratio']:.2f}, peak x{result['peak_ratio']:.2f}")
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--tiles", type=int, nargs="+", help="the tile at each size (default: half the longer side)")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 1],
+                        help="runs of each at each size (the last value for the sizes past the list)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "localized.json")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
