@@ -17,10 +17,10 @@ REPORTS_BEFORE_FAULT = 4
 class FaultyDeviceHandler(StyleTransferHandler):
     poisoned = False
 
-    def _run(self, jobs, callback, deadline, checkpoint, **options):
+    def _run(self, jobs, callback, *args, **options):
         if any(job.params.seed == FAULT_SEED for job in jobs):
             callback = self._failing_after(callback, REPORTS_BEFORE_FAULT)
-        return super()._run(jobs, callback, deadline, checkpoint, **options)
+        return super()._run(jobs, callback, *args, **options)
 
     def _failing_after(self, callback, reports: int):
         count = itertools.count(1)
