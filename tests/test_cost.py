@@ -17,8 +17,8 @@ from conftest import SAMPLES, STYLES, needs_bf16, sample
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_engine import StyleJob, parse_params, stylize_batch
 from style_engine.codec import decode_image
-from style_engine.cost import (CALIBRATION_SIZES, MARGIN, MEASURE_SECONDS, DeviceSpeed, PassTime, forward_macs,
-                               group_cost, measure_speed)
+from style_engine.cost import (CALIBRATION_SIZES, MARGIN, SETTLED, DeviceSpeed, PassTime, forward_macs, group_cost,
+                               measure_speed)
 from style_engine.targets import shrink_to_need
 from style_transfer_handler import StyleTransferHandler
 
@@ -68,20 +68,22 @@ def test_the_model_is_within_a_quarter_of_the_measured_fixed_work_and_iteration(
 
 def test_a_busy_start_does_not_slow_the_measured_speed(extractor, cpu_time):
     """Work beside the worker while it measures its speed (TorchServe's frontend starting) slows the timings it
-    takes, not those after it: a burst that makes everything three times slower for longer than the
-    measurement's least time leaves the speed as it is without it, the measurement going on until its timings
-    are no longer getting faster. The burst is the clock's: on a host shared with other runs, as this suite's
+    takes, not those after it: a burst that makes everything three times slower over as many rounds as the
+    measurement needs to settle leaves the speed as it is without it, the measurement going on until its
+    timings are no longer getting faster. The burst is the clock's and counted in timings, not seconds, so that
+    it covers the same rounds on a fast CPU as on a slow one; on a host shared with other runs, as this suite's
     is, bursts of real work come and go by themselves, and two wall-clock measurements without one can differ
     by more than 25 %; in CPU time they do not."""
     class BusyClock:
-        """CPU time, counted three times over until `seconds` of the wall clock have passed."""
+        """CPU time, counted three times over for its first `readings` readings."""
 
-        def __init__(self, seconds: float):
-            self.busy_until, self.extra, self.last = time.perf_counter() + seconds, 0.0, cpu_time()
+        def __init__(self, readings: int):
+            self.readings, self.extra, self.last = readings, 0.0, cpu_time()
 
         def __call__(self) -> float:
             now = cpu_time()
-            if time.perf_counter() < self.busy_until:
+            if self.readings > 0:
+                self.readings -= 1
                 self.extra += 2 * (now - self.last)
             self.last = now
             return now + self.extra
@@ -91,8 +93,11 @@ def test_a_busy_start_does_not_slow_the_measured_speed(extractor, cpu_time):
         macs = [forward_macs(size, "relu5_1") for size in CALIBRATION_SIZES]
         return [times[False](m) for times in (speed.forward, speed.iteration) for m in macs]
 
-    quiet = seconds(measure_speed(extractor, CPU, clock=cpu_time))
-    busy = seconds(measure_speed(extractor, CPU, clock=BusyClock(2.5 * MEASURE_SECONDS)))
+    # no least time: the rounds' settling alone must outlast the burst
+    quiet_speed = measure_speed(extractor, CPU, seconds=0, clock=cpu_time)
+    timings_per_round = 1 + 2 * len(quiet_speed.forward) * len(CALIBRATION_SIZES)  # encoding, then the passes
+    quiet = seconds(quiet_speed)
+    busy = seconds(measure_speed(extractor, CPU, seconds=0, clock=BusyClock(2 * timings_per_round * (SETTLED + 1))))
     assert all(during <= 1.25 * without for during, without in zip(busy, quiet)), (busy, quiet)
 
 
