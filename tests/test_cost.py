@@ -147,7 +147,7 @@ def request(size: int) -> dict:
 
 
 def reserved_of(handler, size: int) -> float:
-    job, _ = handler.preparation.prepare(request(size), grpc=False)
+    job = handler.preparation.prepare(request(size), grpc=False).job
     return group_cost([job], CPU, handler.preparation.speed).reserved
 
 
@@ -173,7 +173,7 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
         handler_and_context, monkeypatch):
     handler, context = handler_and_context
     cap = handler.preparation.time_cap
-    job, _ = handler.preparation.prepare(request(96), grpc=False)
+    job = handler.preparation.prepare(request(96), grpc=False).job
     preparation = handler.preparation
     monkeypatch.setattr(preparation, "speed", slowed(preparation.speed, 2 * cap / reserved_of(handler, 96)))
     start_batch(context, 1)
