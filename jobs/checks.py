@@ -39,7 +39,7 @@ sys.path.insert(0, str(HANDLER_DIR))
 _engine_modules_without_torch()
 
 from request_parsing import declared_pixels, parse_request  # noqa: E402
-from style_engine.errors import RequestError, TooLargeError  # noqa: E402
+from style_engine.errors import ParamError, RequestError, TooLargeError  # noqa: E402
 from style_engine.params import parse_params  # noqa: E402
 from style_engine.presets import PresetLibrary  # noqa: E402
 
@@ -55,16 +55,16 @@ class ServerLimits:
     max_styles: int = sys.maxsize
     max_image_pixels: int = sys.maxsize
     max_decoded_pixels_per_call: int = sys.maxsize
-    maxima: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)  # a direct request's
+    job_maxima: dict[str, float] = field(default_factory=dict)  # a job's (it runs as segments)
     presets: tuple[str, ...] | None = None  # None: not known
 
     @classmethod
     def from_description(cls, description: dict) -> "ServerLimits":
         limits = description["limits"]
-        # a job's request may ask what the server's job_maxima allow (it runs as segments); a previous release's
-        # server has none: its maxima
+        # a previous release's server has no job_maxima: a job there may ask what a direct request may
         return cls(limits["max_styles"], limits["max_image_pixels"],
-                   limits.get("max_decoded_pixels_per_call", sys.maxsize),
+                   limits.get("max_decoded_pixels_per_call", sys.maxsize), dict(limits["maxima"]),
                    dict(limits.get("job_maxima", limits["maxima"])),
                    tuple(preset["name"] for preset in description.get("presets", [])))
 
@@ -82,7 +82,11 @@ def refusal(row: dict[str, Any], limits: ServerLimits) -> dict | None:
 def _check(row: dict[str, Any], limits: ServerLimits) -> None:
     """What the handler's _prepare checks before decoding, in its order."""
     request = parse_request(row, limits.max_styles)
-    style_params, _ = parse_params(request.params, maxima=limits.maxima)
+    try:
+        style_params, _ = parse_params(request.params, maxima=limits.job_maxima)
+    except ParamError as refused:
+        _as_the_endpoint_refuses(request.params, refused, limits.maxima)
+        raise
     pixels = declared_pixels(request, limits.max_image_pixels)
     if pixels > limits.max_decoded_pixels_per_call:  # decoding.DecodingBudget's refusal of a request alone
         raise TooLargeError("content", f"the images of this request declare {pixels} pixels together; at most "
@@ -90,6 +94,16 @@ def _check(row: dict[str, Any], limits: ServerLimits) -> None:
                                        f"smaller images")
     if limits.presets is not None:  # only the names matter to this check
         PresetLibrary(dict.fromkeys(limits.presets)).images(style_params.presets)
+
+
+def _as_the_endpoint_refuses(params, refused: ParamError, maxima: dict[str, float]) -> None:
+    """What not even a job may ask is refused as the predictions endpoint refuses it, word for word: its own
+    refusal of the same parameter, where it has one (it checks against a direct request's maxima)."""
+    try:
+        parse_params(params, maxima=maxima)
+    except ParamError as direct:
+        if direct.field == refused.field:
+            raise direct from None
 
 
 class ServerDescription:

@@ -193,12 +193,15 @@ def test_what_the_predictions_endpoint_refuses_for_its_fields_parameters_or_imag
 
 
 def test_a_job_is_checked_against_the_job_maxima(jobs, server):
-    """A job may ask more than a direct request (2048 px on a CPU worker, which it runs as segments); past the
-    job's maximum, the submit is refused naming it. (tests/test_jobs_segments.py runs such a job.)"""
+    """A job may ask more than a direct request (2048 px on a CPU worker, which it runs as segments); what not
+    even a job may ask (past the job's maximum, or below the least) is refused as the predictions endpoint refuses
+    it, the same body. (tests/test_jobs_segments.py runs such a job.)"""
     parts = {"content": CONTENT, "style": STYLE}
-    over = requests.post(jobs.url("/jobs"), headers=jobs.auth, data={"size": "2049"}, files=parts, timeout=30)
-    assert over.status_code == 400 and over.json()["field"] == "size", over.text
-    assert "at most 2048" in over.json()["message"]
+    for size in ("2049", "5"):
+        over = requests.post(jobs.url("/jobs"), headers=jobs.auth, data={"size": size}, files=parts, timeout=30)
+        direct = requests.post(server.url("inference", "/predictions/style_transfer"), headers=server.auth(),
+                               data={"size": size}, files=parts, timeout=60)
+        assert (over.status_code, over.json()) == (400, direct.json()), over.text
     # 2048 passes (no job is made: the next parameter, checked after size, is wrong)
     size_taken = requests.post(jobs.url("/jobs"), headers=jobs.auth, data={"size": "2048", "steps": "lots"},
                                files=parts, timeout=30)
