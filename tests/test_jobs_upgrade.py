@@ -244,7 +244,7 @@ def test_a_replica_killed_mid_upgrade_and_started_again_moves_every_job_once(tmp
         left_at_kill = store.scard(PREVIOUS_ACTIVE)
         moved_before = moved_in(service.log_path.read_text())
         assert 0 < left_at_kill < count, "killed mid-way"
-        with service.start():
+        with service:  # started again
             until(lambda: store.scard(PREVIOUS_ACTIVE) == 0 and store.zcard(ACTIVE) == count, service, timeout=120)
             refs = [job_ref("default", f"job-{number}") for number in range(count)]
             until(lambda: all(store.exists(f"arq:job:{ref}") for ref in refs), service, timeout=60)

@@ -62,6 +62,8 @@ class JobsInstance(ServerProcess):
 
     def launch(self) -> "JobsInstance":
         """Start the process without waiting for it to answer."""
+        if self.process is not None:  # a second one would be nobody's to stop
+            raise RuntimeError(f"the jobs service of {self.workdir} runs already")
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "jobs"], cwd=ROOT, env={**os.environ, **self.env},
