@@ -18,6 +18,7 @@ from jobs import store as job_store
 from jobs.auth import DEFAULT_CLIENT
 from jobs_calls import LONG, TINY, handler_runs, read_events, running_with_progress, status, submit, until, wait_for
 from jobs_instance import JobsInstance
+from redis_instance import RedisInstance
 
 pytestmark = pytest.mark.integration
 CONTENT = (SAMPLES / "tubingen.jpg").read_bytes()
@@ -41,14 +42,16 @@ def progress_steps(events) -> list[int]:
     return [data["step"] for _, name, data in events if name == "progress"]
 
 
-def test_a_segmented_job_reads_as_one_run_and_reaches_the_unsegmented_loss(server, redis_server, tmp_path):
-    with JobsInstance(tmp_path, redis_server.url, server, segment_seconds=0.3) as jobs:
+def test_a_segmented_job_reads_as_one_run_and_reaches_the_unsegmented_loss(server, tmp_path):
+    """A Redis of its own: the bytes stored for the client are this job's alone."""
+    with RedisInstance(tmp_path / "redis") as private, \
+            JobsInstance(tmp_path / "jobs", private.url, server, segment_seconds=0.3) as jobs:
         job_id = submit(jobs, EQUAL).json()["id"]
         state = wait_for(jobs, job_id, timeout=120)
         events = read_events(jobs, job_id)
         result = requests.get(jobs.url(f"/jobs/{job_id}/result"), headers=jobs.auth, timeout=30)
-        stored = redis.Redis.from_url(redis_server.url).hgetall(job_store.client_key(DEFAULT_CLIENT))
-        objects = sorted(path.name for path in (tmp_path / "objects").rglob("*") if path.is_file())
+        stored = redis.Redis.from_url(private.url).hgetall(job_store.client_key(DEFAULT_CLIENT))
+        objects = sorted(path.name for path in (tmp_path / "jobs" / "objects").rglob("*") if path.is_file())
     assert state["status"] == "succeeded", state
     assert len(segments_of(server, job_id)) >= 3, handler_runs(server, job_id)
     names = [name for _, name, _ in events]

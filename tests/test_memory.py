@@ -87,8 +87,8 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak_and_of_its_growt
 
 def test_the_estimate_is_within_20_percent_of_the_measured_peak_by_tiles(weights_file):
     """A localized request, its style targets by tiles too: 2 x 2 tiles of 128 px at 256 px (one scale)."""
-    peak = measure(weights_file, {**MEASURED, "steps": 2, "size": 256, "min_scale": 256, "precision": "fp32", "passes": "localized",
-                    "tile": 128})
+    peak = measure(weights_file, {**MEASURED, "steps": 2, "size": 256, "min_scale": 256, "precision": "fp32",
+                                  "passes": "localized", "tile": 128})
     assert peak["estimated"] == pytest.approx(peak["measured"], rel=0.2)
 
 
