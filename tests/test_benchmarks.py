@@ -26,7 +26,8 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     output = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "32",
                           "--steps", "2", "--batch-size", "32", "--max-batch", "2", "--repeats", "1",
-                          "--memory-sizes", "32", "--default-steps", "4", "--output", str(output)],
+                          "--memory-sizes", "32", "--default-steps", "4", "--localized-sizes", "64",
+                          "--overhead-size", "64", "--output", str(output)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(output.read_text())
@@ -34,6 +35,10 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["default_request"]["iterations"] == 4
     assert report["memory_model"]["32"]["fp32"]["estimated_mib"] > 0
     assert report["fp32_tf32_flags"] == {"forward": [[False, False]], "backward": [[False, False]]}
+    localized = report["localized"]["64"]  # the host's memory fits full passes; by tiles, one tile is all of it
+    assert localized["fp32_auto"]["tile"] is None and localized["fp32_localized"]["tile"] >= 64
+    assert localized["fp32_localized"]["estimated_mib"] > 0
+    assert report["localized_overhead"]["tile"] == 48 and report["localized_overhead"]["ratio"] > 0  # 2 tiles
     assert abs(report["fast_loss_vs_fp32"]) < 0.5
     assert "TFLOP/s" in run.stdout
     fp32 = report["fp32"]  # 2 iterations at 32x24 px (the 4:3 sample), 2 FLOP per multiply-add, forward + backward

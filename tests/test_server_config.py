@@ -11,7 +11,7 @@ MODEL_YAML = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text()
 
 def test_the_archives_settings_differ_by_device_where_they_say_so():
     cpu, gpu = (ServerConfig.from_model_yaml(MODEL_YAML, kind) for kind in ("cpu", "cuda"))
-    assert cpu.maxima["size"] == 1024 and gpu.maxima["size"] == 4096
+    assert cpu.maxima["size"] == 1024 and gpu.maxima["size"] == 8192
     assert cpu.maxima["steps"] == gpu.maxima["steps"]  # overridden key by key, the rest kept
     assert cpu.max_style_pixels < gpu.max_style_pixels
     assert gpu.seconds_per_call == MODEL_YAML["responseTimeout"] - MODEL_YAML["handler"]["reply_margin_seconds"]
@@ -23,7 +23,7 @@ def test_the_archives_settings_differ_by_device_where_they_say_so():
     ({"device_overrides": {"cpu": {"device_overrides": {}}}}, "unknown keys ['device_overrides']"),
     ({"response_timeout": 10}, "unknown keys ['response_timeout']"),  # TorchServe's own responseTimeout rules
     ({"maxima": {"max_seconds": 290}}, "must leave reply_margin_seconds"),
-    ({"device_overrides": {"cpu": {"maxima": {"size": 5000}}}}, "at most 4096"),  # the engine's own bound
+    ({"device_overrides": {"cpu": {"maxima": {"size": 9000}}}}, "at most 8192"),  # the engine's own bound
 ])
 def test_a_wrong_setting_stops_the_worker_at_start_with_a_reason(change, says):
     handler = {**MODEL_YAML["handler"], **change}

@@ -229,6 +229,10 @@ def _param(default, check, doc: str = ""):
 # --- the parameters ------------------------------------------------------------------------------------------
 
 # The seed's style layers and their weights (docs/method.md): early layers weigh more, giving finer texture.
+# The largest side of an output, a scale or a tile the engine accepts: 8192 px (a print at 300 dpi, 69 cm wide).
+# What fits a worker's memory and time is the server's to bound (model-config.yaml's maxima, memory.py).
+MAX_SIDE = 8192
+
 SEED_STYLE_LAYERS = (("relu1_1", 1.0), ("relu2_1", 0.75), ("relu3_1", 0.2), ("relu4_1", 0.2), ("relu5_1", 0.2))
 
 
@@ -236,7 +240,7 @@ SEED_STYLE_LAYERS = (("relu1_1", 1.0), ("relu2_1", 0.75), ("relu3_1", 0.2), ("re
 class StyleParams:
     """What the optimisation does. Defaults are the seed's objective with our faster optimiser and schedule."""
 
-    size: int = _param(256, Number(32, 4096, integer=True), "longer side of the output, px")
+    size: int = _param(256, Number(32, MAX_SIDE, integer=True), "longer side of the output, px")
     # Total optimiser iterations over all scales; early stopping usually ends well before.
     steps: int = _param(200, Number(1, 10000, integer=True), "optimiser iterations over all scales")
     # L-BFGS reaches a given loss in far fewer evaluations than Adam on this smooth, well-scaled problem
@@ -270,7 +274,7 @@ class StyleParams:
     pooling: str = _param("max", Choice(("max", "avg")), "VGG pooling")
     # Coarse-to-fine: optimise first at min_scale (longer side, px), then double up to `size`.
     # min_scale >= size turns it off.
-    min_scale: int = _param(128, Number(16, 4096, integer=True), "longer side of the coarsest scale, px")
+    min_scale: int = _param(128, Number(16, MAX_SIDE, integer=True), "longer side of the coarsest scale, px")
     # Stop a scale when the best total loss improved by less than this fraction over the last window.
     early_stop_tol: float = _param(1e-3, Number(0.0, 1.0), "relative improvement that counts as progress")
     early_stop_window: int = _param(20, Number(1, 10000, integer=True), "iterations the tolerance spans")
@@ -285,7 +289,7 @@ class StyleParams:
     # full where it fits the worker's memory, else localized (style_engine/localized.py, memory.py).
     passes: str = _param("auto", Choice(("auto", "full", "localized")), "whole-image or tiled passes")
     # null: the largest tile that fits the worker's memory (the fewest tiles); rounded down to a multiple of 16.
-    tile: int | None = _param(None, Number(64, 4096, integer=True, optional=True),
+    tile: int | None = _param(None, Number(64, MAX_SIDE, integer=True, optional=True),
                               "localized passes: side of the image each tile owns, px")
 
 
