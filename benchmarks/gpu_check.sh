@@ -8,3 +8,7 @@ cd "$(dirname "$0")/.."
 out_dir=${1:-benchmarks/results}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --output "$out_dir/gpu-$(date +%F).json"
+# Fixed work per request in iterations (docs/benchmarks.md, "Fixed work"): a GPU reports progress every 10
+# iterations, so 21 a scale give each scale two gaps.
+python3 benchmarks/fixed_work.py --device cuda --precisions fp32 bf16 --iterations-per-scale 21 --repeats 5 \
+    --output "$out_dir/gpu-fixed-work-$(date +%F).json"

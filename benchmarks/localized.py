@@ -9,9 +9,10 @@ its gradient with respect to the image (an iteration's pass: the optimiser's ste
 the whole image and by tiles (style_engine/localized.py), taking turns in each repeat: seconds (median of
 --repeats, per size) and the peak of glibc's bytes in use during the pass (the smallest over the repeats: the first
 pays for first-use allocations), beside memory.py's estimate of the pass (`pass_estimate_mib`: an iteration's
-step, without what lives through a request). The tiles are the fewest that split the image (two each way, half
-the longer side rounded to 16 px: the least overhead a localized pass has); --tiles sets others. Results go to
-benchmarks/results/localized.json (--output) with the machine named.
+step, without what lives through a request). Two layouts of tiles at each size: the fewest that split the
+image (two, across the longer side: the least overhead a localized pass has) and two each way (half the longer
+side); --tiles sets one tile side per size instead. Results go to benchmarks/results/localized.json (--output)
+with the machine named.
 """
 
 import argparse
@@ -43,37 +44,45 @@ def main(argv=None) -> int:
     style = load_image_file(str(ROOT / "samples" / "styles" / "starry_night.jpg"))
     report = {"machine": machine(), "repeats": args.repeats, "sizes": {}}
     for index, size in enumerate(args.sizes):
-        tile = args.tiles[index] if args.tiles else max(16, (size // 2) // 16 * 16)
+        sides = [args.tiles[index]] if args.tiles else [size - 16, max(16, (size // 2) // 16 * 16)]
         repeats = args.repeats[min(index, len(args.repeats) - 1)]
-        report["sizes"][str(size)] = compare(extractor, content, style, size, tile, repeats)
+        report["sizes"][str(size)] = compare(extractor, content, style, size, sides, repeats)
         log(f"{size} px: {summary(report['sizes'][str(size)])}")
         args.output.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far, should a size not end
     return 0
 
 
-def compare(extractor, content, style, size: int, tile: int, repeats: int) -> dict:
-    """Both ways at `size`, taking turns: medians, peaks and their ratios."""
+def compare(extractor, content, style, size: int, sides: list[int], repeats: int) -> dict:
+    """The full pass and the localized one by tiles of each of `sides` at `size`, taking turns: medians, peaks
+    and the localized passes' ratios to the full one."""
     job = shrink_to_need(StyleJob(content, (style,), parse_params({"size": size, "precision": "fp32"})[0]))
     shape = output_size(job)
     objective = build_objective(extractor, [job], shape, shape, bf16=False)  # the same targets either way
-    passes = {"full": _full_pass(extractor, job, objective),
-              "localized": _localized_pass(extractor, job, objective, tile)}
-    runs = {name: [] for name in passes}
+    passes = {None: _full_pass(extractor, job, objective),
+              **{side: _localized_pass(extractor, job, objective, side) for side in sides}}
+    runs = {tile: [] for tile in passes}
     for _ in range(repeats):
-        for name, work in passes.items():
-            runs[name].append(_measured(work))
-    result = {"shape": list(shape), "repeats": repeats, "tile": tile, "tiles": len(tiles(shape, tile, _layers(job))),
-              "tile_runs_px": sum((p.run[1] - p.run[0]) * (p.run[3] - p.run[2]) for p in tiles(shape, tile,
-                                                                                              _layers(job)))}
-    for name, measured in runs.items():
-        work = workload([job], torch.device("cpu"), Passes(tile=tile if name == "localized" else None))
-        result[name] = {"seconds": statistics.median(run["seconds"] for run in measured),
-                        "seconds_all": [run["seconds"] for run in measured],
-                        "peak_mib": min(run["peak"] for run in measured) / 2**20,
-                        "pass_estimate_mib": (_step(work) + 4 * 3 * shape[0] * shape[1]) / 2**20}
-    result["time_ratio"] = result["localized"]["seconds"] / result["full"]["seconds"]
-    result["peak_ratio"] = result["localized"]["peak_mib"] / result["full"]["peak_mib"]
-    return result
+        for tile, work in passes.items():
+            runs[tile].append(_measured(work))
+    measured = {tile: _figures(job, shape, tile, runs[tile]) for tile in passes}
+    full = measured.pop(None)
+    return {"shape": list(shape), "repeats": repeats, "full": full,
+            "localized": [{**row, "time_ratio": row["seconds"] / full["seconds"],
+                           "peak_ratio": row["peak_mib"] / full["peak_mib"]} for row in measured.values()]}
+
+
+def _figures(job: StyleJob, shape: tuple[int, int], tile: int | None, measured: list[dict]) -> dict:
+    """The median time, smallest peak and memory.py's estimate of the pass by tiles of `tile` (None: full)."""
+    work = workload([job], torch.device("cpu"), Passes(tile=tile))
+    layout = {}
+    if tile is not None:
+        parts = tiles(shape, tile, _layers(job))
+        layout = {"tile": tile, "tiles": len(parts),
+                  "tile_runs_px": sum((p.run[1] - p.run[0]) * (p.run[3] - p.run[2]) for p in parts)}
+    return {**layout, "seconds": statistics.median(run["seconds"] for run in measured),
+            "seconds_all": [run["seconds"] for run in measured],
+            "peak_mib": min(run["peak"] for run in measured) / 2**20,
+            "pass_estimate_mib": (_step(work) + 4 * 3 * shape[0] * shape[1]) / 2**20}
 
 
 def _layers(job: StyleJob) -> list[str]:
@@ -106,16 +115,17 @@ def _measured(work) -> dict:
 
 
 def summary(result: dict) -> str:
-    full, localized = result["full"], result["localized"]
-    return (f"full {full['seconds']:.2f} s {full['peak_mib']:.0f} MiB, localized ({result['tiles']} tiles of "
-            f"{result['tile']} px) {localized['seconds']:.2f} s {localized['peak_mib']:.0f} MiB: "
-            f"time x{result['time_ratio']:.2f}, peak x{result['peak_ratio']:.2f}")
+    full = result["full"]
+    return f"full {full['seconds']:.2f} s {full['peak_mib']:.0f} MiB; " + "; ".join(
+        f"{row['tiles']} tiles of {row['tile']} px {row['seconds']:.2f} s {row['peak_mib']:.0f} MiB: "
+        f"time x{row['time_ratio']:.2f}, peak x{row['peak_ratio']:.2f}" for row in result["localized"])
 
 
 def _arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--tiles", type=int, nargs="+", help="the tile at each size (default: half the longer side)")
+    parser.add_argument("--tiles", type=int, nargs="+",
+                        help="one tile side at each size (default: two layouts, see above)")
     parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 1],
                         help="runs of each at each size (the last value for the sizes past the list)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "localized.json")

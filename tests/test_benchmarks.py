@@ -77,10 +77,22 @@ def test_the_fixed_work_benchmark_runs(tmp_path):
         assert any(stage.startswith("style_engine.style_targets") for stage in case["stages"])
 
 
+def test_fixed_work_counts_iterations_between_sparse_reports(monkeypatch):
+    """A GPU reports progress every few iterations and at a scale's last: each gap counts its iterations."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from fixed_work import iteration_times
+
+    coarse, fine = (48, 64), (96, 128)  # 0.1 s an iteration at the coarse scale, 0.4 s at the fine one
+    stamps = {coarse: [(10, 2.0), (20, 3.0), (21, 3.1)], fine: [(31, 7.1), (41, 11.1), (42, 11.5)]}
+    iteration, steps = iteration_times(stamps)
+    assert iteration == pytest.approx({coarse: 0.1, fine: 0.4}) and steps == {coarse: 21, fine: 21}
+
+
 def test_the_localized_benchmark_runs(tmp_path):
     output = tmp_path / "localized.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "localized.py"), "--sizes", "128", "--tiles", "64",
                           "--repeats", "1", "--output", str(output)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(output.read_text())["sizes"]["128"]
-    assert result["tiles"] == 4 and result["full"]["seconds"] > 0 and result["localized"]["peak_mib"] > 0
+    localized, = result["localized"]
+    assert localized["tiles"] == 4 and result["full"]["seconds"] > 0 and localized["peak_mib"] > 0
