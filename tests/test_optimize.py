@@ -224,16 +224,19 @@ def test_a_batched_result_equals_the_solo_one(extractor, content, style, style2,
 
 def test_in_a_batch_each_image_stops_as_it_would_alone(extractor, content, style):
     """An image that has converged is held while the rest of its batch goes on: it returns what it would alone,
-    after as many iterations, instead of running as long as the slowest image."""
+    after as many iterations, instead of running as long as the slowest image; and the rest goes on as it would
+    beside an image that has not converged. (Beside, not alone: a batch of one sums the convolutions in another
+    order on some CPUs, which 60 iterations of L-BFGS carry to a few percent of the loss.)"""
     common = dict(size=64, steps=60, early_stop_window=5, early_stop_tol=0.01, precision="fp32")
     done_at_once = StyleJob(content, (content,), params(**common))  # its loss is 0 from the start
     slower = StyleJob(content, (style,), params(**common))
-    quick_alone, slow_alone = stylize_batch(extractor, [done_at_once])[0], stylize_batch(extractor, [slower])[0]
+    quick_alone = stylize_batch(extractor, [done_at_once])[0]
+    slow_beside_itself = stylize_batch(extractor, [slower, slower])[0]
     quick, slow = stylize_batch(extractor, [done_at_once, slower])
     assert quick.stop_reason == quick_alone.stop_reason == "converged"
-    assert quick.steps == quick_alone.steps < slow.steps
+    assert quick.steps == quick_alone.steps < slow.steps == slow_beside_itself.steps
     assert torch.equal(quick.image, quick_alone.image) and quick.final_loss["total"] < 1e-9
-    assert slow.final_loss["total"] == pytest.approx(slow_alone.final_loss["total"], rel=1e-2)
+    assert slow.final_loss["total"] == pytest.approx(slow_beside_itself.final_loss["total"], rel=1e-5)
 
 
 def test_a_style_sent_again_comes_from_the_gram_cache(extractor, content, style):
