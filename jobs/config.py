@@ -56,10 +56,9 @@ class JobsConfig:
     # that dies loses at most one segment. Each segment repeats the style targets' work.
     segment_seconds: float = 60
     max_request_bytes: int = 67_108_864  # the largest submitted body, as TorchServe's max_request_size
-    # The memory a replica's submits hold at once while they are read: a multipart submit holds about 13 MiB
-    # (a part of its upload as it comes and as it is sent, and the fields the checks read), a JSON one twice
-    # its size. Past it, submits
-    # wait for their turn (503 Busy after 30 s).
+    # The memory a replica's submits hold at once while they are read: a multipart submit holds about 28 MiB
+    # (a part of its upload as it comes, joined and as it is sent, and the fields the checks read), a JSON one
+    # twice its size. Past it, submits wait for their turn (503 Busy after 30 s).
     upload_memory_bytes: int = 134_217_728
     # Webhook destinations, comma-separated: host names ("hooks.example.com", "*.example.com") and address ranges
     # ("203.0.113.0/24", "127.0.0.1/32"), each optionally with a port ("hooks.example.com:8443"). A webhook URL
