@@ -6,6 +6,7 @@ hold on a slow CPU as here; the model's accuracy is held against requests measur
 measures them."""
 
 import json
+import statistics
 import time
 from dataclasses import replace
 
@@ -53,17 +54,21 @@ def test_the_model_is_within_a_quarter_of_the_measured_fixed_work_and_iteration(
     """A request measured as the benchmark measures it (from its files to its encoded answer), against the
     model at the speed measured as a worker measures it, both in CPU time: the fixed work (after decoding, which
     the model does not see: it is done before the request is admitted) and the iteration at the output size,
-    each within 25 %. The fastest of two runs, as the speed is the fastest of its timings."""
+    each within 25 %. Five rounds, each measuring the speed and then running the request, and the median of
+    their ratios: a host shared with other work slows some seconds and not others, so the model is held to the
+    run it was measured beside."""
     files = CONTENT, STYLE
-    speed = measure_speed(extractor, CPU, clock=cpu_time)
     fixed_work.request(extractor, files, size, schedule, precision, cpu_time)  # warm-up: first use of these sizes
-    runs = [fixed_work.request(extractor, files, size, schedule, precision, cpu_time) for _ in range(2)]
-    model = fixed_work.model_estimate(extractor, files, size, schedule, precision, speed)
-    measured_fixed = min(run["engine_fixed_seconds"] for run in runs)
-    measured_iteration = min(run["iteration_seconds"] for run in runs)
+    fixed_ratios, iteration_ratios, runs = [], [], []
+    for _ in range(5):
+        model = fixed_work.model_estimate(extractor, files, size, schedule, precision,
+                                          measure_speed(extractor, CPU, clock=cpu_time))
+        runs.append(fixed_work.request(extractor, files, size, schedule, precision, cpu_time))
+        fixed_ratios.append(model["fixed_seconds"] / runs[-1]["engine_fixed_seconds"])
+        iteration_ratios.append(model["iteration_seconds"] / runs[-1]["iteration_seconds"])
     assert runs[0]["precision"] == precision
-    assert 0.75 <= model["fixed_seconds"] / measured_fixed <= 1.25, (model, measured_fixed)
-    assert 0.75 <= model["iteration_seconds"] / measured_iteration <= 1.25, (model, measured_iteration)
+    assert 0.75 <= statistics.median(fixed_ratios) <= 1.25, (fixed_ratios, runs)
+    assert 0.75 <= statistics.median(iteration_ratios) <= 1.25, (iteration_ratios, runs)
 
 
 def test_a_busy_start_does_not_slow_the_measured_speed(extractor, cpu_time):
