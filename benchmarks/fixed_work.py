@@ -116,6 +116,7 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
             decoded = clock()
         with mark(RESIZE):
             job = shrink_to_need(the_job(content, style, size, schedule, precision, iterations_per_scale))
+            prepared = clock()
         (result,) = stylize_batch(extractor, [job], callback=on_progress, gram_cache=GramCache())
         with mark(ENCODE):
             encode_image(result.image, "png")
@@ -123,8 +124,9 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
     iteration, steps = iteration_times(stamps)
     output = max(iteration, key=lambda scale: scale[0] * scale[1])
     fixed = seconds - sum(steps[scale] * iteration[scale] for scale in stamps)
-    measured = {"seconds": seconds, "decode_seconds": decoded - start, "fixed_seconds": fixed,
-                "engine_fixed_seconds": fixed - (decoded - start), "iteration_seconds": iteration[output],
+    measured = {"seconds": seconds, "decode_seconds": decoded - start, "resize_seconds": prepared - decoded,
+                "fixed_seconds": fixed, "engine_fixed_seconds": fixed - (prepared - start),
+                "iteration_seconds": iteration[output],
                 "fixed_iterations": fixed / iteration[output], "steps": result.steps, "precision": result.precision,
                 "scales": [f"{width}x{height}" for height, width in stamps]}
     if profiler is not None:
@@ -170,15 +172,16 @@ def stages(profiler) -> dict[str, float]:
 
 def model_estimate(extractor, files, size: int, schedule: str, precision: str, speed,
                    iterations_per_scale: int = ITERATIONS_PER_SCALE) -> dict:
-    """The time model's fixed work (after decoding) and iteration at the output scale for this request."""
+    """The time model's fixed work (after decoding and resizing) and iteration at the output scale for this
+    request."""
     job = shrink_to_need(the_job(*decode(files), size, schedule, precision, iterations_per_scale))
     cost = group_cost([job], extractor.mean.device, speed)
     return {"fixed_seconds": cost.fixed, "iteration_seconds": cost.iteration}
 
 
 def medians(runs: list[dict]) -> dict:
-    keys = ("seconds", "decode_seconds", "fixed_seconds", "engine_fixed_seconds", "iteration_seconds",
-            "fixed_iterations")
+    keys = ("seconds", "decode_seconds", "resize_seconds", "fixed_seconds", "engine_fixed_seconds",
+            "iteration_seconds", "fixed_iterations")
     return {**{key: statistics.median(run[key] for run in runs) for key in keys},
             "fixed_iterations_all": [run["fixed_iterations"] for run in runs], "steps": runs[0]["steps"],
             "scales": runs[0]["scales"]}
