@@ -148,22 +148,14 @@ def tf32_check(extractor, content, style, size: int) -> dict:
 
 
 def memory_check(extractor, content, style, size: int) -> dict:
-    """Peak memory of two iterations at `size` (one scale) in float32 and the fast mode: style_engine/memory.py's
-    estimate and, on a GPU, the measured peak allocated beyond what was allocated before (MiB)."""
-    device = extractor.mean.device
+    """Peak memory of two iterations at `size` (one scale, full passes) in float32 and the fast mode:
+    style_engine/memory.py's estimate and, on a GPU, the measured peak allocated beyond what was allocated before
+    (MiB)."""
     rows = {}
     for precision in ("fp32", "bf16"):
         params, _ = parse_params({"size": size, "steps": 2, "min_scale": size, "early_stop_tol": 0,
                                   "precision": precision})
-        job = StyleJob(content, (style,), params)
-        measured = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            stylize_batch(extractor, [job])
-            measured = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        rows[precision] = {"estimated_mib": peak_bytes(workload([job], device)) / 2**20, "measured_mib": measured}
+        rows[precision] = run_measured(extractor, StyleJob(content, (style,), params), Passes())
     return rows
 
 
