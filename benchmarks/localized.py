@@ -32,7 +32,7 @@ from fixed_work import log, machine  # noqa: E402
 from probe import _in_use, _sampling  # noqa: E402
 from style_engine import StyleJob, VGGFeatures, load_features_state_dict, parse_params  # noqa: E402
 from style_engine.codec import load_image_file  # noqa: E402
-from style_engine.localized import LocalizedPass, tiles  # noqa: E402
+from style_engine.localized import LocalizedPass, alignment, tiles  # noqa: E402
 from style_engine.memory import Passes, _step, workload  # noqa: E402
 from style_engine.targets import build_objective, output_size, shrink_to_need  # noqa: E402
 
@@ -44,19 +44,21 @@ def main(argv=None) -> int:
     style = load_image_file(str(ROOT / "samples" / "styles" / "starry_night.jpg"))
     report = {"machine": machine(), "repeats": args.repeats, "sizes": {}}
     for index, size in enumerate(args.sizes):
-        sides = [args.tiles[index]] if args.tiles else [size - 16, max(16, (size // 2) // 16 * 16)]
+        tile = args.tiles[index] if args.tiles else None
         repeats = args.repeats[min(index, len(args.repeats) - 1)]
-        report["sizes"][str(size)] = compare(extractor, content, style, size, sides, repeats)
+        report["sizes"][str(size)] = compare(extractor, content, style, size, tile, repeats)
         log(f"{size} px: {summary(report['sizes'][str(size)])}")
         args.output.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far, should a size not end
     return 0
 
 
-def compare(extractor, content, style, size: int, sides: list[int], repeats: int) -> dict:
-    """The full pass and the localized one by tiles of each of `sides` at `size`, taking turns: medians, peaks
-    and the localized passes' ratios to the full one."""
+def compare(extractor, content, style, size: int, tile: int | None, repeats: int) -> dict:
+    """The full pass and the localized one by tiles of `tile` px, or else in both layouts, at `size`, taking
+    turns: medians, peaks and the localized passes' ratios to the full one."""
     job = shrink_to_need(StyleJob(content, (style,), parse_params({"size": size, "precision": "fp32"})[0]))
     shape = output_size(job)
+    step = alignment(_layers(job))  # tiles start at its multiples: two across, or two each way
+    sides = [tile] if tile else [size - step, max(step, (size // 2) // step * step)]
     objective = build_objective(extractor, [job], shape, shape, bf16=False)  # the same targets either way
     passes = {None: _full_pass(extractor, job, objective),
               **{side: _localized_pass(extractor, job, objective, side) for side in sides}}
