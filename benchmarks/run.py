@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                                for size in ((48,) if args.smoke else (128, 256))}
     report["coarse_to_fine"] = coarse_to_fine(extractor, settings["budgets"], 96 if args.smoke else 256,
                                               args.repeats, settings.get("request_steps"))
-    report["bf16_vs_fp32"] = precision_effect(extractor, 64 if args.smoke else 128)
+    report["bf16_vs_fp32"] = precision_effect(extractor, 64 if args.smoke else 128, settings.get("request_steps"))
     with tempfile.TemporaryDirectory() as work:
         weights_file = Path(work) / "features.pth"  # for the fresh processes of probe.py
         torch.save(state_dict, weights_file)
@@ -191,19 +191,19 @@ def _gaps(stamps: list[float]) -> list[float]:
 # --- bf16 against float32 -------------------------------------------------------------------------------------
 
 
-def precision_effect(extractor, size: int) -> dict:
-    """The float32 loss a default request reaches optimised in bf16 against float32, at one size: after the
-    same iterations, and float32 given only the time the bf16 run took. Only where bf16 is native: elsewhere a
-    bf16 request runs in float32 (precision.py)."""
+def precision_effect(extractor, size: int, request_steps: int | None = None) -> dict:
+    """The float32 loss a default request (cut to `request_steps` iterations, where set) reaches optimised in
+    bf16 against float32, at one size: after the same iterations, and float32 given only the time the bf16 run
+    took. Only where bf16 is native: elsewhere a bf16 request runs in float32 (precision.py)."""
     if not has_native_bf16(extractor.mean.device):
         log("bf16 against float32: skipped, this machine has no native bf16 (bf16 requests run in float32)")
         return {"skipped": "no native bf16 on this machine: bf16 requests run in float32"}
     content, style = images(size)
-    runs = {}
+    runs, steps = {}, {} if request_steps is None else {"steps": request_steps}
     for name, raw in (("bf16", {"precision": "bf16"}), ("fp32", {"precision": "fp32"})):
-        runs[name] = _default_request(extractor, content, style, {"size": size, **raw})
+        runs[name] = _default_request(extractor, content, style, {"size": size, **steps, **raw})
     runs["fp32_in_bf16_time"] = _default_request(extractor, content, style, {
-        "size": size, "precision": "fp32", "max_seconds": runs["bf16"]["seconds"]})
+        "size": size, **steps, "precision": "fp32", "max_seconds": runs["bf16"]["seconds"]})
     runs["same_steps_difference"] = runs["bf16"]["final_loss"] / runs["fp32"]["final_loss"] - 1
     runs["same_time_difference"] = runs["bf16"]["final_loss"] / runs["fp32_in_bf16_time"]["final_loss"] - 1
     log(f"default request at {size} px: bf16 reaches {runs['bf16']['final_loss']:.4g} in "
