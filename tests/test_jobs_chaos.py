@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 # Each job runs for its time budget, so that every disruption meets runs in TorchServe; TorchServe batches 8 of
 # them together (model-config.yaml's batchSize).
-JOB = {"size": 32, "steps": 2000, "early_stop_tol": 0, "min_scale": 32, "precision": "fp32", "max_seconds": 2}
+JOB = {"size": 32, "steps": 2000, "early_stop_tol": 0, "min_scale": 32, "precision": "fp32", "max_seconds": 1}
 WAVE = 10  # jobs submitted before each disruption
 LEASE = 2  # s: short, so that the paused replica is taken for dead quickly
 
