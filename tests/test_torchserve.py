@@ -107,26 +107,26 @@ def test_custom_metrics_reach_the_prometheus_endpoint(server):
     assert "ts_inference_requests_total" in metrics  # TorchServe's own metrics stay
 
 
-def test_without_a_configured_worker_count_each_visible_gpu_gets_a_worker(model_store, tmp_path):
+def test_without_a_configured_worker_count_each_visible_gpu_gets_a_worker_and_stopping_leaves_no_process(
+        model_store, tmp_path):
     """As in the container (deploy/config.properties): no default_workers_per_model, so TorchServe starts one
     worker per GPU it sees, each given its own device. TorchServe counts GPUs from CUDA_VISIBLE_DEVICES where it
-    is set; here there is no GPU behind the ids, so each worker runs on the CPU, but is told its own id."""
-    with TorchServeInstance(model_store, tmp_path, overrides={"default_workers_per_model": "0"},
-                            env={"CUDA_VISIBLE_DEVICES": "0,1"}) as instance:
+    is set; here there is no GPU behind the ids, so each worker runs on the CPU, but is told its own id. Stopped,
+    the instance leaves no process behind: not its launcher's group, not Java, not either worker."""
+    instance = TorchServeInstance(model_store, tmp_path, overrides={"default_workers_per_model": "0"},
+                                  env={"CUDA_VISIBLE_DEVICES": "0,1"}).start()
+    try:
         deadline = time.monotonic() + 120
         while len(instance.worker_pids(quiet=True)) < 2:
             assert time.monotonic() < deadline, instance.log_tail()
             time.sleep(0.5)
-        log = (tmp_path / "logs" / "model_log.log").read_text()
+        group = instance.process.pid
+        pids = [instance.process.pid, *instance.worker_pids()]
+    finally:
+        instance.stop()
+    log = (tmp_path / "logs" / "model_log.log").read_text()
     told = sorted(set(re.findall(r"TorchServe's gpu_id: (\d+)", log)))
     assert told == ["0", "1"]
-
-
-def test_stopping_leaves_no_process_behind(model_store, tmp_path):
-    instance = TorchServeInstance(model_store, tmp_path).start()
-    group = instance.process.pid
-    pids = [instance.process.pid, *instance.worker_pids()]
-    instance.stop()
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)
     for pid in pids:
