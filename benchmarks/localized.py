@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Localized passes against full ones, side by side: the time and the peak memory of one iteration's pass.
 
-    .venv/bin/python benchmarks/localized.py                      # 512, 1024, 2048 px: about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/localized.py                      # 512, 1024, 2048 px: about 12 minutes on 2 cores
     .venv/bin/python benchmarks/localized.py --sizes 64 --repeats 1 --output /tmp/l.json   # smoke test
 
 At each size (longer side; tubingen's 4:3 shape, a default request in float32, random weights), the loss and
 its gradient with respect to the image (an iteration's pass: the optimiser's step is the same either way), over
 the whole image and by tiles (style_engine/localized.py), taking turns in each repeat: seconds (median of
---repeats, per size) and the peak of glibc's bytes in use during the pass (the smallest over the repeats: the first
-pays for first-use allocations), beside memory.py's estimate of the pass (`pass_estimate_mib`: an iteration's
-step, without what lives through a request). Two layouts of tiles at each size: the fewest that split the
+--repeats, per size), then, in a run of each that is not timed, the peak of glibc's bytes in use during the pass
+(after the timed runs have paid for first-use allocations), beside memory.py's estimate of the pass
+(`pass_estimate_mib`: an iteration's step, without what lives through a request). The peak is sampled apart
+from the timing: the sampler takes malloc's lock every half millisecond, which slowed the pass that allocates
+more often (by tiles: 10.1 s against 7.1 s unsampled at 1024 px). Two layouts of tiles at each size: the fewest that split the
 image (two, across the longer side: the least overhead a localized pass has) and two each way (half the longer
 side); --tiles sets one tile side per size instead. Results go to benchmarks/results/localized.json (--output)
 with the machine named.
@@ -65,25 +67,24 @@ def compare(extractor, content, style, size: int, tile: int | None, repeats: int
     runs = {tile: [] for tile in passes}
     for _ in range(repeats):
         for tile, work in passes.items():
-            runs[tile].append(_measured(work))
-    measured = {tile: _figures(job, shape, tile, runs[tile]) for tile in passes}
+            runs[tile].append(_timed(work))
+    peaks = {tile: _peak(work) for tile, work in passes.items()}
+    measured = {tile: _figures(job, shape, tile, runs[tile], peaks[tile]) for tile in passes}
     full = measured.pop(None)
     return {"shape": list(shape), "repeats": repeats, "full": full,
             "localized": [{**row, "time_ratio": row["seconds"] / full["seconds"],
                            "peak_ratio": row["peak_mib"] / full["peak_mib"]} for row in measured.values()]}
 
 
-def _figures(job: StyleJob, shape: tuple[int, int], tile: int | None, measured: list[dict]) -> dict:
-    """The median time, smallest peak and memory.py's estimate of the pass by tiles of `tile` (None: full)."""
+def _figures(job: StyleJob, shape: tuple[int, int], tile: int | None, seconds: list[float], peak: int) -> dict:
+    """The median time, the peak and memory.py's estimate of the pass by tiles of `tile` (None: full)."""
     work = workload([job], torch.device("cpu"), Passes(tile=tile))
     layout = {}
     if tile is not None:
         parts = tiles(shape, tile, _layers(job))
         layout = {"tile": tile, "tiles": len(parts),
                   "tile_runs_px": sum((p.run[1] - p.run[0]) * (p.run[3] - p.run[2]) for p in parts)}
-    return {**layout, "seconds": statistics.median(run["seconds"] for run in measured),
-            "seconds_all": [run["seconds"] for run in measured],
-            "peak_mib": min(run["peak"] for run in measured) / 2**20,
+    return {**layout, "seconds": statistics.median(seconds), "seconds_all": seconds, "peak_mib": peak / 2**20,
             "pass_estimate_mib": (_step(work) + 4 * 3 * shape[0] * shape[1]) / 2**20}
 
 
@@ -107,13 +108,18 @@ def _localized_pass(extractor, job: StyleJob, objective, tile: int):
     return lambda: localized.evaluate(x.clone().requires_grad_(True), grad=True)
 
 
-def _measured(work) -> dict:
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def _peak(work) -> int:
+    """The most bytes glibc had handed out at once during a run of `work`, beyond those before it."""
     before = _in_use()
     with _sampling(_in_use) as peak:
-        start = time.perf_counter()
         work()
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak": peak() - before}
+    return peak() - before
 
 
 def summary(result: dict) -> str:
@@ -128,7 +134,7 @@ def _arguments():
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--tiles", type=int, nargs="+",
                         help="one tile side at each size (default: two layouts, see above)")
-    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 1],
+    parser.add_argument("--repeats", type=int, nargs="+", default=[9, 7, 1],
                         help="runs of each at each size (the last value for the sizes past the list)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "localized.json")
     return parser
