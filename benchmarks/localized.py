@@ -11,10 +11,10 @@ the whole image and by tiles (style_engine/localized.py), taking turns in each r
 (after the timed runs have paid for first-use allocations), beside memory.py's estimate of the pass
 (`pass_estimate_mib`: an iteration's step, without what lives through a request). The peak is sampled apart
 from the timing: the sampler takes malloc's lock every half millisecond, which slowed the pass that allocates
-more often (by tiles: 10.1 s against 7.1 s unsampled at 1024 px). Two layouts of tiles at each size: the fewest that split the
-image (two, across the longer side: the least overhead a localized pass has) and two each way (half the longer
-side); --tiles sets one tile side per size instead. Results go to benchmarks/results/localized.json (--output)
-with the machine named.
+more often (by tiles: 10.1 s against 7.1 s unsampled at 1024 px). Two layouts of tiles at each size: the
+fewest that split the image (two, across the longer side: the least overhead a localized pass has) and two
+each way (half the longer side); --tiles sets one tile side per size instead. Results go to
+benchmarks/results/localized.json (--output) with the machine named.
 """
 
 import argparse
