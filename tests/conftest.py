@@ -1,6 +1,5 @@
 """Shared fixtures: the random-weight extractor (`--weights random`) and small sample images."""
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ needs_fast_bf16 = pytest.mark.skipif(not (precision.cpu_has_native_bf16() and pr
 PRECISIONS = ["fp32", pytest.param("bf16", marks=needs_bf16)]
 
 
-@contextlib.contextmanager
-def cpu_clock():
+@pytest.fixture
+def cpu_time():
     """A clock for timing work whatever else runs on the host (other tests, other engineers' runs): torch on one
     thread, timed by that thread's CPU time. Ratios of such times are the work's own; a worker's wall clock,
     on every core, is what the benchmarks measure."""
@@ -44,13 +43,6 @@ def cpu_clock():
         yield time.thread_time
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cpu_time():
-    """cpu_clock for the test."""
-    with cpu_clock() as clock:
-        yield clock
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fixed_work
-from conftest import SAMPLES, STYLES, cpu_clock, needs_bf16, sample
+from conftest import SAMPLES, STYLES, needs_bf16, sample
 from handler_context import make_context, model_dir_with_weights, start_batch
 from style_engine import StyleJob, parse_params, stylize_batch
 from style_engine.codec import decode_image
@@ -32,13 +32,6 @@ STYLE = (STYLES / "starry_night.jpg").read_bytes()
 @pytest.fixture(scope="module")
 def speed(extractor):
     return measure_speed(extractor, CPU)
-
-
-@pytest.fixture(scope="module")
-def cpu_speed(extractor):
-    """The speed in cpu_time's clock, measured once: the device is the same for each test here."""
-    with cpu_clock() as clock:
-        return measure_speed(extractor, CPU, clock=clock)
 
 
 def slowed(speed: DeviceSpeed, factor: float) -> DeviceSpeed:
@@ -63,12 +56,11 @@ def test_the_model_is_within_a_quarter_of_the_measured_fixed_work_and_iteration(
     resizing, which the model does not see: they are done before the request is admitted) and the iteration at
     the output size, each within 25 %. The median of five runs: the fixed work is what a run took less its
     iterations, a small difference that swings by half from run to run on a shared host (the speed, the fastest
-    of many timings, swings by a few percent). The speed is measured right before the runs, not once for the
-    module: the host's speed drifts over minutes, and the fixed work with it."""
+    of many timings, swings by a few percent)."""
     files = CONTENT, STYLE
-    fixed_work.request(extractor, files, size, schedule, precision, cpu_time)  # warm-up: first use of these sizes
     model = fixed_work.model_estimate(extractor, files, size, schedule, precision,
                                       measure_speed(extractor, CPU, clock=cpu_time))
+    fixed_work.request(extractor, files, size, schedule, precision, cpu_time)  # warm-up: first use of these sizes
     runs = [fixed_work.request(extractor, files, size, schedule, precision, cpu_time) for _ in range(5)]
     fixed_ratio = model["fixed_seconds"] / statistics.median(run["engine_fixed_seconds"] for run in runs)
     iteration_ratio = model["iteration_seconds"] / statistics.median(run["iteration_seconds"] for run in runs)
@@ -114,7 +106,7 @@ def test_a_busy_start_does_not_slow_the_measured_speed(extractor, cpu_time):
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_what_is_reserved(extractor, precision,
-                                                                                           cpu_time, cpu_speed):
+                                                                                           cpu_time):
     """Past its deadline a batch still computes its targets at every scale, evaluates each scale's start image
     and reports float32 losses: work that no deadline interrupts. What the handler reserves for it (the fixed
     work, and an iteration with its margin) is within the model's 25 % of it; in CPU time, the speed too."""
@@ -124,7 +116,7 @@ def test_a_batch_whose_deadline_has_passed_does_only_its_fixed_work_within_what_
     job = shrink_to_need(StyleJob(sample("tubingen.jpg"), styles, params))
     jobs = [job, replace(job, params=replace(params, seed=1))]
     stylize_batch(extractor, jobs, deadline=time.perf_counter())  # warm-up: first calls allocate
-    reserved = group_cost(jobs, CPU, cpu_speed).reserved
+    reserved = group_cost(jobs, CPU, measure_speed(extractor, CPU, clock=cpu_time)).reserved
     started = cpu_time()
     results = stylize_batch(extractor, jobs, deadline=time.perf_counter())
     elapsed = cpu_time() - started
@@ -202,7 +194,7 @@ def test_a_request_whose_fixed_work_exceeds_the_maximum_alone_is_refused_naming_
 
 
 def test_under_a_lowered_maximum_what_fits_is_admitted_and_the_size_named_for_what_does_not_is_served_within_it(
-        handler_and_context, monkeypatch, cpu_time, cpu_speed):
+        handler_and_context, monkeypatch, cpu_time):
     """The server's maximum max_seconds lowered (as to 15 s for 512 px on 2 cores), here between what a 256 px
     and a 512 px request reserve on this device: the 256 px request is admitted and served within it, and so is
     the size named in the 512 px one's refusal, sent with max_seconds null (the maximum). Each optimises until
@@ -213,7 +205,7 @@ def test_under_a_lowered_maximum_what_fits_is_admitted_and_the_size_named_for_wh
     handler, context = handler_and_context
     monkeypatch.setattr(time, "perf_counter", cpu_time)
     preparation = handler.preparation
-    monkeypatch.setattr(preparation, "speed", cpu_speed)
+    monkeypatch.setattr(preparation, "speed", measure_speed(preparation.extractor, CPU, clock=cpu_time))
     cap = (reserved_of(handler, 256) + reserved_of(handler, 512)) / 2
     monkeypatch.setattr(preparation, "time_cap", cap)
     monkeypatch.setitem(handler.config.maxima, "max_seconds", cap)
