@@ -64,12 +64,12 @@ def compare(extractor, content, style, size: int, tile: int | None, repeats: int
     objective = build_objective(extractor, [job], shape, shape, bf16=False)  # the same targets either way
     passes = {None: _full_pass(extractor, job, objective),
               **{side: _localized_pass(extractor, job, objective, side) for side in sides}}
-    runs = {tile: [] for tile in passes}
+    runs = {side: [] for side in passes}
     for _ in range(repeats):
-        for tile, work in passes.items():
-            runs[tile].append(_timed(work))
-    peaks = {tile: _peak(work) for tile, work in passes.items()}
-    measured = {tile: _figures(job, shape, tile, runs[tile], peaks[tile]) for tile in passes}
+        for side, work in passes.items():
+            runs[side].append(_timed(work))
+    peaks = {side: _peak(work) for side, work in passes.items()}
+    measured = {side: _figures(job, shape, side, runs[side], peaks[side]) for side in passes}
     full = measured.pop(None)
     return {"shape": list(shape), "repeats": repeats, "full": full,
             "localized": [{**row, "time_ratio": row["seconds"] / full["seconds"],

@@ -113,17 +113,14 @@ def test_without_a_configured_worker_count_each_visible_gpu_gets_a_worker_and_st
     worker per GPU it sees, each given its own device. TorchServe counts GPUs from CUDA_VISIBLE_DEVICES where it
     is set; here there is no GPU behind the ids, so each worker runs on the CPU, but is told its own id. Stopped,
     the instance leaves no process behind: not its launcher's group, not Java, not either worker."""
-    instance = TorchServeInstance(model_store, tmp_path, overrides={"default_workers_per_model": "0"},
-                                  env={"CUDA_VISIBLE_DEVICES": "0,1"}).start()
-    try:
+    with TorchServeInstance(model_store, tmp_path, overrides={"default_workers_per_model": "0"},
+                            env={"CUDA_VISIBLE_DEVICES": "0,1"}) as instance:
         deadline = time.monotonic() + 120
         while len(instance.worker_pids(quiet=True)) < 2:
             assert time.monotonic() < deadline, instance.log_tail()
             time.sleep(0.5)
         group = instance.process.pid
-        pids = [instance.process.pid, *instance.worker_pids()]
-    finally:
-        instance.stop()
+        pids = [group, *instance.worker_pids()]
     log = (tmp_path / "logs" / "model_log.log").read_text()
     told = sorted(set(re.findall(r"TorchServe's gpu_id: (\d+)", log)))
     assert told == ["0", "1"]
