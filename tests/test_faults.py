@@ -29,14 +29,14 @@ LONG = {"size": 64, "steps": 2000, "early_stop_tol": 0}  # runs until max_second
 RESPONSE_TIMEOUT = 300  # s, handler/model-config.yaml: what a client would wait for a hung worker
 
 
-# An archive whose limits make hours minutes: TorchServe gives up on a worker after 16 s, one call of the
-# handler may optimise for 10 s, and requests wait up to 1.5 s to be batched together. Its entry point is the
+# An archive whose limits make hours minutes: TorchServe gives up on a worker after 12 s, one call of the
+# handler may optimise for 6 s, and requests wait up to 1.5 s to be batched together. Its entry point is the
 # real handler on a device that can be made to fail (tests/support/faulty_device_handler.py).
-LIMITED = {"responseTimeout": 16, "maxBatchDelay": 1500,
+LIMITED = {"responseTimeout": 12, "maxBatchDelay": 1500,
            "handler": {**yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"],
-                       "reply_margin_seconds": 6, "defaults": {"size": 256, "steps": 200, "max_seconds": 8},
-                       "maxima": {"size": 1024, "steps": 2000, "max_seconds": 10}}}
-LIMITED_CALL_SECONDS = 10
+                       "reply_margin_seconds": 6, "defaults": {"size": 256, "steps": 200, "max_seconds": 5},
+                       "maxima": {"size": 1024, "steps": 2000, "max_seconds": 6}}}
+LIMITED_CALL_SECONDS = 6
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def test_the_largest_time_budget_ends_well_before_response_timeout(server):
 
 
 def test_a_null_time_budget_is_held_to_the_servers_cap(limited_server):
-    """null asks for no budget of the request's own: the server's cap (10 s here) still ends it, with its best
-    image, long before TorchServe would restart the worker (16 s)."""
+    """null asks for no budget of the request's own: the server's cap (6 s here) still ends it, with its best
+    image, long before TorchServe would restart the worker (12 s)."""
     (pid,) = limited_server.worker_pids()
     started = time.monotonic()
     response, arrived_at = predict(limited_server, {**LONG, "max_seconds": None})
@@ -177,7 +177,7 @@ def test_a_null_time_budget_is_held_to_the_servers_cap(limited_server):
 
 def test_groups_of_one_batch_share_one_deadline(limited_server):
     """Two requests of different sizes arrive in one batch but cannot share a pass through VGG19: the handler
-    optimises them one after the other. Each may use 10 s on its own, together they must still answer within
+    optimises them one after the other. Each may use 6 s on its own, together they must still answer within
     responseTimeout, or TorchServe restarts the worker and both are lost."""
     (pid,) = limited_server.worker_pids()
     sizes = (64, 80)
