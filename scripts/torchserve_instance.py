@@ -8,6 +8,7 @@ SIGKILLs what is left. That life cycle (ServerProcess) serves the test instances
 too (tests/support/jobs_instance.py, tests/support/redis_instance.py), as free_port does.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -84,6 +85,19 @@ class TorchServeInstance(ServerProcess):
         self.overrides, self.env = overrides or {}, env or {}
         self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
                                                      "grpc_management")}
+
+    def stop(self) -> None:
+        """Java first, so that it stops its workers itself (a signal to the whole group ends a worker, which Java
+        then starts again while it shuts down, the slower for it); then the group, as any server's."""
+        if self.process is not None:
+            for pid in _group_members(self.process.pid, "java"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_grace
+            while _group_members(self.process.pid, "java") and time.monotonic() < deadline:
+                self.process.poll()
+                time.sleep(0.1)
+        super().stop()
 
     # --- addresses and credentials ---
     def url(self, api: str, path: str = "") -> str:
@@ -181,6 +195,23 @@ def stop_process_group(process: subprocess.Popen, grace: float = 15) -> None:
         if _group_gone(process, wait):
             break
     process.wait(timeout=10)
+
+
+def _group_members(group: int, name: str) -> list[int]:
+    """The pids of the running (not exited: zombies left out) processes named `name` in process group `group`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ...", comm in parentheses and possibly with spaces
+            comm, fields = (entry / "stat").read_text().rsplit(")", 1)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, _, pgrp = fields.split()[:3]
+        if int(pgrp) == group and state != "Z" and comm.split("(", 1)[1] == name:
+            members.append(int(entry.name))
+    return members
 
 
 def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
