@@ -15,7 +15,9 @@ encoded as PNG. It runs --iterations-per-scale iterations at every scale, with n
 one scale (min_scale = size) or coarse to fine from 128 px (the default schedule; half the size below 256 px).
 An iteration's time at a scale is the median over the gaps between its progress reports of each gap's time per
 iteration (a CPU reports every iteration; a GPU every GPU_SYNC_EVERY and at a scale's last, so give it more
-iterations per scale there); the fixed work is the request's seconds less its iterations at those times. The
+iterations per scale there); the fixed work is the request's seconds less its iterations: the time between
+each scale's first and last report, as it was, and before the first report that time per iteration (the
+start of the scale's first iteration is not reported: the scale's own fixed work comes before it). The
 cases take turns in each round, the medians of --repeats rounds are reported, and one more run of each under
 torch.profiler gives its stages (style_engine/stages.py, plus decoding, resizing and encoding; in wall-clock
 seconds). The time model's speed is measured as a worker measures it, at the start. Results go to
@@ -121,9 +123,9 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
         with mark(ENCODE):
             encode_image(result.image, "png")
         seconds = clock() - start
-    iteration, steps = iteration_times(stamps)
+    iteration, steps, iterating = iteration_times(stamps)
     output = max(iteration, key=lambda scale: scale[0] * scale[1])
-    fixed = seconds - sum(steps[scale] * iteration[scale] for scale in stamps)
+    fixed = seconds - sum(iterating.values())
     measured = {"seconds": seconds, "decode_seconds": decoded - start, "resize_seconds": prepared - decoded,
                 "fixed_seconds": fixed, "engine_fixed_seconds": fixed - (prepared - start),
                 "iteration_seconds": iteration[output],
@@ -134,15 +136,21 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
     return measured
 
 
-def iteration_times(stamps: dict) -> tuple[dict, dict]:
+def iteration_times(stamps: dict) -> tuple[dict, dict, dict]:
     """From the progress reports {scale: [(iterations done, when)]}, in the order they came: each scale's time
-    per iteration (the median over the gaps between its reports) and the iterations run at it."""
-    iteration, steps, done = {}, {}, 0
+    per iteration (the median over the gaps between its reports), the iterations run at it, and the seconds
+    they took: between its first and last report as timed, and before the first at that time per iteration.
+    Timed gaps rather than a median times the iterations: the fixed work is what is left of the request's
+    time, a small difference, which a median a few percent off would move by as many iterations."""
+    iteration, steps, iterating, done = {}, {}, {}, 0
     for scale, reports in stamps.items():
+        (first_step, first_when), (last_step, last_when) = reports[0], reports[-1]
         iteration[scale] = statistics.median((when - before) / (step - earlier)
                                              for (earlier, before), (step, when) in zip(reports, reports[1:]))
-        steps[scale], done = reports[-1][0] - done, reports[-1][0]
-    return iteration, steps
+        steps[scale] = last_step - done
+        iterating[scale] = last_when - first_when + (first_step - done) * iteration[scale]
+        done = last_step
+    return iteration, steps, iterating
 
 
 def decode(files: tuple[bytes, bytes]) -> tuple[torch.Tensor, torch.Tensor]:

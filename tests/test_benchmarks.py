@@ -78,14 +78,16 @@ def test_the_fixed_work_benchmark_runs(tmp_path):
 
 
 def test_fixed_work_counts_iterations_between_sparse_reports(monkeypatch):
-    """A GPU reports progress every few iterations and at a scale's last: each gap counts its iterations."""
+    """A GPU reports progress every few iterations and at a scale's last: each gap counts its iterations; the
+    iterations' seconds are the gaps as timed, and before a scale's first report its time per iteration."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from fixed_work import iteration_times
 
     coarse, fine = (48, 64), (96, 128)  # 0.1 s an iteration at the coarse scale, 0.4 s at the fine one
-    stamps = {coarse: [(10, 2.0), (20, 3.0), (21, 3.1)], fine: [(31, 7.1), (41, 11.1), (42, 11.5)]}
-    iteration, steps = iteration_times(stamps)
-    assert iteration == pytest.approx({coarse: 0.1, fine: 0.4}) and steps == {coarse: 21, fine: 21}
+    stamps = {coarse: [(10, 2.0), (20, 3.0), (21, 3.1)], fine: [(31, 7.1), (41, 11.1), (42, 11.5), (43, 12.5)]}
+    iteration, steps, iterating = iteration_times(stamps)
+    assert iteration == pytest.approx({coarse: 0.1, fine: 0.4}) and steps == {coarse: 21, fine: 22}
+    assert iterating == pytest.approx({coarse: 1.0 + 1.1, fine: 4.0 + 5.4})
 
 
 def test_the_localized_benchmark_runs(tmp_path):
