@@ -3,19 +3,24 @@
 # pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# On a fresh machine both take minutes, pip unpacking wheels and apt-get downloading: .venv/ is set up while
+# the Debian packages below are installed, and the tests wait for both.
+scripts/setup.sh &
+setup=$!
+trap 'kill "$setup" 2>/dev/null || true' EXIT
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
 # What the tests run that pip does not bring comes from Debian's packages. Only the programs are wanted: the
 # tests start and stop their own instances. Where a package's service started with it (systemd, or its init
 # script where no policy-rc.d forbids it), it is stopped and kept from starting at boot: nothing is left running.
+updated=""
 install_without_its_service() {  # PACKAGE SERVICE [apt-get install options]
     local package=$1 service=$2
     shift 2
-    $sudo apt-get update -qq
+    [ -n "$updated" ] || { $sudo apt-get update -qq; updated=yes; }
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" "$package"
-    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+    if [ -n "$service" ] && command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
         $sudo systemctl disable --now "$service"
-    elif [ -x "/etc/init.d/$service" ] && "/etc/init.d/$service" status >/dev/null 2>&1; then
+    elif [ -n "$service" ] && [ -x "/etc/init.d/$service" ] && "/etc/init.d/$service" status >/dev/null 2>&1; then
         $sudo "/etc/init.d/$service" stop
         $sudo update-rc.d "$service" disable >/dev/null
     fi
@@ -35,9 +40,10 @@ if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
 fi
 # tests/test_playground.py drives a real headless browser: Debian's chromium, which brings the libraries it
 # needs (a font too, through fontconfig; its recommends are desktop services); Playwright (requirements.txt)
-# only starts it, and downloads no browser of its own.
+# only starts it, and downloads no browser of its own. It has no service.
 if [ ! -x /usr/bin/chromium ]; then
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+    install_without_its_service chromium "" --no-install-recommends
 fi
+wait "$setup"
+trap - EXIT
 exec .venv/bin/python -m pytest "$@"
