@@ -93,10 +93,7 @@ class TorchServeInstance(ServerProcess):
             for pid in _group_members(self.process.pid, "java"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_grace
-            while _group_members(self.process.pid, "java") and time.monotonic() < deadline:
-                self.process.poll()
-                time.sleep(0.1)
+            _waited(self.process, lambda: not _group_members(self.process.pid, "java"), self.stop_grace)
         super().stop()
 
     # --- addresses and credentials ---
@@ -216,12 +213,24 @@ def _group_members(group: int, name: str) -> list[int]:
 
 def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
     """Wait until no process of `process`'s group is left (the launcher, Java and the workers)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        process.poll()  # reap the launcher so that it does not linger as a zombie
+    def gone() -> bool:
         try:
             os.killpg(process.pid, 0)
         except ProcessLookupError:
             return True
-        time.sleep(0.2)
-    return False
+        return False
+
+    return _waited(process, gone, timeout)
+
+
+def _waited(process: subprocess.Popen, done, timeout: float) -> bool:
+    """Whether `done()` came to hold within `timeout` seconds, `process` reaped meanwhile (so that the launcher
+    does not linger as a zombie)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        process.poll()
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
