@@ -123,7 +123,7 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
         with mark(ENCODE):
             encode_image(result.image, "png")
         seconds = clock() - start
-    iteration, steps, iterating = iteration_times(stamps)
+    iteration, iterating = iteration_times(stamps)
     output = max(iteration, key=lambda scale: scale[0] * scale[1])
     fixed = seconds - sum(iterating.values())
     measured = {"seconds": seconds, "decode_seconds": decoded - start, "resize_seconds": prepared - decoded,
@@ -136,21 +136,20 @@ def request(extractor, files: tuple[bytes, bytes], size: int, schedule: str, pre
     return measured
 
 
-def iteration_times(stamps: dict) -> tuple[dict, dict, dict]:
+def iteration_times(stamps: dict) -> tuple[dict, dict]:
     """From the progress reports {scale: [(iterations done, when)]}, in the order they came: each scale's time
-    per iteration (the median over the gaps between its reports), the iterations run at it, and the seconds
-    they took: between its first and last report as timed, and before the first at that time per iteration.
+    per iteration (the median over the gaps between its reports), and the seconds its iterations took: between
+    its first and last report as timed, and before the first at that time per iteration.
     Timed gaps rather than a median times the iterations: the fixed work is what is left of the request's
     time, a small difference, which a median a few percent off would move by as many iterations."""
-    iteration, steps, iterating, done = {}, {}, {}, 0
+    iteration, iterating, done = {}, {}, 0
     for scale, reports in stamps.items():
         (first_step, first_when), (last_step, last_when) = reports[0], reports[-1]
         iteration[scale] = statistics.median((when - before) / (step - earlier)
                                              for (earlier, before), (step, when) in zip(reports, reports[1:]))
-        steps[scale] = last_step - done
         iterating[scale] = last_when - first_when + (first_step - done) * iteration[scale]
         done = last_step
-    return iteration, steps, iterating
+    return iteration, iterating
 
 
 def decode(files: tuple[bytes, bytes]) -> tuple[torch.Tensor, torch.Tensor]:
