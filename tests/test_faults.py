@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import ROOT, SAMPLES, STYLES
 from faulty_device_handler import FAULT_SEED
+from jobs_calls import until
 
 pytestmark = pytest.mark.integration
 
@@ -309,17 +310,11 @@ def test_with_the_memory_saving_path_the_same_request_is_served(tmp_path_factory
         response, _ = predict(server, LARGE)
         assert response.status_code == 200, response.text
         assert Image.open(io.BytesIO(response.content)).size == (256, 192)
-        assert logged(server, '"size": "256x192"', '"checkpoint": true')
+        # the worker's output reaches model_log.log through Java, after the answer it follows may have
+        until(lambda: logged(server, '"size": "256x192"', '"checkpoint": true'), server, timeout=10)
 
 
-def logged(server, *parts: str, timeout: float = 10) -> bool:
-    """Whether a line of the worker's log holds all `parts`, waiting for it: the worker's output reaches
-    model_log.log through Java, after the answer it follows may have."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = (server.workdir / "logs" / "model_log.log").read_text().splitlines()
-        if any(all(part in line for part in parts) for line in lines):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
+def logged(server, *parts: str) -> bool:
+    """Whether a line of the worker's log holds all `parts`."""
+    lines = (server.workdir / "logs" / "model_log.log").read_text().splitlines()
+    return any(all(part in line for part in parts) for line in lines)
